@@ -1,0 +1,30 @@
+# `make test` and `make demo` each create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch 2.13.0 is the CPU build on local disk here; elsewhere pip fetches it from PyPI.
+TORCH ?= torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[worker,embedded,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/queuebert run examples/reviews.jsonl -o demo-results.jsonl
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) demo-results.jsonl

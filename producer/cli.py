@@ -1,0 +1,196 @@
+"""The ``queuebert`` command: enqueue, results, worker (and more as they land).
+
+Plain argparse, flags named after the settings they set; every default comes from
+:mod:`producer.settings`, so an environment variable and its flag can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from . import logs
+from .connection import RedisUnavailable
+from .settings import ClientSettings, WorkerSettings, env_name
+
+log = structlog.get_logger(__name__)
+
+
+def _redis_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None,
+                   help=f"Redis URL (default: ${env_name('redis_url')} or redis://localhost:6379/0)")
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default=None,
+                   help="log lines as JSON or for a terminal (default: json unless stderr is a terminal)")
+    p.add_argument("--log-level", default=None, help="debug, info, warning, error (default: info)")
+
+
+def _input_flags(p: argparse.ArgumentParser) -> None:
+    d = ClientSettings()
+    p.add_argument("input", nargs="?", default="-", help="input file, or - for stdin (default: -)")
+    p.add_argument("--format", choices=["jsonl", "csv", "txt"], default=None,
+                   help="input format (default: from the file extension, else txt)")
+    p.add_argument("--text-field", default="text", help="JSONL/CSV field holding the text (default: text)")
+    p.add_argument("--id-field", default="id", help="JSONL/CSV field holding the id (default: id; generated if absent)")
+    p.add_argument("--chunk-size", type=int, default=None, help=f"items per job (default: {d.chunk_size})")
+    p.add_argument("--max-pending", type=int, default=None,
+                   help=f"wait while more than this many items are queued and unfinished (default: {d.max_pending})")
+    p.add_argument("--queue", default=None, help=f"queue name (default: {d.queue})")
+    p.add_argument("--run-id", default=None, help="run id (default: generated)")
+    p.add_argument("--top-k", type=int, default=None, help="labels per result (default: all)")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                   help="an unreadable input line is reported and skipped, or stops the run (default: skip)")
+    _redis_flag(p)
+
+
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    d = WorkerSettings()
+    p.add_argument("--model", default=None, help=f"hub id or local path (default: {d.model}, built offline on first use)")
+    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit) for hub ids")
+    p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow model code from the hub (off by default)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: bf16 on CUDA that supports it (else fp16), bf16 on CPUs with native bf16, else fp32")
+    p.add_argument("--max-batch-size", type=int, default=None, help=f"texts per forward (default: {d.max_batch_size})")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help=f"padded tokens per forward (default: {d.max_batch_tokens})")
+    p.add_argument("--max-wait-ms", type=float, default=None,
+                   help=f"after a job arrives, wait this long for more to batch with it (default: {d.max_wait_ms})")
+
+
+def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    names = {f for f in WorkerSettings.__dataclass_fields__}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if getattr(args, "queue", None):
+        overrides["queues"] = args.queue
+    return WorkerSettings.from_env(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="queuebert", description="Text classification behind Redis/RQ.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("enqueue", help="enqueue a file or stdin as a run; prints the run id")
+    _input_flags(p)
+    _log_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    p = sub.add_parser("results", help="print a run's results as JSONL (input order)")
+    p.add_argument("run_id")
+    p.add_argument("--follow", action="store_true", help="wait for and stream results until the run ends")
+    p.add_argument("--timeout", type=float, default=None, help="with --follow: give up after this many seconds")
+    p.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
+    p.add_argument("--unordered", action="store_true", help="completion order instead of input order")
+    _redis_flag(p)
+    _log_flags(p)
+
+    p = sub.add_parser("worker", help="run a batching worker")
+    _worker_flags(p)
+    p.add_argument("--queue", action="append", default=None,
+                   help="queue to listen to; repeat for several, highest priority first (default: default)")
+    p.add_argument("--burst", action="store_true", default=None, help="quit when the queues are empty")
+    p.add_argument("--name", default=None, help="worker name (default: generated)")
+    _redis_flag(p)
+    _log_flags(p)
+    return parser
+
+
+def _open_output(path: str) -> Any:
+    return sys.stdout if path == "-" else open(path, "w", encoding="utf-8")
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .client import Client
+    from .readers import guess_format, open_input, read_records
+
+    client = Client.from_url(args.redis_url, queue=args.queue)
+    fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
+    with open_input(args.input) as stream:
+        records = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field, on_error=args.on_error)
+        with tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr) as bar:
+            run = client.enqueue_stream(records, chunk_size=args.chunk_size, max_pending=args.max_pending,
+                                        run_id=args.run_id, top_k=args.top_k, on_progress=bar.update)
+    print(run.id)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    client = Client.from_url(args.redis_url)
+    progress = client.run_progress(args.run_id)
+    if not progress["jobs"] and not progress["sealed"]:
+        log.error("no such run", run=args.run_id)
+        return 2
+    out = _open_output(args.output)
+    try:
+        if args.follow or args.unordered:
+            source = (client.subscribe(args.run_id, timeout=args.timeout) if args.unordered
+                      else client.ordered_results(args.run_id, timeout=args.timeout))
+        else:
+            source = _done_in_order(client, args.run_id)
+        for result in source:
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    except TimeoutError as exc:
+        log.error("timed out", error=str(exc))
+        return 3
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    progress = client.run_progress(args.run_id)
+    if progress["done"] < progress["total"] or not progress["sealed"]:
+        log.info("run not finished", done=progress["done"], total=progress["total"])
+    return 0
+
+
+def _done_in_order(client: Any, run_id: str) -> Any:
+    """Without --follow: the results that exist now, in input order."""
+    from . import keys
+    from .results import decode_entry
+
+    done: dict[str, list[Any]] = {}
+    for _entry_id, fields in client.connection.xrange(keys.run_stream(run_id)):
+        job_id, results = decode_entry(fields)
+        done.setdefault(job_id, results)
+    for raw in client.connection.lrange(keys.run_jobs(run_id), 0, -1):
+        yield from done.get(raw.decode(), [])
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _worker_settings(args)
+    try:
+        from worker.cli import run_worker
+    except ImportError as exc:
+        log.error("the worker needs torch and transformers: pip install 'queuebert[worker]'", error=str(exc))
+        return 2
+    return run_worker(settings)
+
+
+COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    defaults = WorkerSettings.from_env()
+    logs.configure(getattr(args, "log_format", None) or defaults.log_format,
+                   getattr(args, "log_level", None) or defaults.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except RedisUnavailable as exc:
+        log.error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Every Redis key queuebert owns, in one place.
+
+RQ's own keys (queues, job hashes, registries, ``rq:results:<job>``) are left to RQ so that its tools
+keep working; these are the keys queuebert adds beside them. A run's keys share the hash tag
+``{run_id}`` so the completion script, which touches several of them atomically, also works on
+Redis Cluster.
+"""
+
+from __future__ import annotations
+
+PREFIX = "qb"
+
+#: RQ function path of the classification job. It lives in the worker package so a stock
+#: ``rq worker`` can import and run it; the producer only ever names it.
+JOB_FUNC = "worker.tasks.classify"
+
+
+def run_meta(run_id: str) -> str:
+    """Hash: ``enqueued``/``total`` items, ``jobs``, ``done``, ``errors``, ``sealed``, timestamps."""
+    return f"{PREFIX}:run:{{{run_id}}}"
+
+
+def run_stream(run_id: str) -> str:
+    """Stream: one entry per completed job (``job``, ``results`` as JSON). Subscribers XREAD it."""
+    return f"{PREFIX}:run:{{{run_id}}}:stream"
+
+
+def run_jobs(run_id: str) -> str:
+    """List: the run's job ids in input order, for collecting results in order."""
+    return f"{PREFIX}:run:{{{run_id}}}:jobs"
+
+
+def run_done_jobs(run_id: str) -> str:
+    """Set: job ids already counted as done, so a redelivered job is never counted twice."""
+    return f"{PREFIX}:run:{{{run_id}}}:done"
+
+
+def run_keys(run_id: str) -> list[str]:
+    """The keys of one run, in the order the completion script expects them."""
+    return [run_meta(run_id), run_done_jobs(run_id), run_stream(run_id), run_jobs(run_id)]

@@ -1,0 +1,148 @@
+"""What a job carries and what a result looks like: the contract between producer and worker.
+
+Job (RQ kwargs of ``worker.tasks.classify``)::
+
+    {"items": [{"id": str, "text": str, "meta"?: any}, ...], "run": str | None, "top_k": int | None}
+
+Item result::
+
+    {"id": str, "label": str, "score": float, "scores": {label: probability, ...}, "meta"?: any}
+
+Item error (the other items of its job and batch are unaffected)::
+
+    {"id": str, "error": {"type": str, "message": str}, "meta"?: any}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+try:
+    from typing import NotRequired
+except ImportError:  # Python 3.10
+    from typing_extensions import NotRequired
+
+
+class Item(TypedDict):
+    id: str
+    text: str
+    meta: NotRequired[Any]
+
+
+class ItemError(TypedDict):
+    type: str
+    message: str
+
+
+class ItemResult(TypedDict, total=False):
+    id: str
+    label: str
+    score: float
+    scores: dict[str, float]
+    error: ItemError
+    meta: Any
+
+
+class JobError(ValueError):
+    """The job as a whole cannot be run (not our schema, too many items): it fails in RQ."""
+
+
+# Error types a client can branch on.
+INVALID_ITEM = "invalid_item"
+INVALID_TEXT = "invalid_text"
+TEXT_TOO_LONG = "text_too_long"
+INFERENCE_ERROR = "inference_error"
+
+
+def error_result(item_id: Any, kind: str, message: str, meta: Any = None) -> ItemResult:
+    result: ItemResult = {"id": item_id if isinstance(item_id, str) else str(item_id)}
+    result["error"] = {"type": kind, "message": message}
+    if meta is not None:
+        result["meta"] = meta
+    return result
+
+
+def is_error(result: ItemResult) -> bool:
+    return "error" in result
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A decoded, checked job: the raw items (each still to be validated alone) and options."""
+
+    items: list[Any]
+    run: str | None
+    top_k: int | None
+
+
+def job_kwargs(items: list[Item], run: str | None, top_k: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"items": items}
+    if run is not None:
+        kwargs["run"] = run
+    if top_k is not None:
+        kwargs["top_k"] = top_k
+    return kwargs
+
+
+def parse_job(args: Any, kwargs: Any, max_items: int) -> JobRequest:
+    """Check a job's shape. Items are checked one by one later, so one bad item fails only itself."""
+    if args:
+        raise JobError(f"classify takes keyword arguments only, got {len(args)} positional")
+    if not isinstance(kwargs, dict):
+        raise JobError(f"job kwargs must be an object, got {type(kwargs).__name__}")
+    unknown = set(kwargs) - {"items", "run", "top_k"}
+    if unknown:
+        raise JobError(f"unknown job fields: {sorted(unknown)}")
+    items = kwargs.get("items")
+    if not isinstance(items, list):
+        raise JobError(f"job 'items' must be a list, got {type(items).__name__}")
+    if not items:
+        raise JobError("job has no items")
+    if len(items) > max_items:
+        raise JobError(f"job has {len(items)} items, more than the limit of {max_items}")
+    run = kwargs.get("run")
+    if run is not None and not isinstance(run, str):
+        raise JobError("job 'run' must be a string")
+    top_k = kwargs.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise JobError(f"top_k must be a positive integer, got {top_k!r}")
+    return JobRequest(items=items, run=run, top_k=top_k)
+
+
+def check_item(raw: Any, max_chars: int) -> tuple[Item | None, ItemResult | None]:
+    """Return ``(item, None)`` for a valid item, else ``(None, error_result)``."""
+    if not isinstance(raw, dict):
+        return None, error_result("", INVALID_ITEM, f"item must be an object, got {type(raw).__name__}")
+    item_id = raw.get("id")
+    meta = raw.get("meta")
+    if not isinstance(item_id, str):
+        return None, error_result(item_id if item_id is not None else "", INVALID_ITEM, "item 'id' must be a string", meta)
+    text = raw.get("text")
+    if not isinstance(text, str):
+        kind = "missing" if text is None else type(text).__name__
+        return None, error_result(item_id, INVALID_TEXT, f"item 'text' must be a string, got {kind}", meta)
+    if len(text) > max_chars:
+        return None, error_result(
+            item_id, TEXT_TOO_LONG, f"text has {len(text)} characters, more than the limit of {max_chars}", meta
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return None, error_result(item_id, INVALID_TEXT, f"text is not valid Unicode: {exc.reason} at {exc.start}", meta)
+    item: Item = {"id": item_id, "text": text}
+    if "meta" in raw:
+        item["meta"] = meta
+    return item, None
+
+
+def normalize_item(value: Any, default_id: str) -> Item:
+    """Producer side: accept a bare string or a mapping; give items without an id one."""
+    if isinstance(value, str):
+        return {"id": default_id, "text": value}
+    if isinstance(value, dict):
+        item: Item = {"id": str(value["id"]) if value.get("id") is not None else default_id, "text": value.get("text")}  # type: ignore[typeddict-item]
+        if "meta" in value:
+            item["meta"] = value["meta"]
+        return item
+    raise TypeError(f"an item is a str or a mapping with 'text', got {type(value).__name__}")

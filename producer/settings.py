@@ -1,0 +1,109 @@
+"""Every tunable of queuebert, with its default and its ``QUEUEBERT_*`` environment variable.
+
+Both sides read their settings here so that a flag, its environment variable and its default are
+declared once. The worker's settings live here too (as plain data, no torch) because
+``rq worker -w worker.BatchWorker`` has no flags of ours: it configures the worker from the
+environment alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "QUEUEBERT_"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_QUEUE = "default"
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _coerce(value: str, default: Any, kind: Any) -> Any:
+    kind_text = str(kind)
+    if "bool" in kind_text:
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    if "list" in kind_text:
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if "float" in kind_text:
+        return float(value)
+    if "int" in kind_text and value.strip().lower() not in {"", "none"}:
+        return int(value)
+    if "int" in kind_text:
+        return None
+    return value
+
+
+class _FromEnv:
+    """Mixin: build the settings from ``QUEUEBERT_<FIELD>`` variables, then explicit overrides."""
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Any:
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            raw = environ.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = _coerce(raw, f.default, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class ClientSettings(_FromEnv):
+    """Producer-side settings."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = DEFAULT_QUEUE
+    #: Items per RQ job for streams: large enough that per-job bookkeeping is negligible, small
+    #: enough that a redelivered job repeats little work.
+    chunk_size: int = 64
+    #: Backpressure: a stream waits while more than this many of its items are queued and unfinished.
+    max_pending: int = 50_000
+    #: Seconds results, run streams and run bookkeeping are kept after they are written.
+    result_ttl: int = 86_400
+    #: Times a job is retried after its worker died or it failed as a whole.
+    retries: int = 3
+    #: RQ job timeout in seconds (the stock worker enforces it; the batching worker uses it for
+    #: heartbeats).
+    job_timeout: int = 600
+    #: Seconds a job may wait in the queue before it is dropped instead of run late (None: forever).
+    job_ttl: int | None = None
+
+
+@dataclass
+class WorkerSettings(_FromEnv):
+    """Worker-side settings; ``queuebert worker`` flags override them."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    queues: list[str] = field(default_factory=lambda: [DEFAULT_QUEUE])
+    model: str = "queuebert/sentiment-minilm"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 64
+    #: Padded tokens per forward batch (rows x longest row): bounds memory and keeps batches
+    #: of long texts small and batches of short texts large.
+    max_batch_tokens: int = 8192
+    #: After the first job arrives, wait at most this long for more to pool.
+    max_wait_ms: float = 5.0
+    #: Items pooled per round: several batches, so sorting by length has something to sort.
+    max_pool_items: int = 1024
+    #: Jobs taken per Redis round trip.
+    take_jobs: int = 256
+    #: Texts longer than this (characters) get an error result instead of a tokenizer stall.
+    max_text_chars: int = 200_000
+    #: Jobs with more items than this fail as a whole with a clear message.
+    max_items_per_job: int = 10_000
+    #: Seconds: how often executions are heartbeated and abandoned jobs looked for; a killed
+    #: worker's jobs are recovered within about twice this.
+    heartbeat_interval: int = 10
+    burst: bool = False
+    log_format: str = "auto"
+    log_level: str = "info"
+    metrics_port: int | None = None
+    name: str | None = None

@@ -1,0 +1,51 @@
+"""Results through the queue equal transformers' pipeline in float32, whatever the batching."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import MODEL_KINDS, TRICKY_TEXTS
+from helpers import pipeline_reference, run_burst
+from producer import Client
+
+TEXTS = TRICKY_TEXTS + [f"sample review number {i}: " + "good " * (i % 9) + "bad " * (i % 4) for i in range(30)]
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("chunk_size,max_batch_size", [(1, 32), (7, 4), (64, 64)])
+def test_queue_matches_pipeline(kind, chunk_size, max_batch_size, conn, redis_server, tiny_models, engines):
+    engine = engines[kind]
+    engine.max_batch_size = max_batch_size
+    client = Client.from_url(redis_server.url)
+    run = client.enqueue_stream(TEXTS, chunk_size=chunk_size)
+    run_burst(conn, engine)
+    results = list(run.results(timeout=10))
+    reference = pipeline_reference(str(tiny_models[kind]), TEXTS)
+
+    assert [r["id"] for r in results] == [str(i) for i in range(len(TEXTS))]
+    for got, want in zip(results, reference):
+        assert "error" not in got, got
+        assert set(got["scores"]) == set(want)
+        for label, score in want.items():
+            assert got["scores"][label] == pytest.approx(score, abs=1e-5)
+        best = max(want, key=want.get)
+        assert got["label"] == best
+        assert got["score"] == pytest.approx(want[best], abs=1e-5)
+        # scores are ordered best first, like the pipeline's list
+        assert list(got["scores"].values()) == sorted(got["scores"].values(), reverse=True)
+
+
+def test_top_k_and_meta(conn, redis_server, engines):
+    client = Client.from_url(redis_server.url)
+    run = client.enqueue_stream([{"id": "a", "text": "hello", "meta": {"row": 7, "tags": ["x"]}}], top_k=3)
+    run_burst(conn, engines["twenty"])
+    (result,) = list(run.results(timeout=10))
+    assert len(result["scores"]) == 3
+    assert result["meta"] == {"row": 7, "tags": ["x"]}
+    assert result["label"] == next(iter(result["scores"]))
+
+
+def test_scoring_rules(engines):
+    assert engines["bert"].m.function == "softmax"
+    assert engines["multilabel"].m.function == "sigmoid"
+    assert engines["regression"].m.function == "none"

@@ -1,0 +1,471 @@
+"""The batching worker: an RQ worker that pools many jobs' items into micro-batches in-process.
+
+Three threads, so the device never waits on Redis:
+- taker: takes many jobs per round trip (LMOVE into RQ's intermediate queue, so a crash between
+  take and start leaves them where RQ's maintenance finds them), registers their executions in
+  one pipeline, validates items and tokenizes them, and hands pools to the compute loop;
+- compute (the main thread): sorts a pool by length, cuts token-bounded batches, runs them;
+- completer: writes RQ results, registries, run-stream entries for all finished jobs in one pipeline.
+A heartbeat thread keeps executions alive and runs RQ's registry maintenance, which is also what
+recovers the jobs of a worker that was killed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import structlog
+from rq import Queue
+from rq.exceptions import DeserializationError
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.results import Result
+from rq.utils import now, utcformat
+from rq.worker import SimpleWorker, WorkerStatus
+
+from producer import keys
+from producer.results import record_job
+from producer.schema import Item, ItemResult, JobError, JobRequest, parse_job
+from producer.serializer import JSONSerializer
+from producer.settings import WorkerSettings
+
+from .engine import BatchStats, Encoded, Engine
+from .tasks import job_error_results, split_items
+
+log = structlog.get_logger(__name__)
+
+# Move up to ARGV[1] job ids from the first non-empty queues (priority order) into their
+# intermediate lists, atomically. KEYS: queue1, intermediate1, queue2, intermediate2, ...
+TAKE_LUA = """
+local out = {}
+local want = tonumber(ARGV[1])
+for q = 1, #KEYS, 2 do
+  while #out / 2 < want do
+    local id = redis.call('LMOVE', KEYS[q], KEYS[q + 1], 'LEFT', 'RIGHT')
+    if not id then break end
+    out[#out + 1] = (q + 1) / 2
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+_END = object()
+
+
+@dataclass
+class Slot:
+    """One taken job: where its items sit in the pool and what comes back."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+    request: JobRequest | None
+    results: list[ItemResult | None] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    offset: int = 0  # index of this job's first valid item in the pool
+    error: str | None = None
+
+
+@dataclass
+class Pool:
+    slots: list[Slot] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+    top_k: list[int | None] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)
+    token_errors: list[tuple[int, ItemResult]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+
+class BatchWorker(SimpleWorker):
+    """RQ worker that runs queuebert jobs in-process, micro-batched across jobs.
+
+    Start it with ``queuebert worker ...`` or ``rq worker -w worker.BatchWorker`` (settings from
+    ``QUEUEBERT_*`` variables). It always uses JSON: a pickled job is refused, never executed.
+    """
+
+    def __init__(self, queues: Any, *args: Any, settings: WorkerSettings | None = None,
+                 engine: Engine | None = None, **kwargs: Any):
+        self.settings = settings or WorkerSettings.from_env()
+        kwargs["serializer"] = JSONSerializer
+        kwargs.setdefault("maintenance_interval", self.settings.heartbeat_interval)
+        if self.settings.name and not kwargs.get("name") and not (args and args[0]):
+            kwargs["name"] = self.settings.name
+        super().__init__(queues, *args, **kwargs)
+        # Queues built by `rq worker` carry its serializer (pickle by default); ours are JSON.
+        self.queues = [Queue(q.name, connection=self.connection, serializer=JSONSerializer) for q in self.queues]
+        self._ordered_queues = self.queues[:]
+        self.engine = engine
+        self._stop = threading.Event()
+        self._pools: queue_mod.Queue[Any] = queue_mod.Queue(maxsize=1)
+        self._done: queue_mod.Queue[Any] = queue_mod.Queue()
+        self._inflight: dict[str, Slot] = {}
+        self._lock = threading.Lock()
+        self._take_script = self.connection.register_script(TAKE_LUA)
+        self.completed_jobs = 0
+        self.completed_items = 0
+        self._leftover: list[Slot] = []
+
+    # -- RQ hooks ---------------------------------------------------------------------------
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """Short execution TTLs, kept alive by the heartbeat thread: a killed worker's jobs expire
+        from the started registry within about 3 heartbeat intervals and are then retried."""
+        return max(3 * self.settings.heartbeat_interval, 3)
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """Warm stop (SIGTERM, SIGINT, `rq shutdown`): finish the batch in progress, give back
+        jobs not started; a second signal exits at once (taken jobs are then recovered by RQ)."""
+        if self._stop.is_set():
+            log.warning("second stop signal, exiting now", worker=self.name)
+            os._exit(1)
+        log.info("stopping after the batch in progress", worker=self.name, signal=signum)
+        self._shutdown_requested_date = now()
+        self._stop.set()
+
+    def _install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+
+    # -- main loop --------------------------------------------------------------------------
+
+    def load_engine(self) -> Engine:
+        if self.engine is None:
+            from .tasks import get_engine
+
+            self.engine = get_engine(self.settings)
+        return self.engine
+
+    def work(self, burst: bool = False, logging_level: str | None = None, *args: Any, **kwargs: Any) -> bool:
+        """Load the model, then take, batch, run and complete jobs until stopped (or, in burst
+        mode, until the queues are empty)."""
+        burst = burst or self.settings.burst
+        self.load_engine()
+        self.bootstrap(logging_level or "WARNING")
+        self._install_signal_handlers()
+        self.set_state(WorkerStatus.IDLE)
+        threads = [
+            threading.Thread(target=self._take_loop, args=(burst,), name="qb-take", daemon=True),
+            threading.Thread(target=self._complete_loop, name="qb-complete", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="qb-heartbeat", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        try:
+            self._compute_loop()
+        finally:
+            self._stop.set()
+            threads[0].join(timeout=30)
+            self._give_back_unstarted()
+            self._done.put(_END)
+            threads[1].join(timeout=60)
+            self.teardown()
+            log.info("worker stopped", worker=self.name, jobs=self.completed_jobs, items=self.completed_items)
+        return self.completed_jobs > 0
+
+    def _compute_loop(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        while True:
+            try:
+                pool = self._pools.get(timeout=0.5)
+            except queue_mod.Empty:
+                continue
+            if pool is _END:
+                return
+            if self._stop.is_set():
+                self._leftover.extend(pool.slots)  # taken but not started: give back
+                continue
+            self._run_pool(engine, pool)
+
+    def _run_pool(self, engine: Engine, pool: Pool) -> None:
+        bad = {i for i, _ in pool.token_errors}
+        order = sorted((i for i in range(len(pool.items)) if i not in bad), key=lambda i: len(pool.ids[i]))
+        stats = BatchStats()
+        results = engine.run(Encoded(pool.items, pool.top_k, pool.ids, order), stats) if pool.items else []
+        for i, err in pool.token_errors:
+            results[i] = err
+        for slot in pool.slots:
+            for n, pos in enumerate(slot.positions):
+                slot.results[pos] = results[slot.offset + n]
+        waits = [time.time() - s.job.enqueued_at.timestamp() for s in pool.slots if s.job.enqueued_at]
+        log.info(
+            "batch", jobs=len(pool.slots), texts=stats.texts, batches=stats.batches,
+            padded_tokens=stats.padded_tokens, padding_ratio=round(stats.padding_ratio, 3),
+            queue_wait_ms=round(1000 * max(waits), 1) if waits else None,
+            forward_ms=round(1000 * stats.forward_seconds, 1),
+        )
+        self._done.put(pool.slots)
+
+    # -- taking -----------------------------------------------------------------------------
+
+    def _take_ids(self, want: int, block: float) -> list[tuple[Queue, str]]:
+        queue_keys: list[str] = []
+        for q in self._ordered_queues:
+            queue_keys += [q.key, q.intermediate_queue_key]
+        flat = self._take_script(keys=queue_keys, args=[want])
+        taken = [(self._ordered_queues[int(flat[i]) - 1], flat[i + 1].decode()) for i in range(0, len(flat), 2)]
+        if taken or not block:
+            return taken
+        first = self._ordered_queues[0]
+        # Only one source list can be waited on; with several queues wait briefly on the most
+        # urgent and rescan the others, so lower priorities wait at most `block` seconds.
+        job_id = self.connection.blmove(first.key, first.intermediate_queue_key, block, "LEFT", "RIGHT")
+        if job_id is None:
+            return []
+        return [(first, job_id.decode())] + self._take_ids(want - 1, 0)
+
+    def _take(self, want: int, block: float) -> list[Slot]:
+        taken = self._take_ids(want, block)
+        if not taken:
+            return []
+        jobs = Job.fetch_many([j for _, j in taken], connection=self.connection, serializer=JSONSerializer)
+        slots: list[Slot] = []
+        ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
+        with self.connection.pipeline(transaction=False) as pipe:
+            for (q, job_id), job in zip(taken, jobs):
+                if job is None:  # expired (job TTL passed) or deleted while queued
+                    pipe.lrem(q.intermediate_queue_key, 1, job_id)
+                    log.info("job gone before it started, dropped", job=job_id, queue=q.name)
+                    continue
+                execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+                job.prepare_for_execution(self.name, pipeline=pipe)
+                pipe.persist(job.key)
+                pipe.lrem(q.intermediate_queue_key, 1, job_id)
+                self.executions[execution.id] = execution
+                slots.append(Slot(job=job, queue=q, execution=execution, request=None))
+            self.heartbeat(pipeline=pipe)
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            pipe.execute()
+        with self._lock:
+            for s in slots:
+                self._inflight[s.job.id] = s
+        return slots
+
+    def _prepare(self, pool: Pool, slots: list[Slot]) -> None:
+        """Decode and check each job, then tokenize all new items in one call."""
+        engine = self.engine
+        assert engine is not None
+        s = self.settings
+        new_items: list[Item] = []
+        new_top_k: list[int | None] = []
+        base = len(pool.items)
+        for slot in slots:
+            try:
+                if slot.job.func_name != keys.JOB_FUNC:
+                    raise JobError(f"BatchWorker runs only {keys.JOB_FUNC}, not {slot.job.func_name}")
+                slot.request = parse_job(slot.job.args, slot.job.kwargs, s.max_items_per_job)
+            except DeserializationError:
+                slot.error = "job payload is not JSON (a pickled job?); refused without executing it"
+            except JobError as exc:
+                slot.error = str(exc)
+            except Exception as exc:
+                slot.error = f"unreadable job: {type(exc).__name__}: {exc}"
+            if slot.error is not None:
+                self._done.put([slot])
+                continue
+            valid, positions, results = split_items(slot.request, s.max_text_chars)
+            slot.results, slot.positions = results, positions
+            slot.offset = base + len(new_items)
+            new_items.extend(valid)
+            new_top_k.extend([slot.request.top_k] * len(valid))
+            pool.slots.append(slot)
+        if new_items:
+            enc, errors = engine.encode(new_items, new_top_k)
+            pool.items.extend(new_items)
+            pool.top_k.extend(new_top_k)
+            pool.ids.extend(enc.ids)
+            pool.token_errors.extend((base + i, err) for i, err in errors)
+
+    def _take_loop(self, burst: bool) -> None:
+        s = self.settings
+        pool: Pool | None = None
+        backoff = 0.5
+        idle_sleep = 0.0005
+        try:
+            while not self._stop.is_set():
+                try:
+                    room = s.max_pool_items - (len(pool.items) if pool else 0)
+                    block = 0.0 if (pool or burst) else (1.0 if len(self.queues) == 1 else 0.05)
+                    slots = self._take(min(s.take_jobs, max(room, 1)), block) if room > 0 else []
+                    backoff = 0.5
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.error("redis unavailable while taking jobs, retrying", error=str(exc), retry_in=backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 30)
+                    continue
+                if slots:
+                    idle_sleep = 0.0005
+                    pool = pool or Pool()
+                    self._prepare(pool, slots)
+                if pool is None:
+                    if burst and not slots:
+                        if not self._busy():
+                            return
+                        time.sleep(0.002)
+                    continue
+                if not pool.slots:
+                    pool = None
+                    continue
+                full = len(pool.items) >= s.max_pool_items
+                waited = time.monotonic() - pool.started >= s.max_wait_ms / 1000
+                if full or (waited and not slots) or (waited and burst):
+                    try:
+                        self._pools.put(pool, timeout=None if full else 0.0005)
+                        pool = None
+                    except queue_mod.Full:
+                        pass  # compute is busy: keep pooling, batches get fuller
+                elif not slots:
+                    # Polling while compute is busy: back off so the poll does not steal the CPU
+                    # the forward pass needs.
+                    time.sleep(idle_sleep)
+                    idle_sleep = min(idle_sleep * 2, 0.005)
+        finally:
+            if pool is not None:
+                self._leftover.extend(pool.slots)
+            self._pools.put(_END)
+
+    def _busy(self) -> bool:
+        with self._lock:
+            return bool(self._inflight)
+
+    # -- completing -------------------------------------------------------------------------
+
+    def _complete_loop(self) -> None:
+        while True:
+            slots = self._done.get()
+            if slots is _END:
+                return
+            # Gather whatever else finished meanwhile: one pipeline for all of it.
+            while True:
+                try:
+                    more = self._done.get_nowait()
+                except queue_mod.Empty:
+                    break
+                if more is _END:
+                    self._done.put(_END)
+                    break
+                slots = slots + more
+            delay = 0.2
+            while True:
+                try:
+                    self._complete(slots)
+                    break
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # Results are keyed by job and the run script is idempotent: retrying is safe.
+                    log.error("redis unavailable while completing jobs, retrying", error=str(exc), retry_in=delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10)
+
+    def _complete(self, slots: list[Slot]) -> None:
+        ok = [s for s in slots if s.error is None]
+        failed = [s for s in slots if s.error is not None]
+        ended = now()
+        dependents_at: list[tuple[int, Slot]] = []
+        with self.connection.pipeline(transaction=False) as pipe:
+            for slot in ok:
+                job, execution = slot.job, slot.execution
+                job.ended_at = ended
+                job._status = JobStatus.FINISHED
+                result_ttl = job.get_result_ttl(self.default_result_ttl)
+                pipe.hset(job.key, mapping={"status": JobStatus.FINISHED.value, "ended_at": utcformat(ended)})
+                Result.create(
+                    job, Result.Type.SUCCESSFUL, result_ttl, return_value=slot.results, worker_name=self.name,
+                    pipeline=pipe, execution_id=execution.id, execution_started_at=execution.created_at,
+                    execution_ended_at=ended,
+                )
+                if result_ttl != 0:
+                    job.finished_job_registry.add(job, result_ttl, pipe)
+                job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+                execution.delete(job, pipe)
+                if slot.request is not None and slot.request.run:
+                    run_ttl = result_ttl if result_ttl and result_ttl > 0 else 86_400
+                    record_job(self.connection, pipe, slot.request.run, job.id, slot.results, run_ttl)  # type: ignore[arg-type]
+                dependents_at.append((len(pipe), slot))
+                pipe.exists(job.dependents_key)
+            if ok:
+                pipe.hincrby(self.key, "successful_job_count", len(ok))
+                busy = sum((ended - s.job.started_at).total_seconds() for s in ok if s.job.started_at)
+                pipe.hincrbyfloat(self.key, "total_working_time", busy)
+            replies = pipe.execute()
+        for index, slot in dependents_at:
+            if replies[index]:
+                slot.queue.enqueue_dependents(slot.job)
+        for slot in failed:
+            self._fail(slot)
+        with self._lock:
+            for slot in slots:
+                self._inflight.pop(slot.job.id, None)
+                self.executions.pop(slot.execution.id, None)
+            idle = not self._inflight
+        if idle:
+            self.set_state(WorkerStatus.IDLE)
+        self.completed_jobs += len(ok)
+        self.completed_items += sum(len(s.results) for s in ok)
+
+    def _fail(self, slot: Slot) -> None:
+        """A job that cannot run at all fails in RQ with the reason; retrying would not help."""
+        job = slot.job
+        job.retries_left = 0
+        job.ended_at = now()
+        log.warning("job failed", job=job.id, error=slot.error)
+        self.handle_job_failure(job, slot.queue, exc_string=slot.error or "", execution=slot.execution)
+        try:
+            kwargs = job.kwargs
+        except Exception:
+            return
+        run, results = job_error_results(kwargs, slot.error or "job failed")
+        if run:
+            with self.connection.pipeline(transaction=False) as pipe:
+                record_job(self.connection, pipe, run, job.id, results, 86_400)
+                pipe.execute()
+
+    def _give_back_unstarted(self) -> None:
+        """Jobs taken but never run go back to the front of their queue, as if never taken."""
+        while True:
+            try:
+                pool = self._pools.get_nowait()
+            except queue_mod.Empty:
+                break
+            if pool is not _END:
+                self._leftover.extend(pool.slots)
+        if not self._leftover:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            for slot in self._leftover:
+                slot.execution.delete(slot.job, pipe)
+                slot.job.set_status(JobStatus.QUEUED, pipeline=pipe)
+                pipe.lpush(slot.queue.key, slot.job.id)
+            pipe.execute()
+        with self._lock:
+            for slot in self._leftover:
+                self._inflight.pop(slot.job.id, None)
+                self.executions.pop(slot.execution.id, None)
+        log.info("gave back jobs not started", jobs=len(self._leftover))
+        self._leftover = []
+
+    # -- liveness -----------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while not self._stop.wait(interval):
+            try:
+                ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
+                with self._lock:
+                    slots = list(self._inflight.values())
+                with self.connection.pipeline(transaction=False) as pipe:
+                    self.heartbeat(ttl + 60, pipeline=pipe)
+                    for slot in slots:
+                        slot.execution.heartbeat(slot.job.started_job_registry, ttl, pipeline=pipe)
+                    pipe.execute()
+                if self.should_run_maintenance_tasks:
+                    self.clean_registries()
+            except Exception as exc:  # never let liveness die quietly
+                log.error("heartbeat failed", error=repr(exc))

@@ -1,0 +1,217 @@
+"""Items in, item results out: tokenize once, sort by length, cut by token budget, forward, score.
+
+This is the compute path shared by the batching worker (many jobs pooled) and the plain RQ job
+function (one job). Redis never appears here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from producer.schema import INFERENCE_ERROR, Item, ItemResult, error_result
+
+from .model import LoadedModel, apply_scoring
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Encoded:
+    """A pool of tokenized items, ready to be cut into batches."""
+
+    items: list[Item]
+    top_k: list[int | None]
+    ids: list[list[int]]
+    #: Index into ``items`` of each valid row, sorted by token length.
+    order: list[int] = field(default_factory=list)
+
+
+@dataclass
+class BatchStats:
+    texts: int = 0
+    batches: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    forward_seconds: float = 0.0
+
+    @property
+    def padding_ratio(self) -> float:
+        return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
+
+
+def plan_batches(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: int) -> list[tuple[int, int]]:
+    """Cut rows (already sorted by length, ascending) into ``[start, end)`` runs such that each
+    batch has at most ``max_batch_size`` rows and ``rows x longest`` padded tokens at most
+    ``max_batch_tokens`` (a single row longer than the budget still gets a batch of its own)."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    n = len(lengths)
+    while start < n:
+        end = start + 1
+        while end < n and end - start < max_batch_size and (end - start + 1) * lengths[end] <= max_batch_tokens:
+            end += 1
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+class OutOfMemory(RuntimeError):
+    """A forward pass ran out of device memory (or a test injected that)."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (OutOfMemory, MemoryError)):
+        return True
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class Engine:
+    """The model plus the batching rules; call :meth:`encode` then :meth:`run`."""
+
+    def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, max_batch_tokens: int = 8192):
+        self.m = loaded
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        self.pin = loaded.device.type == "cuda"
+        #: Test hook: called with (rows, padded_tokens) before each forward; raising OutOfMemory
+        #: there exercises the split-and-retry path on a CPU.
+        self.fault: Callable[[int, int], None] | None = None
+        self.forward_calls = 0
+
+    # -- tokenize ---------------------------------------------------------------------------
+
+    def encode(self, items: list[Item], top_k: list[int | None]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
+        """Tokenize all texts in one call; an item the tokenizer rejects becomes an error alone."""
+        texts = [it["text"] for it in items]
+        errors: list[tuple[int, ItemResult]] = []
+        tok = self.m.tokenizer
+        try:
+            ids = tok(texts, truncation=True, max_length=self.m.max_length, add_special_tokens=True)["input_ids"]
+        except Exception:  # one bad text must not fail its neighbours: retry them one by one
+            ids = []
+            for i, text in enumerate(texts):
+                try:
+                    ids.append(tok(text, truncation=True, max_length=self.m.max_length)["input_ids"])
+                except Exception as exc:
+                    ids.append([])
+                    errors.append((i, error_result(items[i]["id"], INFERENCE_ERROR,
+                                                   f"tokenizer failed: {type(exc).__name__}: {exc}",
+                                                   items[i].get("meta"))))
+        bad = {i for i, _ in errors}
+        order = sorted((i for i in range(len(items)) if i not in bad), key=lambda i: len(ids[i]))
+        return Encoded(items=items, top_k=top_k, ids=ids, order=order), errors
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if self.m.accepts_token_type_ids and "token_type_ids" in self.m.tokenizer.model_input_names:
+            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        if self.pin:
+            batch = {k: v.pin_memory().to(self.m.device, non_blocking=True) for k, v in batch.items()}
+        return batch
+
+    def forward(self, rows: list[list[int]]) -> np.ndarray:
+        """Logits as float32, one synchronisation (the copy back) per batch."""
+        if self.fault is not None:
+            self.fault(len(rows), len(rows) * max(len(r) for r in rows))
+        self.forward_calls += 1
+        with torch.inference_mode():
+            logits = self.m.model(**self._collate(rows)).logits
+            return logits.float().cpu().numpy()
+
+    def _forward_split(self, rows: list[list[int]]) -> list[np.ndarray | BaseException]:
+        """Forward; on out-of-memory split in halves and retry, down to single rows."""
+        try:
+            return list(self.forward(rows))
+        except Exception as exc:
+            if not _is_oom(exc):
+                if len(rows) == 1:
+                    return [exc]
+                raise
+            if self.m.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) == 1:
+                return [exc]
+            half = len(rows) // 2
+            log.warning("forward out of memory, splitting batch", rows=len(rows), width=max(map(len, rows)))
+            return self._forward_split(rows[:half]) + self._forward_split(rows[half:])
+
+    # -- the whole path -----------------------------------------------------------------------
+
+    def run(self, enc: Encoded, stats: BatchStats | None = None) -> list[ItemResult]:
+        """Results for every encoded item (in item order); failing rows get error results."""
+        results: list[ItemResult | None] = [None] * len(enc.items)
+        lengths = [len(enc.ids[i]) for i in enc.order]
+        for start, end in plan_batches(lengths, self.max_batch_size, self.max_batch_tokens):
+            idx = enc.order[start:end]
+            rows = [enc.ids[i] for i in idx]
+            t0 = time.perf_counter()
+            try:
+                outputs = self._forward_split(rows)
+            except Exception as exc:  # not OOM: isolate the culprit row by row
+                log.warning("batch forward failed, retrying rows alone", error=repr(exc), rows=len(rows))
+                outputs = []
+                for r in rows:
+                    try:
+                        outputs.extend(self._forward_split([r]))
+                    except Exception as row_exc:
+                        outputs.append(row_exc)
+            if stats is not None:
+                stats.batches += 1
+                stats.texts += len(rows)
+                stats.real_tokens += sum(lengths[start:end])
+                stats.padded_tokens += len(rows) * lengths[end - 1]
+                stats.forward_seconds += time.perf_counter() - t0
+            good = [(i, o) for i, o in zip(idx, outputs) if isinstance(o, np.ndarray)]
+            for i, o in zip(idx, outputs):
+                if not isinstance(o, np.ndarray):
+                    it = enc.items[i]
+                    results[i] = error_result(it["id"], INFERENCE_ERROR, f"{type(o).__name__}: {o}", it.get("meta"))
+            if good:
+                scores = apply_scoring(np.stack([o for _, o in good]), self.m.function)
+                for (i, _), row in zip(good, scores):
+                    results[i] = self._result(enc.items[i], row, enc.top_k[i])
+        return results  # type: ignore[return-value]
+
+    def _result(self, item: Item, row: np.ndarray, top_k: int | None) -> ItemResult:
+        labels = self.m.labels
+        ranked = np.argsort(-row, kind="stable")
+        if top_k is not None:
+            ranked = ranked[:top_k]
+        values = row.tolist()
+        best = int(ranked[0])
+        result: ItemResult = {
+            "id": item["id"],
+            "label": labels[best],
+            "score": values[best],
+            "scores": {labels[int(j)]: values[int(j)] for j in ranked},
+        }
+        if "meta" in item:
+            result["meta"] = item["meta"]
+        return result
+
+    def classify(self, items: list[Item], top_k: int | None = None, stats: BatchStats | None = None) -> list[ItemResult]:
+        """Convenience: encode and run valid items (errors merged back in item order)."""
+        enc, errors = self.encode(items, [top_k] * len(items))
+        results = self.run(enc, stats)
+        for i, err in errors:
+            results[i] = err
+        return results

@@ -1,0 +1,101 @@
+"""The RQ job function and its failure callback.
+
+``classify`` is what a stock ``rq worker`` runs, one job at a time, with the model cached per
+process. The batching worker never calls it: it reads the same job payload and runs many jobs'
+items through one :class:`~worker.engine.Engine` pool, but the results are identical.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import structlog
+
+from producer.results import record_job
+from producer.schema import INVALID_ITEM, Item, ItemResult, JobRequest, check_item, error_result, parse_job
+from producer.settings import ClientSettings, WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+_engine_lock = threading.Lock()
+_engine: Any = None
+
+
+def get_engine(settings: WorkerSettings | None = None) -> Any:
+    """The process's engine, loaded on first use from ``QUEUEBERT_*`` settings."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            from .engine import Engine
+            from .model import load_model
+
+            s = settings or WorkerSettings.from_env()
+            loaded = load_model(s.model, revision=s.revision, device=s.device, dtype=s.dtype,
+                                trust_remote_code=s.trust_remote_code)
+            _engine = Engine(loaded, s.max_batch_size, s.max_batch_tokens)
+        return _engine
+
+
+def split_items(request: JobRequest, max_chars: int) -> tuple[list[Item], list[int], list[ItemResult | None]]:
+    """Valid items, their positions in the job, and the job-length result list with errors filled."""
+    results: list[ItemResult | None] = [None] * len(request.items)
+    valid: list[Item] = []
+    positions: list[int] = []
+    for pos, raw in enumerate(request.items):
+        item, error = check_item(raw, max_chars)
+        if item is None:
+            results[pos] = error
+        else:
+            valid.append(item)
+            positions.append(pos)
+    return valid, positions, results
+
+
+def classify(items: Any = None, run: str | None = None, top_k: int | None = None) -> list[ItemResult]:
+    """Classify one job's items; bad items get error results, the others are unaffected."""
+    from rq import get_current_job
+
+    settings = WorkerSettings.from_env()
+    request = parse_job((), {"items": items, **({"run": run} if run else {}),
+                             **({"top_k": top_k} if top_k is not None else {})}, settings.max_items_per_job)
+    engine = get_engine()
+    valid, positions, results = split_items(request, settings.max_text_chars)
+    for pos, result in zip(positions, engine.classify(valid, request.top_k)):
+        results[pos] = result
+    final: list[ItemResult] = results  # type: ignore[assignment]
+    job = get_current_job()
+    if run and job is not None:
+        with job.connection.pipeline(transaction=False) as pipe:
+            record_job(job.connection, pipe, run, job.id, final, ClientSettings.from_env().result_ttl)
+            pipe.execute()
+    return final
+
+
+def job_error_results(kwargs: Any, message: str) -> tuple[str | None, list[ItemResult]]:
+    """For a job that failed as a whole: its run and one error result per item it carried, so
+    the run still completes and subscribers hear why."""
+    if not isinstance(kwargs, dict):
+        return None, []
+    run = kwargs.get("run") if isinstance(kwargs.get("run"), str) else None
+    items = kwargs.get("items") if isinstance(kwargs.get("items"), list) else []
+    out = []
+    for raw in items:
+        item_id = raw.get("id", "") if isinstance(raw, dict) else ""
+        out.append(error_result(item_id, INVALID_ITEM, message))
+    return run, out
+
+
+def on_job_failed(job: Any, connection: Any, exc_type: Any = None, exc_value: Any = None, tb: Any = None) -> None:
+    """RQ failure callback: once a job has no retries left, close its items in the run."""
+    if job.retries_left:
+        return  # RQ will run it again
+    try:
+        kwargs = job.kwargs
+    except Exception:
+        return  # not our payload: nothing to close
+    run, results = job_error_results(kwargs, f"job failed: {exc_type.__name__ if exc_type else 'error'}: {exc_value}")
+    if run:
+        with connection.pipeline(transaction=False) as pipe:
+            record_job(connection, pipe, run, job.id, results, ClientSettings.from_env().result_ttl)
+            pipe.execute()
