@@ -91,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     _redis_flag(p)
     _log_flags(p)
 
+    p = sub.add_parser("run", help="classify a file end to end: embedded Redis, workers, results, summary")
+    _input_flags(p)
+    _worker_flags(p)
+    p.add_argument("-o", "--output", default="-", help="results file, JSONL in input order (default: stdout)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes to start (default: 1; 0 uses workers already attached to --redis-url)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--verbose", action="store_true", help="show the workers' logs")
+    _log_flags(p)
+
+    p = sub.add_parser("model", help="manage the built-in default model")
+    model_sub = p.add_subparsers(dest="model_command", required=True)
+    b = model_sub.add_parser("build-default", help="build the offline default sentiment model into the cache")
+    b.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    _log_flags(b)
+
     p = sub.add_parser("worker", help="run a batching worker")
     _worker_flags(p)
     p.add_argument("--queue", action="append", default=None,
@@ -175,7 +191,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(settings)
 
 
-COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker}
+def cmd_run(args: argparse.Namespace) -> int:
+    from .embedded_redis import NoRedisBinary
+    from .readers import InputError
+    from .run_command import RunFailed, run
+
+    try:
+        return run(args)
+    except (NoRedisBinary, RunFailed, InputError) as exc:
+        log.error(str(exc))
+        return 2
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    try:
+        from worker.default_model import build_default_model
+    except ImportError as exc:
+        log.error("building the model needs the worker extras: pip install 'queuebert[worker]'", error=str(exc))
+        return 2
+    path = build_default_model(force=args.force)
+    print(path)
+    return 0
+
+
+COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker, "run": cmd_run, "model": cmd_model}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except RedisUnavailable as exc:
         log.error(str(exc))
+        return 2
+    except OSError as exc:  # an input or output file that cannot be opened
+        log.error(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
         return 2
     except KeyboardInterrupt:
         return 130

@@ -95,13 +95,16 @@ class Subscription:
     """
 
     def __init__(
-        self, client: Client, run_id: str, last_id: str = "0-0", block_ms: int = 1000, timeout: float | None = None
+        self, client: Client, run_id: str, last_id: str = "0-0", block_ms: int = 1000, timeout: float | None = None,
+        on_idle: Callable[[], None] | None = None,
     ):
         self.client = client
         self.run_id = run_id
         self.last_id = last_id
         self.block_ms = block_ms
         self.timeout = timeout
+        #: Called whenever a read comes back empty: lets a caller check its workers are alive.
+        self.on_idle = on_idle
         self._seen_jobs: set[str] = set()
 
     def entries(self) -> Iterator[tuple[str, str, list[ItemResult]]]:
@@ -125,6 +128,8 @@ class Subscription:
                     yield self.last_id, job_id, results
             if got:
                 continue
+            if self.on_idle is not None:
+                self.on_idle()
             # Nothing new: the run is over only if it is sealed and its done count says all
             # entries were written (the script counts and appends atomically).
             p = self.client.run_progress(self.run_id)
@@ -341,23 +346,26 @@ class Client:
         return None
 
     def subscribe(
-        self, run_id: str, from_start: bool = True, last_id: str | None = None, timeout: float | None = None
+        self, run_id: str, from_start: bool = True, last_id: str | None = None, timeout: float | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> Subscription:
         """Item results as jobs complete; resumable from ``last_id``."""
         start = last_id or ("0-0" if from_start else self._stream_tail(run_id))
-        return Subscription(self, run_id, last_id=start, timeout=timeout)
+        return Subscription(self, run_id, last_id=start, timeout=timeout, on_idle=on_idle)
 
     def _stream_tail(self, run_id: str) -> str:
         last = self.connection.xrevrange(keys.run_stream(run_id), "+", "-", count=1)
         return last[0][0].decode() if last else "0-0"
 
-    def ordered_results(self, run_id: str, timeout: float | None = None) -> Iterator[ItemResult]:
+    def ordered_results(
+        self, run_id: str, timeout: float | None = None, on_idle: Callable[[], None] | None = None
+    ) -> Iterator[ItemResult]:
         """The run's item results in input order, each yielded as soon as all before it are in.
 
         Reads the run's stream once (a subscription) and its job list in order; memory holds only
         the results that arrived ahead of their turn.
         """
-        entries = self.subscribe(run_id, timeout=timeout).entries()
+        entries = self.subscribe(run_id, timeout=timeout, on_idle=on_idle).entries()
         jobs_key = keys.run_jobs(run_id)
         arrived: dict[str, list[ItemResult]] = {}
         window: deque[str] = deque()

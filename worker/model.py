@@ -123,12 +123,17 @@ def load_model(
 
     started = time.perf_counter()
     path = resolve_model_path(name, revision)
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise ModelError(f"model path {path!r} does not exist (pass a local checkpoint directory or a hub id)")
+    path = os.path.expanduser(path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model {name!r} not found or not loadable: {exc}".splitlines()[0]) from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model {name!r} not found locally or on the hub, or not loadable: {first}") from exc
     architectures = config.architectures or []
     is_classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     if not is_classifier and not trust_remote_code:

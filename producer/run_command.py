@@ -1,0 +1,167 @@
+"""``queuebert run INPUT``: the whole path in one command.
+
+Starts a private Redis when no URL is given, starts N worker processes, enqueues INPUT as a run
+(progress bar), streams results in input order to OUT or stdout, and ends with a summary. Every
+process it started is stopped on every exit path (normal end, Ctrl-C, an exception).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from contextlib import ExitStack
+
+import structlog
+
+from .client import Client
+from .connection import connect
+from .readers import InputError, guess_format, open_input, read_records
+from .settings import WorkerSettings, env_name
+
+log = structlog.get_logger(__name__)
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def _worker_command(args: argparse.Namespace, url: str, index: int) -> list[str]:
+    cmd = [sys.executable, "-m", "producer.cli", "worker", "--redis-url", url, "--log-format", "json",
+           "--log-level", args.log_level or "warning"]
+    for flag in ("model", "revision", "device", "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(value)]
+    if args.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if args.queue:
+        cmd += ["--queue", args.queue]
+    return cmd
+
+
+def _start_workers(args: argparse.Namespace, url: str, stack: ExitStack) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    env = dict(os.environ)
+    # Several workers on one machine share its cores instead of each claiming all of them.
+    if args.workers > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
+    for i in range(args.workers):
+        proc = subprocess.Popen(_worker_command(args, url, i), env=env, stdout=subprocess.DEVNULL,
+                                stderr=None if args.verbose else subprocess.PIPE, start_new_session=True)
+        procs.append(proc)
+        stack.callback(_stop_process, proc)
+    return procs
+
+
+def _stop_process(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _check_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """If every worker has exited (a model that cannot load, say), stop with its message."""
+    if procs and all(p.poll() is not None for p in procs):
+        detail = ""
+        stderr = procs[0].stderr.read().decode(errors="replace") if procs[0].stderr else ""
+        for line in reversed(stderr.splitlines()):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("level") == "error":
+                detail = record.get("error") or record.get("event", "")
+                break
+        raise RunFailed(f"workers exited (code {procs[0].returncode}): {detail or stderr[-500:]}")
+
+
+def _ensure_model(args: argparse.Namespace) -> None:
+    """Build the default model once here, before N workers would each wait for it."""
+    model = args.model or WorkerSettings.from_env().model
+    try:
+        from worker.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    except ImportError:
+        return
+    if model == DEFAULT_MODEL_NAME:
+        ensure_default_model(progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    url = args.redis_url or os.environ.get(env_name("redis_url"))
+    with ExitStack() as stack:
+        stream = stack.enter_context(open_input(args.input))  # a missing file fails before anything starts
+        if url is None:
+            from .embedded_redis import RedisServer
+
+            server = stack.enter_context(RedisServer().start())
+            url = server.url
+            log.info("started embedded redis", url=url, pid=server.process.pid if server.process else None)
+        client = Client(connect(url))
+        if args.queue:
+            client.settings.queue = args.queue
+        if args.workers:
+            _ensure_model(args)
+        procs = _start_workers(args, url, stack) if args.workers else []
+
+        fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
+        input_errors: list[InputError] = []
+        records = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field,
+                               on_error=args.on_error, errors=input_errors)
+        bar = stack.enter_context(tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr))
+        run_id = args.run_id or f"run-{int(time.time())}-{os.getpid()}"
+        producer_error: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                client.enqueue_stream(records, chunk_size=args.chunk_size, max_pending=args.max_pending,
+                                      run_id=run_id, top_k=args.top_k, on_progress=bar.update)
+            except BaseException as exc:  # surfaced in the main thread
+                producer_error.append(exc)
+                client.seal(run_id)
+
+        producer = threading.Thread(target=produce, name="qb-enqueue", daemon=True)
+        producer.start()
+
+        out = sys.stdout if args.output in (None, "-") else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        labels: Counter[str] = Counter()
+        items = errors = 0
+        last_check = time.monotonic()
+        results = client.ordered_results(run_id, on_idle=lambda: _check_workers(procs))
+        for result in results:
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            items += 1
+            if "error" in result:
+                errors += 1
+            else:
+                labels[result["label"]] += 1
+            if time.monotonic() - last_check > 1:
+                last_check = time.monotonic()
+                _check_workers(procs)
+            if producer_error:
+                break
+        producer.join()
+        if producer_error:
+            raise producer_error[0]
+        elapsed = time.perf_counter() - started
+        summary = {"run": run_id, "items": items, "labels": dict(labels.most_common()), "errors": errors,
+                   "unreadable_lines": len(input_errors), "texts_per_s": round(items / elapsed, 1) if elapsed else None,
+                   "elapsed_s": round(elapsed, 2)}
+        out.flush()
+        print(json.dumps(summary), file=sys.stderr)
+    return 0
+
