@@ -208,10 +208,15 @@ class Client:
         enqueued, done = (int(v or 0) for v in replies[-1])
         return job_ids, {"enqueued": enqueued, "done": done}
 
-    def seal(self, run_id: str) -> int:
-        """Mark the run complete on the producer side: ``total`` is now final."""
+    def seal(self, run_id: str, total: int | None = None) -> int:
+        """Mark the run complete on the producer side: ``total`` is now final.
+
+        The producer passes the count it enqueued itself: a pipeline retried across a Redis
+        restart may have bumped the ``enqueued`` counter twice, but the producer's own tally is exact.
+        """
         meta = keys.run_meta(run_id)
-        total = int(self.connection.hget(meta, "enqueued") or 0)
+        if total is None:
+            total = int(self.connection.hget(meta, "enqueued") or 0)
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hset(meta, mapping={"total": total, "sealed": 1})
             pipe.expire(meta, self.settings.result_ttl)
@@ -225,7 +230,7 @@ class Client:
         item = normalize_item(text_or_item, new_id())
         run_id = new_id()
         (job_id,), _ = self._enqueue_chunks([[item]], run_id, top_k, queue)
-        self.seal(run_id)
+        self.seal(run_id, 1)
         return Handle(self, job_id, item["id"], run_id)
 
     def submit_many(
@@ -292,7 +297,7 @@ class Client:
             batch.append(chunk)
         if batch:
             flush()
-        self.seal(run.id)
+        self.seal(run.id, run.enqueued)
         log.debug("run enqueued", run=run.id, items=run.enqueued, jobs=run.jobs)
         return run
 
@@ -368,18 +373,22 @@ class Client:
         entries = self.subscribe(run_id, timeout=timeout, on_idle=on_idle).entries()
         jobs_key = keys.run_jobs(run_id)
         arrived: dict[str, list[ItemResult]] = {}
+        yielded: set[str] = set()  # a job id listed twice (a retried enqueue) is yielded once
         window: deque[str] = deque()
         position = 0  # index in the run's job list of the next job to yield
         while True:
             if not window:
+                sealed = self.run_progress(run_id)["sealed"]
                 window.extend(j.decode() for j in self.connection.lrange(jobs_key, position, position + 9_999))
                 if not window:
-                    p = self.run_progress(run_id)
-                    if p["sealed"] and position >= p["jobs"]:
+                    if sealed:  # sealed is set after the last job id was listed
                         return
                     time.sleep(0.05)  # the producer is still enqueueing
                     continue
             job_id = window.popleft()
+            position += 1
+            if job_id in yielded:
+                continue
             while job_id not in arrived:
                 try:
                     _, done_job, results = next(entries)
@@ -390,5 +399,5 @@ class Client:
                     arrived[job_id] = fallback if isinstance(fallback, list) else []
                     break
                 arrived[done_job] = results
+            yielded.add(job_id)
             yield from arrived.pop(job_id)
-            position += 1

@@ -38,3 +38,8 @@ def run_done_jobs(run_id: str) -> str:
 def run_keys(run_id: str) -> list[str]:
     """The keys of one run, in the order the completion script expects them."""
     return [run_meta(run_id), run_done_jobs(run_id), run_stream(run_id), run_jobs(run_id)]
+
+
+def recovery_lock(queue: str) -> str:
+    """String with a short expiry: one worker at a time sweeps a queue's abandoned jobs."""
+    return f"{PREFIX}:recovery-lock:{queue}"

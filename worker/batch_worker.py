@@ -465,7 +465,23 @@ class BatchWorker(SimpleWorker):
                     for slot in slots:
                         slot.execution.heartbeat(slot.job.started_job_registry, ttl, pipeline=pipe)
                     pipe.execute()
+                self.recover_abandoned()
                 if self.should_run_maintenance_tasks:
                     self.clean_registries()
             except Exception as exc:  # never let liveness die quietly
                 log.error("heartbeat failed", error=repr(exc))
+
+    def recover_abandoned(self) -> None:
+        """Requeue (or fail, once out of retries) jobs whose worker stopped heartbeating.
+
+        RQ does this inside `clean_registries`, under a 15-minute lock that a worker killed
+        mid-maintenance leaves behind; recovery must not wait on that, so the started registries
+        are swept here every heartbeat, under a lock that expires with the heartbeat.
+        """
+        for q in self.queues:
+            lock = keys.recovery_lock(q.name)
+            if self.connection.set(lock, self.name, nx=True, ex=max(self.settings.heartbeat_interval, 1)):
+                expired = q.started_job_registry.get_expired_job_ids()
+                if expired:
+                    log.warning("recovering abandoned jobs", queue=q.name, jobs=len(expired))
+                    q.started_job_registry.cleanup(exception_handlers=self._exc_handlers)
