@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -53,8 +54,11 @@ def _start_workers(args: argparse.Namespace, url: str, stack: ExitStack) -> list
     if args.workers > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     for i in range(args.workers):
+        # A file, not a pipe: a pipe nobody drains fills up and blocks the worker mid-run.
+        log_file = None if args.verbose else stack.enter_context(tempfile.TemporaryFile())
         proc = subprocess.Popen(_worker_command(args, url, i), env=env, stdout=subprocess.DEVNULL,
-                                stderr=None if args.verbose else subprocess.PIPE, start_new_session=True)
+                                stderr=log_file, start_new_session=True)
+        proc.log_file = log_file  # type: ignore[attr-defined]
         procs.append(proc)
         stack.callback(_stop_process, proc)
     return procs
@@ -75,7 +79,11 @@ def _check_workers(procs: list[subprocess.Popen[bytes]]) -> None:
     """If every worker has exited (a model that cannot load, say), stop with its message."""
     if procs and all(p.poll() is not None for p in procs):
         detail = ""
-        stderr = procs[0].stderr.read().decode(errors="replace") if procs[0].stderr else ""
+        log_file = procs[0].log_file  # type: ignore[attr-defined]
+        stderr = ""
+        if log_file is not None:
+            log_file.seek(0)
+            stderr = log_file.read().decode(errors="replace")
         for line in reversed(stderr.splitlines()):
             try:
                 record = json.loads(line)

@@ -80,13 +80,13 @@ def _bpe_tokenizer(tmp: Path) -> Any:
 MODEL_KINDS = ["bert", "distilbert", "roberta", "multilabel", "twenty", "regression"]
 
 
-def build_tiny_model(kind: str, out: Path) -> Path:
+def build_tiny_model(kind: str, out: Path, hidden: int = 32, layers: int = 2) -> Path:
     import torch
     from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, DistilBertConfig,
                               DistilBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
 
     torch.manual_seed(1234)
-    tiny = dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64)
+    tiny = dict(num_hidden_layers=layers, num_attention_heads=2, hidden_size=hidden, intermediate_size=2 * hidden)
     if kind == "roberta":
         tokenizer = _bpe_tokenizer(out.parent)
         config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=66, pad_token_id=1,

@@ -22,11 +22,13 @@ from typing import Any
 
 import redis
 import structlog
-from rq import Queue
+from rq import Queue, worker_registration
 from rq.exceptions import DeserializationError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry, clean_registries
 from rq.results import Result
+from rq.timeouts import TimerDeathPenalty
 from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -481,7 +483,28 @@ class BatchWorker(SimpleWorker):
         for q in self.queues:
             lock = keys.recovery_lock(q.name)
             if self.connection.set(lock, self.name, nx=True, ex=max(self.settings.heartbeat_interval, 1)):
-                expired = q.started_job_registry.get_expired_job_ids()
+                registry = self._started_registry(q)
+                expired = registry.get_expired_job_ids()
                 if expired:
                     log.warning("recovering abandoned jobs", queue=q.name, jobs=len(expired))
-                    q.started_job_registry.cleanup(exception_handlers=self._exc_handlers)
+                    registry.cleanup(exception_handlers=self._exc_handlers)
+
+    def _started_registry(self, q: Queue) -> StartedJobRegistry:
+        # Failure callbacks run under a death penalty; the signal-based default only works in the
+        # main thread, and maintenance runs in the heartbeat thread.
+        return StartedJobRegistry(queue=q, job_class=self.job_class, serializer=JSONSerializer,
+                                  death_penalty_class=TimerDeathPenalty)
+
+    def clean_registries(self) -> None:
+        """RQ's maintenance, from the heartbeat thread, with the lock released even on error."""
+        for q in self.queues:
+            if not q.acquire_maintenance_lock():
+                continue
+            try:
+                self._started_registry(q).cleanup(exception_handlers=self._exc_handlers)
+                clean_registries(q, self._exc_handlers)
+                worker_registration.clean_worker_registry(q)
+                q.intermediate_queue.cleanup(self, q)
+            finally:
+                q.release_maintenance_lock()
+        self.last_cleaned_at = now()

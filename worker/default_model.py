@@ -51,7 +51,7 @@ BUILD_INFO_FILE = "queuebert-build.json"
 DEFAULT_SEED = 1234
 TRAIN_SIZE = 6000
 BATCH_SIZE = 32
-LEARNING_RATE = 8e-5
+LEARNING_RATE = 5e-5
 WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 MAX_LENGTH = 64
@@ -154,8 +154,9 @@ def build_default_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         model, tokenizer = _train(seed=seed, train_size=train_size, progress=progress)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         accuracy = evaluate(tmp, heldout) if heldout is not None else None
         info = _build_info(seed, train_size, heldout, accuracy, time.monotonic() - started)
         (tmp / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -393,16 +394,25 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence the expected "classifier weights newly initialised" load report."""
+def _quiet_transformers(progress: bool = False) -> Iterator[None]:
+    """Silence the expected "classifier weights newly initialised" load report.
+
+    Also hides transformers' own load/save progress bars unless ``progress``;
+    both settings are restored afterwards because they are process-global.
+    """
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _label_name(label: Any) -> str:
