@@ -107,12 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if it exists")
     _log_flags(b)
 
+    p = sub.add_parser("stats", help="queues, workers and runs in progress")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    p.add_argument("--all-runs", action="store_true", help="include finished runs")
+    _redis_flag(p)
+    _log_flags(p)
+
     p = sub.add_parser("worker", help="run a batching worker")
     _worker_flags(p)
     p.add_argument("--queue", action="append", default=None,
                    help="queue to listen to; repeat for several, highest priority first (default: default)")
     p.add_argument("--burst", action="store_true", default=None, help="quit when the queues are empty")
     p.add_argument("--name", default=None, help="worker name (default: generated)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (with --devices: port, port+1, ...)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated devices (cuda:0,cuda:1): one supervised worker process per device")
     _redis_flag(p)
     _log_flags(p)
     return parser
@@ -181,6 +193,26 @@ def _done_in_order(client: Any, run_id: str) -> Any:
         yield from done.get(raw.decode(), [])
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from .connection import connect
+    from .stats import gather, render
+
+    conn = connect(args.redis_url)
+    while True:
+        stats = gather(conn, include_finished=args.all_runs)
+        if args.json:
+            print(json.dumps(stats), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                sys.stdout.write("\x1b[2J\x1b[H")
+            print(render(stats), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _worker_settings(args)
     try:
@@ -188,6 +220,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ImportError as exc:
         log.error("the worker needs torch and transformers: pip install 'queuebert[worker]'", error=str(exc))
         return 2
+    if args.devices:
+        from worker.supervisor import run_supervisor
+
+        return run_supervisor(settings, [d.strip() for d in args.devices.split(",") if d.strip()])
     return run_worker(settings)
 
 
@@ -214,7 +250,8 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker, "run": cmd_run, "model": cmd_model}
+COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker, "run": cmd_run, "model": cmd_model,
+            "stats": cmd_stats}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -169,14 +169,16 @@ class Client:
 
     def _job_data(self, items: list[Item], run_id: str | None, top_k: int | None, job_id: str) -> Any:
         s = self.settings
+        # A deadline in the payload rather than RQ's `ttl` (which expires the job hash): a late
+        # job is then dropped with a clear status that reaches the run's subscribers.
+        deadline = time.time() + s.job_ttl if s.job_ttl else None
         return Queue.prepare_data(
             keys.JOB_FUNC,
-            kwargs=job_kwargs(items, run_id, top_k),
+            kwargs=job_kwargs(items, run_id, top_k, deadline),
             job_id=job_id,
             timeout=s.job_timeout,
             result_ttl=s.result_ttl,
             failure_ttl=s.result_ttl,
-            ttl=s.job_ttl,
             retry=Retry(max=s.retries) if s.retries else None,
             on_failure=Callback(ON_FAILURE),
             description=f"classify {len(items)} text(s)" + (f" run={run_id}" if run_id else ""),
@@ -200,6 +202,7 @@ class Client:
             pipe.hincrby(meta, "jobs", len(chunks))
             pipe.hsetnx(meta, "queue", q.name)
             pipe.hsetnx(meta, "created_at", f"{time.time():.3f}")
+            pipe.zadd(keys.RUNS, {run_id: time.time()}, nx=True)
             ttl = self.settings.result_ttl
             for key in keys.run_keys(run_id):
                 pipe.expire(key, ttl)

@@ -15,6 +15,10 @@ PREFIX = "qb"
 JOB_FUNC = "worker.tasks.classify"
 
 
+#: Sorted set of run ids by creation time, for `queuebert stats`.
+RUNS = f"{PREFIX}:runs"
+
+
 def run_meta(run_id: str) -> str:
     """Hash: ``enqueued``/``total`` items, ``jobs``, ``done``, ``errors``, ``sealed``, timestamps."""
     return f"{PREFIX}:run:{{{run_id}}}"

@@ -2,7 +2,9 @@
 
 Job (RQ kwargs of ``worker.tasks.classify``)::
 
-    {"items": [{"id": str, "text": str, "meta"?: any}, ...], "run": str | None, "top_k": int | None}
+    {"items": [{"id": str, "text": str, "meta"?: any}, ...], "run"?: str, "top_k"?: int, "deadline"?: float}
+
+``deadline`` is a Unix time: a job not started by then is dropped, never run late.
 
 Item result::
 
@@ -53,6 +55,8 @@ INVALID_ITEM = "invalid_item"
 INVALID_TEXT = "invalid_text"
 TEXT_TOO_LONG = "text_too_long"
 INFERENCE_ERROR = "inference_error"
+INVALID_JOB = "invalid_job"
+DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 def error_result(item_id: Any, kind: str, message: str, meta: Any = None) -> ItemResult:
@@ -74,14 +78,17 @@ class JobRequest:
     items: list[Any]
     run: str | None
     top_k: int | None
+    deadline: float | None = None
 
 
-def job_kwargs(items: list[Item], run: str | None, top_k: int | None) -> dict[str, Any]:
+def job_kwargs(items: list[Item], run: str | None, top_k: int | None, deadline: float | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"items": items}
     if run is not None:
         kwargs["run"] = run
     if top_k is not None:
         kwargs["top_k"] = top_k
+    if deadline is not None:
+        kwargs["deadline"] = deadline
     return kwargs
 
 
@@ -91,7 +98,7 @@ def parse_job(args: Any, kwargs: Any, max_items: int) -> JobRequest:
         raise JobError(f"classify takes keyword arguments only, got {len(args)} positional")
     if not isinstance(kwargs, dict):
         raise JobError(f"job kwargs must be an object, got {type(kwargs).__name__}")
-    unknown = set(kwargs) - {"items", "run", "top_k"}
+    unknown = set(kwargs) - {"items", "run", "top_k", "deadline"}
     if unknown:
         raise JobError(f"unknown job fields: {sorted(unknown)}")
     items = kwargs.get("items")
@@ -107,7 +114,10 @@ def parse_job(args: Any, kwargs: Any, max_items: int) -> JobRequest:
     top_k = kwargs.get("top_k")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise JobError(f"top_k must be a positive integer, got {top_k!r}")
-    return JobRequest(items=items, run=run, top_k=top_k)
+    deadline = kwargs.get("deadline")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
+        raise JobError(f"deadline must be a Unix time, got {deadline!r}")
+    return JobRequest(items=items, run=run, top_k=top_k, deadline=deadline)
 
 
 def check_item(raw: Any, max_chars: int) -> tuple[Item | None, ItemResult | None]:

@@ -24,16 +24,16 @@ def env_name(field_name: str) -> str:
 
 def _coerce(value: str, default: Any, kind: Any) -> Any:
     kind_text = str(kind)
+    if "None" in kind_text and value.strip().lower() in {"", "none"}:
+        return None
     if "bool" in kind_text:
         return value.strip().lower() in {"1", "true", "yes", "on"}
     if "list" in kind_text:
         return [part.strip() for part in value.split(",") if part.strip()]
     if "float" in kind_text:
         return float(value)
-    if "int" in kind_text and value.strip().lower() not in {"", "none"}:
-        return int(value)
     if "int" in kind_text:
-        return None
+        return int(value)
     return value
 
 
@@ -71,7 +71,7 @@ class ClientSettings(_FromEnv):
     #: heartbeats).
     job_timeout: int = 600
     #: Seconds a job may wait in the queue before it is dropped instead of run late (None: forever).
-    job_ttl: int | None = None
+    job_ttl: float | None = None
 
 
 @dataclass

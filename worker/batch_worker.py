@@ -34,12 +34,13 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from producer import keys
 from producer.results import record_job
-from producer.schema import Item, ItemResult, JobError, JobRequest, parse_job
+from producer.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, parse_job
 from producer.serializer import JSONSerializer
 from producer.settings import WorkerSettings
 
 from .engine import BatchStats, Encoded, Engine
-from .tasks import job_error_results, split_items
+from .metrics import WorkerMetrics
+from .tasks import deadline_message, job_error_results, split_items
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +75,7 @@ class Slot:
     positions: list[int] = field(default_factory=list)
     offset: int = 0  # index of this job's first valid item in the pool
     error: str | None = None
+    error_kind: str = INVALID_JOB
 
 
 @dataclass
@@ -113,6 +115,7 @@ class BatchWorker(SimpleWorker):
         self._take_script = self.connection.register_script(TAKE_LUA)
         self.completed_jobs = 0
         self.completed_items = 0
+        self.metrics: WorkerMetrics | None = None
         self._leftover: list[Slot] = []
 
     # -- RQ hooks ---------------------------------------------------------------------------
@@ -149,8 +152,16 @@ class BatchWorker(SimpleWorker):
         """Load the model, then take, batch, run and complete jobs until stopped (or, in burst
         mode, until the queues are empty)."""
         burst = burst or self.settings.burst
-        self.load_engine()
+        engine = self.load_engine()
+        self.metrics = WorkerMetrics(model=engine.m.name, device=str(engine.m.device))
+        self.metrics.load.labels(**self.metrics.labels).set(engine.m.load_seconds)
+        if self.settings.metrics_port:
+            self.metrics.serve(self.settings.metrics_port)
+            log.info("serving metrics", port=self.settings.metrics_port)
         self.bootstrap(logging_level or "WARNING")
+        # Beside RQ's fields, so `queuebert stats` can say what each worker serves.
+        self.connection.hset(self.key, mapping={"qb_model": engine.m.name, "qb_device": str(engine.m.device),
+                                                "qb_dtype": str(engine.m.dtype).removeprefix("torch.")})
         self._install_signal_handlers()
         self.set_state(WorkerStatus.IDLE)
         threads = [
@@ -198,6 +209,8 @@ class BatchWorker(SimpleWorker):
             for n, pos in enumerate(slot.positions):
                 slot.results[pos] = results[slot.offset + n]
         waits = [time.time() - s.job.enqueued_at.timestamp() for s in pool.slots if s.job.enqueued_at]
+        if self.metrics is not None:
+            self.metrics.observe_batches(stats.per_batch, waits)
         log.info(
             "batch", jobs=len(pool.slots), texts=stats.texts, batches=stats.batches,
             padded_tokens=stats.padded_tokens, padding_ratio=round(stats.padding_ratio, 3),
@@ -264,6 +277,8 @@ class BatchWorker(SimpleWorker):
                 if slot.job.func_name != keys.JOB_FUNC:
                     raise JobError(f"BatchWorker runs only {keys.JOB_FUNC}, not {slot.job.func_name}")
                 slot.request = parse_job(slot.job.args, slot.job.kwargs, s.max_items_per_job)
+                if slot.request.deadline is not None and time.time() > slot.request.deadline:
+                    slot.error, slot.error_kind = deadline_message(slot.request.deadline), DEADLINE_EXCEEDED
             except DeserializationError:
                 slot.error = "job payload is not JSON (a pickled job?); refused without executing it"
             except JobError as exc:
@@ -392,7 +407,10 @@ class BatchWorker(SimpleWorker):
                     record_job(self.connection, pipe, slot.request.run, job.id, slot.results, run_ttl)  # type: ignore[arg-type]
                 dependents_at.append((len(pipe), slot))
                 pipe.exists(job.dependents_key)
+            item_errors = sum(1 for s in ok for r in s.results if r is not None and "error" in r)
+            items = sum(len(s.results) for s in ok)
             if ok:
+                pipe.hincrby(self.key, "qb_items", items)
                 pipe.hincrby(self.key, "successful_job_count", len(ok))
                 busy = sum((ended - s.job.started_at).total_seconds() for s in ok if s.job.started_at)
                 pipe.hincrbyfloat(self.key, "total_working_time", busy)
@@ -410,7 +428,9 @@ class BatchWorker(SimpleWorker):
         if idle:
             self.set_state(WorkerStatus.IDLE)
         self.completed_jobs += len(ok)
-        self.completed_items += sum(len(s.results) for s in ok)
+        self.completed_items += items
+        if self.metrics is not None:
+            self.metrics.count(items - item_errors, item_errors, len(ok), len(failed))
 
     def _fail(self, slot: Slot) -> None:
         """A job that cannot run at all fails in RQ with the reason; retrying would not help."""
@@ -423,7 +443,7 @@ class BatchWorker(SimpleWorker):
             kwargs = job.kwargs
         except Exception:
             return
-        run, results = job_error_results(kwargs, slot.error or "job failed")
+        run, results = job_error_results(kwargs, slot.error or "job failed", slot.error_kind)
         if run:
             with self.connection.pipeline(transaction=False) as pipe:
                 record_job(self.connection, pipe, run, job.id, results, 86_400)

@@ -40,6 +40,8 @@ class BatchStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     forward_seconds: float = 0.0
+    #: Per forward batch: (rows, padded tokens, seconds), for the metrics histograms.
+    per_batch: list[tuple[int, int, float]] = field(default_factory=list)
 
     @property
     def padding_ratio(self) -> float:
@@ -179,7 +181,9 @@ class Engine:
                 stats.texts += len(rows)
                 stats.real_tokens += sum(lengths[start:end])
                 stats.padded_tokens += len(rows) * lengths[end - 1]
-                stats.forward_seconds += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                stats.forward_seconds += elapsed
+                stats.per_batch.append((len(rows), len(rows) * lengths[end - 1], elapsed))
             good = [(i, o) for i, o in zip(idx, outputs) if isinstance(o, np.ndarray)]
             for i, o in zip(idx, outputs):
                 if not isinstance(o, np.ndarray):

@@ -8,12 +8,14 @@ items through one :class:`~worker.engine.Engine` pool, but the results are ident
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import structlog
 
 from producer.results import record_job
-from producer.schema import INVALID_ITEM, Item, ItemResult, JobRequest, check_item, error_result, parse_job
+from producer.schema import (DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobRequest, check_item, error_result,
+                             parse_job)
 from producer.settings import ClientSettings, WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -52,18 +54,28 @@ def split_items(request: JobRequest, max_chars: int) -> tuple[list[Item], list[i
     return valid, positions, results
 
 
-def classify(items: Any = None, run: str | None = None, top_k: int | None = None) -> list[ItemResult]:
+def deadline_message(deadline: float) -> str:
+    return f"deadline exceeded: not started within its time-to-live (deadline {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(deadline))})"
+
+
+def classify(items: Any = None, run: str | None = None, top_k: int | None = None,
+             deadline: float | None = None) -> list[ItemResult]:
     """Classify one job's items; bad items get error results, the others are unaffected."""
     from rq import get_current_job
 
     settings = WorkerSettings.from_env()
     request = parse_job((), {"items": items, **({"run": run} if run else {}),
-                             **({"top_k": top_k} if top_k is not None else {})}, settings.max_items_per_job)
-    engine = get_engine()
-    valid, positions, results = split_items(request, settings.max_text_chars)
-    for pos, result in zip(positions, engine.classify(valid, request.top_k)):
-        results[pos] = result
-    final: list[ItemResult] = results  # type: ignore[assignment]
+                             **({"top_k": top_k} if top_k is not None else {}),
+                             **({"deadline": deadline} if deadline is not None else {})}, settings.max_items_per_job)
+    if request.deadline is not None and time.time() > request.deadline:
+        final = job_error_results({"items": items, "run": run}, deadline_message(request.deadline),
+                                  DEADLINE_EXCEEDED)[1]
+    else:
+        engine = get_engine()
+        valid, positions, results = split_items(request, settings.max_text_chars)
+        for pos, result in zip(positions, engine.classify(valid, request.top_k)):
+            results[pos] = result
+        final = results  # type: ignore[assignment]
     job = get_current_job()
     if run and job is not None:
         with job.connection.pipeline(transaction=False) as pipe:
@@ -72,7 +84,7 @@ def classify(items: Any = None, run: str | None = None, top_k: int | None = None
     return final
 
 
-def job_error_results(kwargs: Any, message: str) -> tuple[str | None, list[ItemResult]]:
+def job_error_results(kwargs: Any, message: str, kind: str = INVALID_JOB) -> tuple[str | None, list[ItemResult]]:
     """For a job that failed as a whole: its run and one error result per item it carried, so
     the run still completes and subscribers hear why."""
     if not isinstance(kwargs, dict):
@@ -82,7 +94,7 @@ def job_error_results(kwargs: Any, message: str) -> tuple[str | None, list[ItemR
     out = []
     for raw in items:
         item_id = raw.get("id", "") if isinstance(raw, dict) else ""
-        out.append(error_result(item_id, INVALID_ITEM, message))
+        out.append(error_result(item_id, kind, message))
     return run, out
 
 

@@ -1,0 +1,161 @@
+"""Operating it: Prometheus metrics, `queuebert stats --json`, deadlines, the device supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+from conftest import PYTHON, REPO, subprocess_env
+from helpers import run_burst
+from producer import Client
+from rq.job import Job
+from producer.serializer import JSONSerializer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def _metric(values: dict[str, float], prefix: str, **labels: str) -> float:
+    for name, value in values.items():
+        if name.startswith(prefix + "{") and all(f'{k}="{v}"' in name for k, v in labels.items()):
+            return value
+    raise KeyError(f"{prefix} {labels} not in {sorted(values)[:40]}")
+
+
+def _wait_for(predicate, timeout: float = 60, step: float = 0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def test_metrics_endpoint_families_and_counts_move(conn, redis_server, tiny_models, tmp_path):
+    port = _free_port()
+    env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32")
+    log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--metrics-port", str(port), "--name", "metrics"],
+                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        def ready():
+            try:
+                return _scrape(port)
+            except OSError:
+                return None
+        before = _wait_for(ready)
+        for family in ("queuebert_items_total", "queuebert_jobs_total", "queuebert_batch_texts_bucket",
+                       "queuebert_batch_padded_tokens_bucket", "queuebert_queue_wait_seconds_bucket",
+                       "queuebert_forward_seconds_bucket", "queuebert_model_load_seconds"):
+            assert any(name.startswith(family) for name in before), family
+        assert _metric(before, "queuebert_items_total", outcome="ok", device="cpu") == 0
+        assert _metric(before, "queuebert_model_load_seconds") > 0
+        client = Client.from_url(redis_server.url)
+        run = client.enqueue_stream(["good", "bad", "fine"] * 10, chunk_size=3)
+        client.queue().enqueue("worker.tasks.classify", kwargs={"items": []})  # fails as a job
+        assert run.wait(timeout=60)
+        after = _wait_for(lambda: (lambda v: v if _metric(v, "queuebert_jobs_total", outcome="failed") >= 1 else None)(_scrape(port)))
+        assert _metric(after, "queuebert_items_total", outcome="ok") == 30
+        assert _metric(after, "queuebert_jobs_total", outcome="finished") == 10
+        assert _metric(after, "queuebert_batch_texts_count") >= 1
+        assert _metric(after, "queuebert_forward_seconds_count") >= 1
+        assert f'model="{tiny_models["bert"]}"' in next(n for n in after if n.startswith("queuebert_items_total"))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+
+
+def test_stats_json_reports_queues_workers_runs(conn, redis_server, engines):
+    client = Client.from_url(redis_server.url)
+    done_run = client.enqueue_stream(["a", "b", "c"], chunk_size=1)
+    run_burst(conn, engines["bert"])
+    pending = client.enqueue_stream(["d", "e"], chunk_size=1)
+    client.queue("high").enqueue("worker.tasks.classify", kwargs={"items": []})
+    out = subprocess.run([PYTHON, "-m", "producer.cli", "stats", "--json", "--redis-url", redis_server.url],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout)
+    queues = {q["name"]: q for q in stats["queues"]}
+    assert queues["default"]["waiting"] == 2 and queues["default"]["finished"] == 3
+    assert queues["high"]["waiting"] == 1
+    runs = {r["run"]: r for r in stats["runs"]}
+    assert pending.id in runs and done_run.id not in runs
+    assert runs[pending.id]["done"] == 0 and runs[pending.id]["total"] == 2
+    human = subprocess.run([PYTHON, "-m", "producer.cli", "stats", "--redis-url", redis_server.url, "--all-runs"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert human.returncode == 0 and done_run.id in human.stdout and "waiting" in human.stdout
+
+
+def test_stats_lists_a_running_worker_with_device_and_items(conn, redis_server, engines):
+    from producer.stats import worker_stats
+    from producer.settings import WorkerSettings
+    from worker.batch_worker import BatchWorker
+
+    client = Client.from_url(redis_server.url)
+    client.enqueue_stream(["x"] * 5, chunk_size=1)
+    s = WorkerSettings(burst=True)
+    worker = BatchWorker(["default"], connection=conn, settings=s, engine=engines["bert"], name="stats-w")
+    worker.work(burst=True)
+    # After a burst the worker has registered its death; check the fields it wrote while alive.
+    assert conn.hget(worker.key, "qb_items") == b"5"
+    assert conn.hget(worker.key, "qb_device") == b"cpu"
+    assert worker_stats(conn) == []  # dead workers are not listed
+
+
+def test_deadline_drops_late_jobs_and_tells_subscribers(conn, redis_server, engines):
+    late = Client.from_url(redis_server.url, job_ttl=0.2)
+    run = late.enqueue_stream(["too late 1", "too late 2"], chunk_size=1)
+    on_time = Client.from_url(redis_server.url, job_ttl=600).submit("in time")
+    time.sleep(0.5)
+    run_burst(conn, engines["bert"])
+    results = list(late.subscribe(run.id, timeout=10))
+    assert [r["error"]["type"] for r in results] == ["deadline_exceeded"] * 2
+    assert "deadline exceeded" in results[0]["error"]["message"]
+    assert on_time.result(timeout=5)["label"]
+    q = late.queue()
+    failed = q.failed_job_registry.get_job_ids()
+    assert len(failed) == 2
+    job = Job.fetch(failed[0], connection=conn, serializer=JSONSerializer)
+    assert "deadline exceeded" in job.latest_result().exc_string
+    assert engines["bert"].forward_calls >= 1
+
+
+def test_supervisor_runs_one_worker_per_device_and_restarts_the_dead(conn, redis_server, tiny_models, tmp_path):
+    env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32",
+                         OMP_NUM_THREADS="1")
+    log = open(tmp_path / "supervisor.log", "wb")
+    sup = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--devices", "cpu,cpu", "--name", "sup",
+                            "--log-format", "json"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        names = ("rq:worker:sup-0", "rq:worker:sup-1")
+        _wait_for(lambda: all(conn.exists(n) for n in names))
+        pid0 = int(conn.hget(names[0], "pid"))
+        os.kill(pid0, signal.SIGKILL)
+        conn.delete(names[0])  # the dead worker's key would only expire later
+        _wait_for(lambda: conn.exists(names[0]) and int(conn.hget(names[0], "pid")) != pid0)
+        handle = Client.from_url(redis_server.url).submit("served by a supervised worker")
+        assert handle.result(timeout=60)["label"]
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        sup.wait(timeout=90)
+    assert sup.returncode == 0
+    assert not any(conn.exists(n) and not conn.hexists(n, "death") for n in ("rq:worker:sup-0", "rq:worker:sup-1"))

@@ -1,0 +1,130 @@
+"""``queuebert worker --devices cuda:0,cuda:1``: one worker process per device, restarted if it dies.
+
+A model on a GPU belongs to one process, so several GPUs mean several workers. The supervisor
+passes each child its settings through ``QUEUEBERT_*`` variables (the same way a container is
+configured), forwards SIGTERM/SIGINT for a graceful stop, and restarts a child that exits with an
+error, backing off if it keeps failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from producer.settings import WorkerSettings, env_name
+
+log = structlog.get_logger(__name__)
+
+
+def settings_env(settings: WorkerSettings) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            env[env_name(f.name)] = "1" if value else "0"
+        elif isinstance(value, list):
+            env[env_name(f.name)] = ",".join(value)
+        else:
+            env[env_name(f.name)] = str(value)
+    return env
+
+
+@dataclass
+class Child:
+    index: int
+    device: str
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restarts: int = 0
+    next_start: float = 0.0
+    done: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, settings: WorkerSettings, devices: list[str], grace: float = 60.0):
+        self.settings = settings
+        self.devices = devices
+        self.grace = grace
+        self.children = [Child(i, d) for i, d in enumerate(devices)]
+        self.stopping = False
+
+    def _child_settings(self, child: Child) -> WorkerSettings:
+        base = self.settings.name or f"{os.uname().nodename}-{os.getpid()}"
+        port = self.settings.metrics_port + child.index if self.settings.metrics_port else None
+        return dataclasses.replace(self.settings, device=child.device, name=f"{base}-{child.index}",
+                                   metrics_port=port)
+
+    def _start(self, child: Child) -> None:
+        env = dict(os.environ)
+        env.update(settings_env(self._child_settings(child)))
+        if child.device.startswith("cuda:"):
+            # Each child sees only its own GPU, as cuda:0, so libraries that ignore the device
+            # argument still land on the right card.
+            env["CUDA_VISIBLE_DEVICES"] = child.device.split(":", 1)[1]
+            env[env_name("device")] = "cuda:0"
+        child.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker"], env=env)
+        child.started = time.monotonic()
+        log.info("worker process started", device=child.device, pid=child.proc.pid, index=child.index)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            log.warning("second stop signal: killing workers")
+            for c in self.children:
+                if c.proc and c.proc.poll() is None:
+                    c.proc.kill()
+            return
+        self.stopping = True
+        log.info("stopping workers", signal=signum)
+        for c in self.children:
+            if c.proc and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for c in self.children:
+            self._start(c)
+        while True:
+            now = time.monotonic()
+            alive = 0
+            for c in self.children:
+                if c.done:
+                    continue
+                code = c.proc.poll() if c.proc else None
+                if c.proc is not None and code is None:
+                    alive += 1
+                    continue
+                if c.proc is not None:  # it just exited
+                    if self.stopping or code == 0:
+                        c.done = True
+                        continue
+                    uptime = now - c.started
+                    c.failures = 1 if uptime > 60 else c.failures + 1
+                    delay = min(2 ** (c.failures - 1), 30)
+                    log.warning("worker process died, restarting", device=c.device, code=code, in_s=delay)
+                    c.proc, c.next_start = None, now + delay
+                    alive += 1
+                elif now >= c.next_start:
+                    c.restarts += 1
+                    self._start(c)
+                    alive += 1
+                else:
+                    alive += 1
+            if not alive:
+                return 0
+            time.sleep(0.2)
+
+
+def run_supervisor(settings: WorkerSettings, devices: list[str]) -> int:
+    return Supervisor(settings, devices).run()
