@@ -68,23 +68,34 @@ class RedisServer:
     """``with RedisServer() as server: server.url``; ``stop()``/``start()`` to test restarts."""
 
     def __init__(self, port: int | None = None, *, persistence: bool = False, binary: str | None = None,
-                 directory: str | None = None, extra_args: list[str] | None = None):
+                 directory: str | None = None, extra_args: list[str] | None = None,
+                 tls: tuple[str, str, str] | None = None):
+        """``tls=(cert, key, ca)`` serves TLS only, on ``port``."""
         self.binary = binary or find_redis_server()
         self.port = port or free_port()
         self.persistence = persistence
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="queuebert-redis-")
         self.extra_args = extra_args or []
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
         atexit.register(self.close)
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[2]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
+        args = [self.binary, "--bind", "127.0.0.1", "--dir", self.directory,
                 "--daemonize", "no", "--protected-mode", "yes", "--logfile", "redis.log"]
+        if self.tls:
+            cert, key, ca = self.tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
         if self.persistence:
             args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
         else:
@@ -97,15 +108,26 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited at start (code {self.process.returncode}); "
                                    f"see {self.directory}/redis.log")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        log.debug("embedded redis started", url=self.url, pid=self.process.pid)
-                        return self
+                if self._answers():
+                    log.debug("embedded redis started", url=self.url, pid=self.process.pid)
+                    return self
             except OSError:
-                time.sleep(0.02)
+                pass
+            time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+    def _answers(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+            sock: socket.socket = raw
+            if self.tls:
+                import ssl
+
+                ctx = ssl.create_default_context(cafile=self.tls[2])
+                sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            sock.sendall(b"PING\r\n")
+            # NOAUTH also proves the server is up (a password or ACL user is configured).
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the server (SIGKILL to simulate a crash); the data directory is kept for restarts."""

@@ -63,3 +63,17 @@ def test_malformed_and_empty_jobs_fail_clearly(conn, redis_server, engines):
     exc = Job.fetch(empty.id, connection=conn, serializer=JSONSerializer).latest_result().exc_string
     assert "no items" in exc
     assert good.result(timeout=5)["label"]
+
+
+def test_huge_job_and_megabyte_text(conn, redis_server, engines):
+    client = Client.from_url(redis_server.url)
+    q = client.queue()
+    huge = q.enqueue("worker.tasks.classify", kwargs={"items": [{"id": str(i), "text": "x"} for i in range(100_000)]})
+    big_text = client.submit({"id": "mb", "text": "word " * 210_000})  # ~1 MB
+    neighbour = client.submit("a normal neighbour")
+    run_burst(conn, engines["bert"])
+    assert huge.id in q.failed_job_registry.get_job_ids()
+    exc = Job.fetch(huge.id, connection=conn, serializer=JSONSerializer).latest_result().exc_string
+    assert "100000 items, more than the limit of 10000" in exc
+    assert big_text.result(timeout=5)["error"]["type"] == "text_too_long"
+    assert neighbour.result(timeout=5)["label"]
