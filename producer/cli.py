@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="with --follow: give up after this many seconds")
     p.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
     p.add_argument("--unordered", action="store_true", help="completion order instead of input order")
+    p.add_argument("--consume", action="store_true",
+                   help="with --follow: delete results from Redis once written (bounded memory for long runs)")
     _redis_flag(p)
     _log_flags(p)
 
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes to start (default: 1; 0 uses workers already attached to --redis-url)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--verbose", action="store_true", help="show the workers' logs")
+    p.add_argument("--keep-results", action="store_true",
+                   help="leave results in Redis after writing them (default: delete them as they are written)")
     _log_flags(p)
 
     p = sub.add_parser("model", help="manage the built-in default model")
@@ -163,7 +167,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     try:
         if args.follow or args.unordered:
             source = (client.subscribe(args.run_id, timeout=args.timeout) if args.unordered
-                      else client.ordered_results(args.run_id, timeout=args.timeout))
+                      else client.ordered_results(args.run_id, timeout=args.timeout, consume=args.consume))
         else:
             source = _done_in_order(client, args.run_id)
         for result in source:

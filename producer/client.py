@@ -14,6 +14,8 @@ import redis
 import structlog
 from rq import Callback, Queue, Retry
 from rq.job import Job
+from rq.registry import FinishedJobRegistry
+from rq.results import Result
 
 from . import keys
 from .connection import connect, resolve_url
@@ -78,9 +80,13 @@ class Run:
             time.sleep(poll)
         return True
 
-    def results(self, timeout: float | None = None) -> Iterator[ItemResult]:
-        """Every item's result, in input order, as soon as the results before it are in."""
-        return self.client.ordered_results(self.id, timeout=timeout)
+    def results(self, timeout: float | None = None, consume: bool = False) -> Iterator[ItemResult]:
+        """Every item's result, in input order, as soon as the results before it are in.
+
+        ``consume=True`` deletes each job's results from Redis once they have been handed over,
+        so a long stream keeps Redis memory bounded by what is in flight.
+        """
+        return self.client.ordered_results(self.id, timeout=timeout, consume=consume)
 
     def subscribe(self, from_start: bool = True) -> Subscription:
         return self.client.subscribe(self.id, from_start=from_start)
@@ -306,10 +312,11 @@ class Client:
 
     def _wait_for_room(self, run_id: str, progress: dict[str, int], max_pending: int) -> None:
         pending = progress["enqueued"] - progress["done"]
-        delay = 0.01
+        # Short polls: a long sleep here lets the workers drain the queue and then idle.
+        delay = 0.002
         while pending > max_pending:
             time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            delay = min(delay * 2, 0.05)
             enqueued, done = (int(v or 0) for v in self.connection.hmget(keys.run_meta(run_id), "enqueued", "done"))
             pending = enqueued - done
 
@@ -331,7 +338,7 @@ class Client:
         self, job_id: str, timeout: float | None = 0, item_id: str | None = None
     ) -> list[ItemResult] | ItemResult | None:
         """A job's item results from RQ's result stream; None if not there within ``timeout``."""
-        key = f"rq:results:{job_id}"
+        key = Result.get_key(job_id)
         if timeout == 0:
             reply = self.connection.xrevrange(key, "+", "-", count=1)
             entries = reply
@@ -366,16 +373,22 @@ class Client:
         return last[0][0].decode() if last else "0-0"
 
     def ordered_results(
-        self, run_id: str, timeout: float | None = None, on_idle: Callable[[], None] | None = None
+        self, run_id: str, timeout: float | None = None, on_idle: Callable[[], None] | None = None,
+        consume: bool = False, before_delete: Callable[[], None] | None = None,
     ) -> Iterator[ItemResult]:
         """The run's item results in input order, each yielded as soon as all before it are in.
 
         Reads the run's stream once (a subscription) and its job list in order; memory holds only
-        the results that arrived ahead of their turn.
+        the results that arrived ahead of their turn. With ``consume`` the results of each job are
+        deleted from Redis (stream entry, RQ result, job hash) once the caller has taken them;
+        ``before_delete`` (a file's flush, say) runs before each deletion, so nothing is deleted
+        that is not yet safe elsewhere.
         """
         entries = self.subscribe(run_id, timeout=timeout, on_idle=on_idle).entries()
         jobs_key = keys.run_jobs(run_id)
         arrived: dict[str, list[ItemResult]] = {}
+        entry_ids: dict[str, str] = {}
+        consumed: list[tuple[str, str | None]] = []
         yielded: set[str] = set()  # a job id listed twice (a retried enqueue) is yielded once
         window: deque[str] = deque()
         position = 0  # index in the run's job list of the next job to yield
@@ -385,6 +398,10 @@ class Client:
                 window.extend(j.decode() for j in self.connection.lrange(jobs_key, position, position + 9_999))
                 if not window:
                     if sealed:  # sealed is set after the last job id was listed
+                        if consumed:
+                            if before_delete is not None:
+                                before_delete()
+                            self._delete_consumed(run_id, consumed, final=True)
                         return
                     time.sleep(0.05)  # the producer is still enqueueing
                     continue
@@ -394,7 +411,7 @@ class Client:
                 continue
             while job_id not in arrived:
                 try:
-                    _, done_job, results = next(entries)
+                    entry_id, done_job, results = next(entries)
                 except StopIteration:
                     # The run finished but this job's entry is gone (its stream expired or was
                     # trimmed): fall back to RQ's own result for it.
@@ -402,5 +419,32 @@ class Client:
                     arrived[job_id] = fallback if isinstance(fallback, list) else []
                     break
                 arrived[done_job] = results
+                entry_ids[done_job] = entry_id
             yielded.add(job_id)
             yield from arrived.pop(job_id)
+            if consume:
+                # Only after the caller took them (the generator resumed): nothing is deleted unread.
+                consumed.append((job_id, entry_ids.pop(job_id, None)))
+                if len(consumed) >= 256:
+                    if before_delete is not None:
+                        before_delete()
+                    self._delete_consumed(run_id, consumed)
+                    consumed = []
+
+    def _delete_consumed(self, run_id: str, consumed: list[tuple[str, str | None]], final: bool = False) -> None:
+        queue = self.connection.hget(keys.run_meta(run_id), "queue")
+        finished = FinishedJobRegistry.key_template.format(queue.decode()) if queue else None
+        with self.connection.pipeline(transaction=False) as pipe:
+            stream = keys.run_stream(run_id)
+            ids = [e for _, e in consumed if e]
+            if ids:
+                pipe.xdel(stream, *ids)
+            for job_id, _ in consumed:
+                pipe.delete(Result.get_key(job_id), Job.key_for(job_id))
+                if finished:
+                    pipe.zrem(finished, job_id)
+            if final:
+                # The run is over and read: its bookkeeping goes too (the meta hash stays, small,
+                # until its TTL, so `stats --all-runs` can still show the run).
+                pipe.delete(stream, keys.run_jobs(run_id), keys.run_done_jobs(run_id))
+            pipe.execute()

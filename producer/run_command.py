@@ -149,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
         labels: Counter[str] = Counter()
         items = errors = 0
         last_check = time.monotonic()
-        results = client.ordered_results(run_id, on_idle=lambda: _check_workers(procs))
+        # Results are deleted from Redis as they are written (unless --keep-results); the output is
+        # flushed before each deletion so none exists only in a buffer.
+        results = client.ordered_results(run_id, on_idle=lambda: _check_workers(procs),
+                                         consume=not args.keep_results, before_delete=out.flush)
         for result in results:
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             items += 1
