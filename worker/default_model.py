@@ -160,6 +160,7 @@ def build_default_model(
         accuracy = evaluate(tmp, heldout) if heldout is not None else None
         info = _build_info(seed, train_size, heldout, accuracy, time.monotonic() - started)
         (tmp / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        _share_permissions(tmp)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,6 +196,9 @@ def predict_labels(model_dir: Path | str, texts: Sequence[str]) -> list[str]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if not Path(model_dir, "config.json").is_file():
+        # Without this check transformers would treat the path as a hub repo id.
+        raise FileNotFoundError(f"no model checkpoint at {model_dir}")
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
@@ -374,6 +378,18 @@ def _replace_dir(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _share_permissions(directory: Path) -> None:
+    """Give the build the umask's usual modes (``mkdtemp`` makes it private, 0700).
+
+    A cache shared by workers running as different users must stay readable.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

@@ -441,7 +441,7 @@ MEDIA = Domain(
         "I've played it for a hundred hours and still love it."
     ),
     neg_events=_t(
-        "I fell asleep halfway through.|We walked out after an hour.|"
+        "I nodded off an hour in.|We walked out after an hour.|"
         "I couldn't finish it.|I checked my phone the whole time.|"
         "Nothing happens for two hours.|I guessed the ending in the first ten minutes.|"
         "Half the audience left early.|I want my two hours back.|"
