@@ -12,11 +12,13 @@ recovers the jobs of a worker that was killed.
 
 from __future__ import annotations
 
+import math
 import os
 import queue as queue_mod
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,16 +26,16 @@ import redis
 import structlog
 from rq import Queue, worker_registration
 from rq.exceptions import DeserializationError
-from rq.executions import Execution
+from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
-from rq.registry import StartedJobRegistry, clean_registries
+from rq.registry import FinishedJobRegistry, StartedJobRegistry, clean_registries
 from rq.results import Result
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
 from producer import keys
-from producer.results import record_job
+from producer.results import encode_results, record_job, rq_success_fields
 from producer.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, parse_job
 from producer.serializer import JSONSerializer
 from producer.settings import WorkerSettings
@@ -108,6 +110,7 @@ class BatchWorker(SimpleWorker):
         self._ordered_queues = self.queues[:]
         self.engine = engine
         self._stop = threading.Event()
+        self._signals = 0  # counted: a burst ending sets _stop too, which is not a first signal
         self._pools: queue_mod.Queue[Any] = queue_mod.Queue(maxsize=1)
         self._done: queue_mod.Queue[Any] = queue_mod.Queue()
         self._inflight: dict[str, Slot] = {}
@@ -117,6 +120,7 @@ class BatchWorker(SimpleWorker):
         self.completed_items = 0
         self.metrics: WorkerMetrics | None = None
         self._leftover: list[Slot] = []
+        self._registry_cache: dict[str, tuple[StartedJobRegistry, FinishedJobRegistry]] = {}
 
     # -- RQ hooks ---------------------------------------------------------------------------
 
@@ -128,7 +132,8 @@ class BatchWorker(SimpleWorker):
     def request_stop(self, signum: int, frame: Any) -> None:
         """Warm stop (SIGTERM, SIGINT, `rq shutdown`): finish the batch in progress, give back
         jobs not started; a second signal exits at once (taken jobs are then recovered by RQ)."""
-        if self._stop.is_set():
+        self._signals += 1
+        if self._signals > 1:
             log.warning("second stop signal, exiting now", worker=self.name)
             os._exit(1)
         log.info("stopping after the batch in progress", worker=self.name, signal=signum)
@@ -250,12 +255,13 @@ class BatchWorker(SimpleWorker):
                     pipe.lrem(q.intermediate_queue_key, 1, job_id)
                     log.info("job gone before it started, dropped", job=job_id, queue=q.name)
                     continue
-                execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+                execution = self._register_execution(job, q, ttl, pipe)
                 job.prepare_for_execution(self.name, pipeline=pipe)
                 pipe.persist(job.key)
                 pipe.lrem(q.intermediate_queue_key, 1, job_id)
-                self.executions[execution.id] = execution
                 slots.append(Slot(job=job, queue=q, execution=execution, request=None))
+            if slots:
+                pipe.expire(self.executions_key, ttl + 60)
             self.heartbeat(pipeline=pipe)
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             pipe.execute()
@@ -263,6 +269,37 @@ class BatchWorker(SimpleWorker):
             for s in slots:
                 self._inflight[s.job.id] = s
         return slots
+
+    def _registries(self, q: Queue) -> tuple[StartedJobRegistry, FinishedJobRegistry]:
+        """One registry object per queue: building one per job (as `job.started_job_registry`
+        does) costs more than the Redis commands it issues."""
+        cached = self._registry_cache.get(q.name)
+        if cached is None:
+            cached = self._registry_cache[q.name] = (
+                self._started_registry(q),
+                FinishedJobRegistry(queue=q, job_class=self.job_class, serializer=JSONSerializer),
+            )
+        return cached
+
+    def _register_execution(self, job: Job, q: Queue, ttl: int, pipe: Any) -> Execution:
+        """What `Execution.create` writes (execution hash, the job's execution registry, the
+        started registry, this worker's execution set), with the per-queue registry reused."""
+        execution = Execution(id=uuid.uuid4().hex, job_id=job.id, connection=self.connection, worker_name=self.name)
+        execution._job = job
+        execution.save(ttl=ttl, pipeline=pipe)
+        ExecutionRegistry(job_id=job.id, connection=pipe).add(execution=execution, ttl=ttl, pipeline=pipe)
+        self._registries(q)[0].add_execution(execution, pipeline=pipe, ttl=ttl, xx=False)
+        pipe.sadd(self.executions_key, execution.composite_key)
+        self.executions[execution.id] = execution
+        return execution
+
+    def _delete_execution(self, slot: Slot, pipe: Any) -> None:
+        """What `Execution.delete` does, with the per-queue registry reused."""
+        execution = slot.execution
+        pipe.delete(execution.key)
+        self._registries(slot.queue)[0].remove_execution(execution, pipeline=pipe)
+        ExecutionRegistry(job_id=execution.job_id, connection=self.connection).remove(execution, pipeline=pipe)
+        pipe.srem(self.executions_key, execution.composite_key)
 
     def _prepare(self, pool: Pool, slots: list[Slot]) -> None:
         """Decode and check each job, then tokenize all new items in one call."""
@@ -302,26 +339,36 @@ class BatchWorker(SimpleWorker):
             pool.token_errors.extend((base + i, err) for i, err in errors)
 
     def _take_loop(self, burst: bool) -> None:
+        """Take jobs into a pool; hand it to compute once it is full, or once ``max_wait_ms`` has
+        passed and compute is free. While compute is busy the pool keeps filling (batches get
+        fuller), polling with a backoff so the poll does not steal the cores the forward needs."""
         s = self.settings
         pool: Pool | None = None
         backoff = 0.5
         idle_sleep = 0.0005
+        items_per_job = 1.0  # running estimate, to ask for about as many jobs as the pool has room for
         try:
             while not self._stop.is_set():
-                try:
-                    room = s.max_pool_items - (len(pool.items) if pool else 0)
+                room = s.max_pool_items - (len(pool.items) if pool else 0)
+                slots: list[Slot] = []
+                if room > 0:
+                    want = max(1, min(s.take_jobs, math.ceil(room / items_per_job)))
                     block = 0.0 if (pool or burst) else (1.0 if len(self.queues) == 1 else 0.05)
-                    slots = self._take(min(s.take_jobs, max(room, 1)), block) if room > 0 else []
-                    backoff = 0.5
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.error("redis unavailable while taking jobs, retrying", error=str(exc), retry_in=backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30)
-                    continue
+                    try:
+                        slots = self._take(want, block)
+                        backoff = 0.5
+                    except (redis.ConnectionError, redis.TimeoutError) as exc:
+                        log.error("redis unavailable while taking jobs, retrying", error=str(exc), retry_in=backoff)
+                        time.sleep(backoff)
+                        backoff = min(backoff * 2, 30)
+                        continue
                 if slots:
                     idle_sleep = 0.0005
                     pool = pool or Pool()
+                    before = len(pool.items)
                     self._prepare(pool, slots)
+                    taken = (len(pool.items) - before) / len(slots)
+                    items_per_job = max(1.0, 0.8 * items_per_job + 0.2 * taken) if taken else items_per_job
                 if pool is None:
                     if burst and not slots:
                         if not self._busy():
@@ -331,23 +378,32 @@ class BatchWorker(SimpleWorker):
                 if not pool.slots:
                     pool = None
                     continue
-                full = len(pool.items) >= s.max_pool_items
-                waited = time.monotonic() - pool.started >= s.max_wait_ms / 1000
-                if full or (waited and not slots) or (waited and burst):
+                if len(pool.items) >= s.max_pool_items:
+                    self._hand_over(pool)  # blocks until compute takes it
+                    pool = None
+                elif time.monotonic() - pool.started >= s.max_wait_ms / 1000:
                     try:
-                        self._pools.put(pool, timeout=None if full else 0.0005)
+                        self._pools.put_nowait(pool)
                         pool = None
                     except queue_mod.Full:
-                        pass  # compute is busy: keep pooling, batches get fuller
+                        time.sleep(idle_sleep)  # compute is busy: keep pooling, gently
+                        idle_sleep = min(idle_sleep * 2, 0.01)
                 elif not slots:
-                    # Polling while compute is busy: back off so the poll does not steal the CPU
-                    # the forward pass needs.
-                    time.sleep(idle_sleep)
-                    idle_sleep = min(idle_sleep * 2, 0.005)
+                    time.sleep(0.0005)
         finally:
             if pool is not None:
                 self._leftover.extend(pool.slots)
             self._pools.put(_END)
+
+    def _hand_over(self, pool: Pool) -> None:
+        while True:
+            try:
+                self._pools.put(pool, timeout=0.2)
+                return
+            except queue_mod.Full:
+                if self._stop.is_set():
+                    self._leftover.extend(pool.slots)
+                    return
 
     def _busy(self) -> bool:
         with self._lock:
@@ -385,6 +441,7 @@ class BatchWorker(SimpleWorker):
         ok = [s for s in slots if s.error is None]
         failed = [s for s in slots if s.error is not None]
         ended = now()
+        ended_ts = ended.timestamp()
         dependents_at: list[tuple[int, Slot]] = []
         with self.connection.pipeline(transaction=False) as pipe:
             for slot in ok:
@@ -393,18 +450,23 @@ class BatchWorker(SimpleWorker):
                 job._status = JobStatus.FINISHED
                 result_ttl = job.get_result_ttl(self.default_result_ttl)
                 pipe.hset(job.key, mapping={"status": JobStatus.FINISHED.value, "ended_at": utcformat(ended)})
-                Result.create(
-                    job, Result.Type.SUCCESSFUL, result_ttl, return_value=slot.results, worker_name=self.name,
-                    pipeline=pipe, execution_id=execution.id, execution_started_at=execution.created_at,
-                    execution_ended_at=ended,
-                )
+                encoded = encode_results(slot.results)  # type: ignore[arg-type]
+                # RQ's result entry (what Result.create writes), from the one encoding.
+                result_key = Result.get_key(job.id)
+                pipe.xadd(result_key, rq_success_fields(encoded, self.name, execution.id,
+                                                         execution.created_at.timestamp(), ended_ts), maxlen=10)
+                if result_ttl == -1:
+                    pipe.persist(result_key)
+                elif result_ttl is not None:
+                    pipe.expire(result_key, result_ttl)
                 if result_ttl != 0:
-                    job.finished_job_registry.add(job, result_ttl, pipe)
+                    self._registries(slot.queue)[1].add(job, result_ttl, pipe)
                 job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-                execution.delete(job, pipe)
+                self._delete_execution(slot, pipe)
                 if slot.request is not None and slot.request.run:
                     run_ttl = result_ttl if result_ttl and result_ttl > 0 else 86_400
-                    record_job(self.connection, pipe, slot.request.run, job.id, slot.results, run_ttl)  # type: ignore[arg-type]
+                    record_job(self.connection, pipe, slot.request.run, job.id, slot.results, run_ttl,  # type: ignore[arg-type]
+                               encoded=encoded)
                 dependents_at.append((len(pipe), slot))
                 pipe.exists(job.dependents_key)
             item_errors = sum(1 for s in ok for r in s.results if r is not None and "error" in r)
@@ -462,7 +524,7 @@ class BatchWorker(SimpleWorker):
             return
         with self.connection.pipeline(transaction=False) as pipe:
             for slot in self._leftover:
-                slot.execution.delete(slot.job, pipe)
+                self._delete_execution(slot, pipe)
                 slot.job.set_status(JobStatus.QUEUED, pipeline=pipe)
                 pipe.lpush(slot.queue.key, slot.job.id)
             pipe.execute()
@@ -485,7 +547,7 @@ class BatchWorker(SimpleWorker):
                 with self.connection.pipeline(transaction=False) as pipe:
                     self.heartbeat(ttl + 60, pipeline=pipe)
                     for slot in slots:
-                        slot.execution.heartbeat(slot.job.started_job_registry, ttl, pipeline=pipe)
+                        slot.execution.heartbeat(self._registries(slot.queue)[0], ttl, pipeline=pipe)
                     pipe.execute()
                 self.recover_abandoned()
                 if self.should_run_maintenance_tasks:

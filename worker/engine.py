@@ -90,8 +90,35 @@ class Engine:
         #: there exercises the split-and-retry path on a CPU.
         self.fault: Callable[[int, int], None] | None = None
         self.forward_calls = 0
+        self._backend = self._fast_backend()
 
     # -- tokenize ---------------------------------------------------------------------------
+
+    def _fast_backend(self) -> Any:
+        """The Rust tokenizer behind a fast HF tokenizer, used directly when it gives exactly the
+        ids the HF call gives: the HF wrapper's per-text conversion to Python dicts costs more
+        than tokenizing short texts. Checked on probe texts; any difference falls back."""
+        backend = getattr(self.m.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        probes = ["", " ", "Hello, World!", "naïve café 😀 東京", "word " * (self.m.max_length * 2), "a\tb\nc"]
+        try:
+            expected = self.m.tokenizer(probes, truncation=True, max_length=self.m.max_length)["input_ids"]
+            self._backend = backend
+            got = self._encode_fast(probes)
+        except Exception:
+            return None
+        if got != expected:
+            log.info("tokenizer fast path differs from the HF call; using the HF call")
+            return None
+        return backend
+
+    def _encode_fast(self, texts: list[str]) -> list[list[int]]:
+        backend = self._backend
+        # The HF call resets these on every use; set them each time so both paths can coexist.
+        backend.no_padding()
+        backend.enable_truncation(max_length=self.m.max_length)
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
 
     def encode(self, items: list[Item], top_k: list[int | None]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
         """Tokenize all texts in one call; an item the tokenizer rejects becomes an error alone."""
@@ -99,7 +126,10 @@ class Engine:
         errors: list[tuple[int, ItemResult]] = []
         tok = self.m.tokenizer
         try:
-            ids = tok(texts, truncation=True, max_length=self.m.max_length, add_special_tokens=True)["input_ids"]
+            if self._backend is not None:
+                ids = self._encode_fast(texts)
+            else:
+                ids = tok(texts, truncation=True, max_length=self.m.max_length, add_special_tokens=True)["input_ids"]
         except Exception:  # one bad text must not fail its neighbours: retry them one by one
             ids = []
             for i, text in enumerate(texts):
@@ -191,26 +221,27 @@ class Engine:
                     results[i] = error_result(it["id"], INFERENCE_ERROR, f"{type(o).__name__}: {o}", it.get("meta"))
             if good:
                 scores = apply_scoring(np.stack([o for _, o in good]), self.m.function)
-                for (i, _), row in zip(good, scores):
-                    results[i] = self._result(enc.items[i], row, enc.top_k[i])
+                rows = self._results([enc.items[i] for i, _ in good], scores, [enc.top_k[i] for i, _ in good])
+                for (i, _), result in zip(good, rows):
+                    results[i] = result
         return results  # type: ignore[return-value]
 
-    def _result(self, item: Item, row: np.ndarray, top_k: int | None) -> ItemResult:
+    def _results(self, items: list[Item], scores: np.ndarray, top_k: list[int | None]) -> list[ItemResult]:
+        """Item results for a batch: one sort and one conversion to Python for the whole matrix."""
         labels = self.m.labels
-        ranked = np.argsort(-row, kind="stable")
-        if top_k is not None:
-            ranked = ranked[:top_k]
-        values = row.tolist()
-        best = int(ranked[0])
-        result: ItemResult = {
-            "id": item["id"],
-            "label": labels[best],
-            "score": values[best],
-            "scores": {labels[int(j)]: values[int(j)] for j in ranked},
-        }
-        if "meta" in item:
-            result["meta"] = item["meta"]
-        return result
+        orders = np.argsort(-scores, axis=1, kind="stable").tolist()
+        values = scores.tolist()
+        out: list[ItemResult] = []
+        for item, ranked, row, k in zip(items, orders, values, top_k):
+            if k is not None:
+                ranked = ranked[:k]
+            best = ranked[0]
+            result: ItemResult = {"id": item["id"], "label": labels[best], "score": row[best],
+                                  "scores": {labels[j]: row[j] for j in ranked}}
+            if "meta" in item:
+                result["meta"] = item["meta"]
+            out.append(result)
+        return out
 
     def classify(self, items: list[Item], top_k: int | None = None, stats: BatchStats | None = None) -> list[ItemResult]:
         """Convenience: encode and run valid items (errors merged back in item order)."""
