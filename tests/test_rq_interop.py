@@ -82,3 +82,16 @@ def test_producer_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", "import json;" + code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+def test_dependent_jobs_run_after_their_parent(conn, redis_server, engines):
+    client = Client.from_url(redis_server.url)
+    q = client.queue()
+    parent = q.enqueue("worker.tasks.classify", kwargs={"items": [{"id": "p", "text": "parent"}]})
+    child = q.enqueue("worker.tasks.classify", kwargs={"items": [{"id": "c", "text": "child"}]}, depends_on=parent)
+    assert child.get_status() == "deferred"
+    run_burst(conn, engines["bert"])
+    run_burst(conn, engines["bert"])  # the child is enqueued when the parent completes
+    child = Job.fetch(child.id, connection=conn, serializer=q.serializer)
+    assert child.get_status() == "finished"
+    assert child.latest_result().return_value[0]["id"] == "c"

@@ -257,7 +257,8 @@ class BatchWorker(SimpleWorker):
                     continue
                 execution = self._register_execution(job, q, ttl, pipe)
                 job.prepare_for_execution(self.name, pipeline=pipe)
-                pipe.persist(job.key)
+                if job.ttl:  # a queued job's hash may expire; a started one must not
+                    pipe.persist(job.key)
                 pipe.lrem(q.intermediate_queue_key, 1, job_id)
                 slots.append(Slot(job=job, queue=q, execution=execution, request=None))
             if slots:
@@ -461,14 +462,23 @@ class BatchWorker(SimpleWorker):
                     pipe.expire(result_key, result_ttl)
                 if result_ttl != 0:
                     self._registries(slot.queue)[1].add(job, result_ttl, pipe)
-                job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+                if result_ttl and result_ttl > 0:
+                    # job.cleanup(), with the dependents check folded in: EXPIRE answers 1 only if
+                    # the dependents set exists, which saves an EXISTS per job.
+                    pipe.expire(job.key, result_ttl)
+                    dependents_at.append((len(pipe), slot))
+                    pipe.expire(job.dependents_key, result_ttl)
+                    if job._dependency_ids:
+                        pipe.expire(job.dependencies_key, result_ttl)
+                else:
+                    dependents_at.append((len(pipe), slot))
+                    pipe.exists(job.dependents_key)
+                    job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
                 self._delete_execution(slot, pipe)
                 if slot.request is not None and slot.request.run:
                     run_ttl = result_ttl if result_ttl and result_ttl > 0 else 86_400
                     record_job(self.connection, pipe, slot.request.run, job.id, slot.results, run_ttl,  # type: ignore[arg-type]
                                encoded=encoded)
-                dependents_at.append((len(pipe), slot))
-                pipe.exists(job.dependents_key)
             item_errors = sum(1 for s in ok for r in s.results if r is not None and "error" in r)
             items = sum(len(s.results) for s in ok)
             if ok:
