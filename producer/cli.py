@@ -60,7 +60,7 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on CUDA that supports it (else fp16), bf16 on CPUs with native bf16, else fp32")
     p.add_argument("--max-batch-size", type=int, default=None, help=f"texts per forward (default: {d.max_batch_size})")
     p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help=f"padded tokens per forward (default: {d.max_batch_tokens})")
+                   help="padded tokens per forward (default: 4096 on CPU, 16384 on CUDA)")
     p.add_argument("--max-wait-ms", type=float, default=None,
                    help=f"after a job arrives, wait this long for more to batch with it (default: {d.max_wait_ms})")
 

