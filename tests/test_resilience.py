@@ -23,7 +23,9 @@ from producer.embedded_redis import RedisServer
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-HEARTBEAT = "1"  # seconds: executions expire after 3, so recovery is quick in tests
+# Seconds: executions expire after 3 heartbeats, so recovery is quick in tests. QB_HEARTBEAT=10
+# measures recovery with the worker's default.
+HEARTBEAT = os.environ.get("QB_HEARTBEAT", "1")
 
 
 @pytest.fixture(scope="module")
