@@ -95,3 +95,14 @@ def test_dependent_jobs_run_after_their_parent(conn, redis_server, engines):
     child = Job.fetch(child.id, connection=conn, serializer=q.serializer)
     assert child.get_status() == "finished"
     assert child.latest_result().return_value[0]["id"] == "c"
+
+
+def test_rq_worker_command_runs_the_batch_worker(conn, redis_server, tiny_models):
+    """`rq worker -w worker.BatchWorker`, configured from QUEUEBERT_* variables alone."""
+    client = Client.from_url(redis_server.url)
+    run = client.enqueue_stream(["great product", "awful service", "fine"], chunk_size=2)
+    env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32")
+    out = _rq("worker", "-w", "worker.BatchWorker", "--burst", "default", url=redis_server.url, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [r["id"] for r in run.results(timeout=10)] == ["0", "1", "2"]
+    assert conn.hget(f"qb:run:{{{run.id}}}", "done") == b"3"
