@@ -112,6 +112,7 @@ class BatchWorker(SimpleWorker):
         self._stop = threading.Event()
         self._signals = 0  # counted: a burst ending sets _stop too, which is not a first signal
         self._pools: queue_mod.Queue[Any] = queue_mod.Queue(maxsize=1)
+        self._compute_waiting = threading.Event()  # set while compute waits for a pool
         self._done: queue_mod.Queue[Any] = queue_mod.Queue()
         self._inflight: dict[str, Slot] = {}
         self._lock = threading.Lock()
@@ -192,10 +193,12 @@ class BatchWorker(SimpleWorker):
         engine = self.engine
         assert engine is not None
         while True:
+            self._compute_waiting.set()
             try:
                 pool = self._pools.get(timeout=0.5)
             except queue_mod.Empty:
                 continue
+            self._compute_waiting.clear()
             if pool is _END:
                 return
             if self._stop.is_set():
@@ -392,13 +395,18 @@ class BatchWorker(SimpleWorker):
                     # Hand over once max_wait_ms has passed and no more jobs came in this round;
                     # while jobs keep arriving keep pooling (bigger pools sort better: a pool of
                     # 50 mixed texts pads ~1.5x, one of 1,000 ~1.07x), but never past max_pool_wait_ms.
-                    if age >= s.max_pool_wait_ms / 1000 or (age >= s.max_wait_ms / 1000 and not slots):
+                    due = age >= s.max_pool_wait_ms / 1000 or (age >= s.max_wait_ms / 1000 and not slots)
+                    if due and self._compute_waiting.is_set():
                         try:
                             self._pools.put_nowait(pool)
                             pool = None
                         except queue_mod.Full:
-                            time.sleep(idle_sleep)  # compute is busy: keep pooling, gently
-                            idle_sleep = min(idle_sleep * 2, 0.01)
+                            pass
+                    elif due:
+                        # Compute is busy: keep the pool here and keep filling it (a pool parked
+                        # in the hand-off queue could not grow), polling gently.
+                        time.sleep(idle_sleep)
+                        idle_sleep = min(idle_sleep * 2, 0.01)
                     elif not slots:
                         time.sleep(0.0005)
         finally:
