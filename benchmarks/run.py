@@ -256,19 +256,28 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
 
 
 def wait_run(client: Any, run_id: str, procs: Procs, timeout: float = 1800.0, poll: float = 0.01) -> float:
-    """Block until the run is sealed and every item has a result; returns when (perf_counter)."""
+    """Block until the run is sealed and every item has a result; returns when (perf_counter).
+
+    Waits the way a client does, on blocking reads of the run's stream (a 10 ms poll loop would
+    wake a core a hundred times a second beside a worker that needs both), counting items until
+    the run's total is reached.
+    """
+    from producer import keys
+
     deadline = time.monotonic() + timeout
-    n = 0
+    stream = keys.run_stream(run_id)
+    last = "0-0"
     while True:
         p = client.run_progress(run_id)
         if p["sealed"] and p["done"] >= p["total"]:
             return perf()
         if time.monotonic() > deadline:
             raise TimeoutError(f"run {run_id} not done in {timeout} s: {p}")
-        n += 1
-        if n % 100 == 0:
-            procs.check()
-        time.sleep(poll)
+        procs.check()
+        # Wakes on the next completion (or after 200 ms to look at the workers again).
+        reply = client.connection.xread({stream: last}, count=10_000, block=200)
+        for _name, entries in reply or []:
+            last = entries[-1][0]
 
 
 def batch_worker_cmd(url: str, model: Path, dtype: str, queues: list[str] | None = None,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from collections import deque
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any

@@ -406,7 +406,7 @@ class BatchWorker(SimpleWorker):
                         # Compute is busy: keep the pool here and keep filling it (a pool parked
                         # in the hand-off queue could not grow), polling gently.
                         time.sleep(idle_sleep)
-                        idle_sleep = min(idle_sleep * 2, 0.01)
+                        idle_sleep = min(idle_sleep * 2, 0.05)
                     elif not slots:
                         time.sleep(0.0005)
         finally:
