@@ -16,6 +16,9 @@ from typing import Any
 ENV_PREFIX = "QUEUEBERT_"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "default"
+#: Seconds results and run bookkeeping are kept (ClientSettings.result_ttl's default; the worker
+#: falls back to it for a run whose job keeps its result forever or not at all).
+DEFAULT_RESULT_TTL = 86_400
 
 
 def env_name(field_name: str) -> str:
@@ -64,7 +67,7 @@ class ClientSettings(_FromEnv):
     #: Backpressure: a stream waits while more than this many of its items are queued and unfinished.
     max_pending: int = 50_000
     #: Seconds results, run streams and run bookkeeping are kept after they are written.
-    result_ttl: int = 86_400
+    result_ttl: int = DEFAULT_RESULT_TTL
     #: Times a job is retried after its worker died or it failed as a whole.
     retries: int = 3
     #: RQ job timeout in seconds (the stock worker enforces it; the batching worker uses it for

@@ -38,7 +38,7 @@ from producer import keys
 from producer.results import encode_results, record_job, rq_success_fields
 from producer.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, parse_job
 from producer.serializer import JSONSerializer
-from producer.settings import WorkerSettings
+from producer.settings import DEFAULT_RESULT_TTL, WorkerSettings
 
 from .engine import BatchStats, Encoded, Engine
 from .metrics import WorkerMetrics
@@ -494,7 +494,7 @@ class BatchWorker(SimpleWorker):
                     job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
                 self._delete_execution(slot, pipe)
                 if slot.request is not None and slot.request.run:
-                    run_ttl = result_ttl if result_ttl and result_ttl > 0 else 86_400
+                    run_ttl = result_ttl if result_ttl and result_ttl > 0 else DEFAULT_RESULT_TTL
                     record_job(self.connection, pipe, slot.request.run, job.id, slot.results, run_ttl,  # type: ignore[arg-type]
                                encoded=encoded)
             item_errors = sum(1 for s in ok for r in s.results if r is not None and "error" in r)
@@ -536,7 +536,7 @@ class BatchWorker(SimpleWorker):
         run, results = job_error_results(kwargs, slot.error or "job failed", slot.error_kind)
         if run:
             with self.connection.pipeline(transaction=False) as pipe:
-                record_job(self.connection, pipe, run, job.id, results, 86_400)
+                record_job(self.connection, pipe, run, job.id, results, DEFAULT_RESULT_TTL)
                 pipe.execute()
 
     def _give_back_unstarted(self) -> None:

@@ -14,17 +14,14 @@ log = structlog.get_logger(__name__)
 
 def run_worker(settings: WorkerSettings) -> int:
     from .batch_worker import BatchWorker
-    from .engine import Engine
-    from .model import load_model
+    from .tasks import get_engine
 
     connection = connect(settings.redis_url)
     try:
-        loaded = load_model(settings.model, revision=settings.revision, device=settings.device,
-                            dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+        engine = get_engine(settings)  # the same loader the stock-RQ path uses
     except ModelError as exc:
         log.error("cannot start worker", error=str(exc))
         return 2
-    engine = Engine(loaded, settings.max_batch_size, settings.max_batch_tokens)
     worker = BatchWorker(settings.queues, connection=connection, settings=settings, engine=engine,
                          name=settings.name)
     worker.work(burst=settings.burst)
