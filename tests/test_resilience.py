@@ -121,10 +121,10 @@ def test_graceful_stop_finishes_batch_and_gives_back_the_rest(conn, redis_server
 def test_second_signal_forces_exit(conn, redis_server, medium_model):
     client = Client.from_url(redis_server.url)
     run = client.enqueue_stream(_texts(3000), chunk_size=50)
-    # Big pools of a slower model: the batch in progress lasts seconds, so the first SIGTERM
+    # Big batches of a slower model: the batch in progress lasts seconds, so the first SIGTERM
     # (a warm stop) is still waiting on it when the second arrives.
-    worker = _start_worker(redis_server.url, medium_model, "forced", QUEUEBERT_MAX_POOL_ITEMS="1000",
-                           QUEUEBERT_MAX_BATCH_SIZE="64")
+    worker = _start_worker(redis_server.url, medium_model, "forced", QUEUEBERT_MAX_BATCH_SIZE="1000",
+                           QUEUEBERT_MAX_BATCH_TOKENS="200000", QUEUEBERT_MAX_WAIT_MS="300")
     _wait_registered(conn, "forced")
     while conn.llen("rq:queue:default") == run.jobs:
         time.sleep(0.05)  # until it has taken work

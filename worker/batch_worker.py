@@ -1,11 +1,13 @@
 """The batching worker: an RQ worker that pools many jobs' items into micro-batches in-process.
 
 Three threads, so the device never waits on Redis:
-- taker: takes many jobs per round trip (LMOVE into RQ's intermediate queue, so a crash between
-  take and start leaves them where RQ's maintenance finds them), registers their executions in
-  one pipeline, validates items and tokenizes them, and hands pools to the compute loop;
-- compute (the main thread): sorts a pool by length, cuts token-bounded batches, runs them;
-- completer: writes RQ results, registries, run-stream entries for all finished jobs in one pipeline.
+- taker: takes many jobs per round trip and registers them as started the way RQ does, atomically
+  in one script (:class:`~worker.job_store.JobStore`), validates items, tokenizes them and adds
+  them to the length-sorted item pool
+  (:class:`~worker.scheduler.BatchScheduler`) while compute runs;
+- compute (the main thread): cuts each token-bounded batch from the pool around its oldest item,
+  runs it, and hands every job whose items are all done to the completer;
+- completer: writes RQ results, registries, run-stream entries for all finished jobs in one script.
 A heartbeat thread keeps executions alive and runs RQ's registry maintenance, which is also what
 recovers the jobs of a worker that was killed.
 """
@@ -18,7 +20,6 @@ import queue as queue_mod
 import signal
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,41 +27,26 @@ import redis
 import structlog
 from rq import Queue, worker_registration
 from rq.exceptions import DeserializationError
-from rq.executions import Execution, ExecutionRegistry
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.registry import FinishedJobRegistry, StartedJobRegistry, clean_registries
-from rq.results import Result
+from rq.registry import StartedJobRegistry, clean_registries
 from rq.timeouts import TimerDeathPenalty
-from rq.utils import now, utcformat
+from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from producer import keys
-from producer.results import encode_results, record_job, rq_success_fields
-from producer.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, parse_job
+from producer.results import encode_results, record_job
+from producer.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, is_error, parse_job
 from producer.serializer import JSONSerializer
 from producer.settings import DEFAULT_RESULT_TTL, WorkerSettings
 
-from .engine import BatchStats, Encoded, Engine
+from .engine import BatchStats, Engine
+from .job_store import Completion, JobStore, TakenJob
 from .metrics import WorkerMetrics
+from .scheduler import BatchScheduler, Entry
 from .tasks import deadline_message, job_error_results, split_items
 
 log = structlog.get_logger(__name__)
-
-# Move up to ARGV[1] job ids from the first non-empty queues (priority order) into their
-# intermediate lists, atomically. KEYS: queue1, intermediate1, queue2, intermediate2, ...
-TAKE_LUA = """
-local out = {}
-local want = tonumber(ARGV[1])
-for q = 1, #KEYS, 2 do
-  while #out / 2 < want do
-    local id = redis.call('LMOVE', KEYS[q], KEYS[q + 1], 'LEFT', 'RIGHT')
-    if not id then break end
-    out[#out + 1] = (q + 1) / 2
-    out[#out + 1] = id
-  end
-end
-return out
-"""
 
 _END = object()
 
@@ -69,25 +55,49 @@ _END = object()
 class Slot:
     """One taken job: where its items sit in the pool and what comes back."""
 
-    job: Job
+    job: TakenJob
     queue: Queue
-    execution: Execution
-    request: JobRequest | None
+    request: JobRequest | None = None
+    priority: int = 0  # index of its queue: 0 is the most urgent
     results: list[ItemResult | None] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    offset: int = 0  # index of this job's first valid item in the pool
+    positions: list[int] = field(default_factory=list)  # where each valid item's result goes
+    remaining: int = 0  # valid items not computed yet
+    computing: bool = False  # some item is in (or past) a forward batch
     error: str | None = None
     error_kind: str = INVALID_JOB
 
 
-@dataclass
-class Pool:
-    slots: list[Slot] = field(default_factory=list)
-    items: list[Item] = field(default_factory=list)
-    top_k: list[int | None] = field(default_factory=list)
-    ids: list[list[int]] = field(default_factory=list)
-    token_errors: list[tuple[int, ItemResult]] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
+class _StatsWindow:
+    """Batch figures summed over about a second, for one log line (a line per batch would be
+    a dozen a second)."""
+
+    def __init__(self, every: float = 1.0):
+        self.every = every
+        self.stats = BatchStats()
+        self.jobs = 0
+        self.max_wait = 0.0
+        self.since = time.monotonic()
+
+    def add(self, stats: BatchStats, jobs: int, waits: list[float]) -> None:
+        s = self.stats
+        s.batches += stats.batches
+        s.texts += stats.texts
+        s.real_tokens += stats.real_tokens
+        s.padded_tokens += stats.padded_tokens
+        s.forward_seconds += stats.forward_seconds
+        self.jobs += jobs
+        self.max_wait = max([self.max_wait, *waits])
+
+    def due(self) -> bool:
+        return time.monotonic() - self.since >= self.every
+
+    def flush(self) -> dict[str, Any]:
+        s = self.stats
+        out = {"jobs": self.jobs, "texts": s.texts, "batches": s.batches, "padded_tokens": s.padded_tokens,
+               "padding_ratio": round(s.padding_ratio, 3), "forward_ms": round(1000 * s.forward_seconds, 1),
+               "queue_wait_ms": round(1000 * self.max_wait, 1)}
+        self.__init__(self.every)  # type: ignore[misc]
+        return out
 
 
 class BatchWorker(SimpleWorker):
@@ -111,17 +121,17 @@ class BatchWorker(SimpleWorker):
         self.engine = engine
         self._stop = threading.Event()
         self._signals = 0  # counted: a burst ending sets _stop too, which is not a first signal
-        self._pools: queue_mod.Queue[Any] = queue_mod.Queue(maxsize=1)
-        self._compute_waiting = threading.Event()  # set while compute waits for a pool
+        self.scheduler: BatchScheduler | None = None
+        self._taker_done = threading.Event()
         self._done: queue_mod.Queue[Any] = queue_mod.Queue()
         self._inflight: dict[str, Slot] = {}
         self._lock = threading.Lock()
-        self._take_script = self.connection.register_script(TAKE_LUA)
         self.completed_jobs = 0
         self.completed_items = 0
         self.metrics: WorkerMetrics | None = None
         self._leftover: list[Slot] = []
-        self._registry_cache: dict[str, tuple[StartedJobRegistry, FinishedJobRegistry]] = {}
+        self._store: JobStore | None = None
+        self._started_cache: dict[str, StartedJobRegistry] = {}
 
     # -- RQ hooks ---------------------------------------------------------------------------
 
@@ -159,12 +169,14 @@ class BatchWorker(SimpleWorker):
         mode, until the queues are empty)."""
         burst = burst or self.settings.burst
         engine = self.load_engine()
+        self.scheduler = BatchScheduler(engine.max_batch_size, engine.max_batch_tokens)
         self.metrics = WorkerMetrics(model=engine.m.name, device=str(engine.m.device))
         self.metrics.load.labels(**self.metrics.labels).set(engine.m.load_seconds)
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
             log.info("serving metrics", port=self.settings.metrics_port)
         self.bootstrap(logging_level or "WARNING")
+        self._store = JobStore.for_worker(self, self._ordered_queues)
         # Beside RQ's fields, so `queuebert stats` can say what each worker serves.
         self.connection.hset(self.key, mapping={"qb_model": engine.m.name, "qb_device": str(engine.m.device),
                                                 "qb_dtype": str(engine.m.dtype).removeprefix("torch.")})
@@ -181,6 +193,7 @@ class BatchWorker(SimpleWorker):
             self._compute_loop()
         finally:
             self._stop.set()
+            self.scheduler.close()
             threads[0].join(timeout=30)
             self._give_back_unstarted()
             self._done.put(_END)
@@ -190,134 +203,90 @@ class BatchWorker(SimpleWorker):
         return self.completed_jobs > 0
 
     def _compute_loop(self) -> None:
-        engine = self.engine
-        assert engine is not None
-        while True:
-            self._compute_waiting.set()
-            try:
-                pool = self._pools.get(timeout=0.5)
-            except queue_mod.Empty:
+        """Run batches from the pool until stopped (or the taker ended a burst); every job whose
+        items are all done goes to the completer right after its last batch."""
+        engine, scheduler = self.engine, self.scheduler
+        assert engine is not None and scheduler is not None
+        max_wait = self.settings.max_wait_ms / 1000
+        window = _StatsWindow()
+        while not self._stop.is_set():
+            batch = scheduler.next_batch(max_wait)
+            if batch is None:
+                if self._taker_done.is_set():
+                    break
                 continue
-            self._compute_waiting.clear()
-            if pool is _END:
-                return
-            if self._stop.is_set():
-                self._leftover.extend(pool.slots)  # taken but not started: give back
-                continue
-            self._run_pool(engine, pool)
-
-    def _run_pool(self, engine: Engine, pool: Pool) -> None:
-        bad = {i for i, _ in pool.token_errors}
-        order = sorted((i for i in range(len(pool.items)) if i not in bad), key=lambda i: len(pool.ids[i]))
-        stats = BatchStats()
-        results = engine.run(Encoded(pool.items, pool.top_k, pool.ids, order), stats) if pool.items else []
-        for i, err in pool.token_errors:
-            results[i] = err
-        for slot in pool.slots:
-            for n, pos in enumerate(slot.positions):
-                slot.results[pos] = results[slot.offset + n]
-        waits = [time.time() - s.job.enqueued_at.timestamp() for s in pool.slots if s.job.enqueued_at]
-        if self.metrics is not None:
-            self.metrics.observe_batches(stats.per_batch, waits)
-        log.info(
-            "batch", jobs=len(pool.slots), texts=stats.texts, batches=stats.batches,
-            padded_tokens=stats.padded_tokens, padding_ratio=round(stats.padding_ratio, 3),
-            queue_wait_ms=round(1000 * max(waits), 1) if waits else None,
-            forward_ms=round(1000 * stats.forward_seconds, 1),
-        )
-        self._done.put(pool.slots)
+            stats = BatchStats()
+            results = engine.run_batch([e.item for e in batch], [e.top_k for e in batch], [e.ids for e in batch], stats)
+            finished: list[Slot] = []
+            waits: list[float] = []
+            wall = time.time()
+            for e, result in zip(batch, results):
+                slot: Slot = e.owner
+                if not slot.computing:
+                    slot.computing = True
+                    if slot.job.enqueued_at:
+                        waits.append(wall - slot.job.enqueued_at)
+                slot.results[slot.positions[e.index]] = result
+                slot.remaining -= 1
+                if slot.remaining == 0:
+                    finished.append(slot)
+            if finished:
+                self._done.put(finished)
+            if self.metrics is not None:
+                self.metrics.observe_batches(stats.per_batch, waits)
+            window.add(stats, len(finished), waits)
+            if window.due():
+                log.info("batch", pool=len(scheduler), **window.flush())
+        if window.stats.batches:
+            log.info("batch", pool=len(scheduler), **window.flush())
 
     # -- taking -----------------------------------------------------------------------------
 
-    def _take_ids(self, want: int, block: float) -> list[tuple[Queue, str]]:
-        queue_keys: list[str] = []
-        for q in self._ordered_queues:
-            queue_keys += [q.key, q.intermediate_queue_key]
-        flat = self._take_script(keys=queue_keys, args=[want])
-        taken = [(self._ordered_queues[int(flat[i]) - 1], flat[i + 1].decode()) for i in range(0, len(flat), 2)]
-        if taken or not block:
-            return taken
-        first = self._ordered_queues[0]
-        # Only one source list can be waited on; with several queues wait briefly on the most
-        # urgent and rescan the others, so lower priorities wait at most `block` seconds.
-        job_id = self.connection.blmove(first.key, first.intermediate_queue_key, block, "LEFT", "RIGHT")
-        if job_id is None:
-            return []
-        return [(first, job_id.decode())] + self._take_ids(want - 1, 0)
-
     def _take(self, want: int, block: float) -> list[Slot]:
-        taken = self._take_ids(want, block)
-        if not taken:
-            return []
-        jobs = Job.fetch_many([j for _, j in taken], connection=self.connection, serializer=JSONSerializer)
-        slots: list[Slot] = []
+        """Up to ``want`` jobs, registered as started; with none queued, wait up to ``block``
+        seconds on the most urgent queue (only one list can be waited on: with several queues the
+        caller blocks briefly and comes back to look at the others)."""
+        store = self._store
+        assert store is not None
         ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
-        with self.connection.pipeline(transaction=False) as pipe:
-            for (q, job_id), job in zip(taken, jobs):
-                if job is None:  # expired (job TTL passed) or deleted while queued
-                    pipe.lrem(q.intermediate_queue_key, 1, job_id)
-                    log.info("job gone before it started, dropped", job=job_id, queue=q.name)
-                    continue
-                execution = self._register_execution(job, q, ttl, pipe)
-                job.prepare_for_execution(self.name, pipeline=pipe)
-                if job.ttl:  # a queued job's hash may expire; a started one must not
-                    pipe.persist(job.key)
-                pipe.lrem(q.intermediate_queue_key, 1, job_id)
-                slots.append(Slot(job=job, queue=q, execution=execution, request=None))
-            if slots:
-                pipe.expire(self.executions_key, ttl + 60)
-            self.heartbeat(pipeline=pipe)
-            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            pipe.execute()
+        taken, gone = store.take(want, ttl)
+        if not taken and not gone and block:
+            first = self._ordered_queues[0]
+            # Into RQ's intermediate list, so a worker killed right here leaves the job where
+            # RQ's maintenance finds it; the take script moves it on from there.
+            job_id = self.connection.blmove(first.key, first.intermediate_queue_key, block, "LEFT", "RIGHT")
+            if job_id is None:
+                return []
+            taken, gone = store.take(want, ttl, first=(0, job_id.decode()))
+        slots = [Slot(job=tj, queue=self._ordered_queues[tj.queue_index], priority=tj.queue_index) for tj in taken]
         with self._lock:
-            for s in slots:
-                self._inflight[s.job.id] = s
+            for sl in slots:
+                self._inflight[sl.job.id] = sl
         return slots
 
-    def _registries(self, q: Queue) -> tuple[StartedJobRegistry, FinishedJobRegistry]:
-        """One registry object per queue: building one per job (as `job.started_job_registry`
-        does) costs more than the Redis commands it issues."""
-        cached = self._registry_cache.get(q.name)
-        if cached is None:
-            cached = self._registry_cache[q.name] = (
-                self._started_registry(q),
-                FinishedJobRegistry(queue=q, job_class=self.job_class, serializer=JSONSerializer),
-            )
-        return cached
+    def _started_registry_of(self, q: Queue) -> StartedJobRegistry:
+        """One registry object per queue: building one per job costs more than its commands."""
+        registry = self._started_cache.get(q.name)
+        if registry is None:
+            registry = self._started_cache[q.name] = self._started_registry(q)
+        return registry
 
-    def _register_execution(self, job: Job, q: Queue, ttl: int, pipe: Any) -> Execution:
-        """What `Execution.create` writes (execution hash, the job's execution registry, the
-        started registry, this worker's execution set), with the per-queue registry reused."""
-        execution = Execution(id=uuid.uuid4().hex, job_id=job.id, connection=self.connection, worker_name=self.name)
-        execution._job = job
-        execution.save(ttl=ttl, pipeline=pipe)
-        ExecutionRegistry(job_id=job.id, connection=pipe).add(execution=execution, ttl=ttl, pipeline=pipe)
-        self._registries(q)[0].add_execution(execution, pipeline=pipe, ttl=ttl, xx=False)
-        pipe.sadd(self.executions_key, execution.composite_key)
-        self.executions[execution.id] = execution
-        return execution
-
-    def _delete_execution(self, slot: Slot, pipe: Any) -> None:
-        """What `Execution.delete` does, with the per-queue registry reused."""
-        execution = slot.execution
-        pipe.delete(execution.key)
-        self._registries(slot.queue)[0].remove_execution(execution, pipeline=pipe)
-        ExecutionRegistry(job_id=execution.job_id, connection=self.connection).remove(execution, pipeline=pipe)
-        pipe.srem(self.executions_key, execution.composite_key)
-
-    def _prepare(self, pool: Pool, slots: list[Slot]) -> None:
-        """Decode and check each job, then tokenize all new items in one call."""
-        engine = self.engine
-        assert engine is not None
+    def _prepare(self, slots: list[Slot]) -> None:
+        """Decode and check each job, tokenize all their items in one call, add them to the pool.
+        A job that cannot run, or whose items all failed before the forward, completes at once."""
+        engine, scheduler = self.engine, self.scheduler
+        assert engine is not None and scheduler is not None
         s = self.settings
         new_items: list[Item] = []
         new_top_k: list[int | None] = []
-        base = len(pool.items)
+        owners: list[tuple[Slot, int]] = []
+        ready: list[Slot] = []
         for slot in slots:
             try:
-                if slot.job.func_name != keys.JOB_FUNC:
-                    raise JobError(f"BatchWorker runs only {keys.JOB_FUNC}, not {slot.job.func_name}")
-                slot.request = parse_job(slot.job.args, slot.job.kwargs, s.max_items_per_job)
+                func_name, args, kwargs = slot.job.decode()
+                if func_name != keys.JOB_FUNC:
+                    raise JobError(f"BatchWorker runs only {keys.JOB_FUNC}, not {func_name}")
+                slot.request = parse_job(args, kwargs, s.max_items_per_job)
                 if slot.request.deadline is not None and time.time() > slot.request.deadline:
                     slot.error, slot.error_kind = deadline_message(slot.request.deadline), DEADLINE_EXCEEDED
             except DeserializationError:
@@ -327,102 +296,77 @@ class BatchWorker(SimpleWorker):
             except Exception as exc:
                 slot.error = f"unreadable job: {type(exc).__name__}: {exc}"
             if slot.error is not None:
-                self._done.put([slot])
+                ready.append(slot)
                 continue
             valid, positions, results = split_items(slot.request, s.max_text_chars)
-            slot.results, slot.positions = results, positions
-            slot.offset = base + len(new_items)
+            slot.results, slot.positions, slot.remaining = results, positions, len(valid)
             new_items.extend(valid)
             new_top_k.extend([slot.request.top_k] * len(valid))
-            pool.slots.append(slot)
+            owners.extend((slot, n) for n in range(len(valid)))
+            if not valid:
+                ready.append(slot)
+        entries: list[Entry] = []
         if new_items:
             enc, errors = engine.encode(new_items, new_top_k)
-            pool.items.extend(new_items)
-            pool.top_k.extend(new_top_k)
-            pool.ids.extend(enc.ids)
-            pool.token_errors.extend((base + i, err) for i, err in errors)
+            failed = dict(errors)
+            for i, (slot, n) in enumerate(owners):
+                if i in failed:  # the tokenizer refused this text: its error is its result
+                    slot.results[slot.positions[n]] = failed[i]
+                    slot.remaining -= 1
+                    if slot.remaining == 0:
+                        ready.append(slot)
+                else:
+                    entries.append(Entry(slot, n, new_items[i], new_top_k[i], enc.ids[i], slot.priority))
+        if ready:
+            self._done.put(ready)
+        scheduler.add(entries)
 
     def _take_loop(self, burst: bool) -> None:
-        """Take jobs into a pool; hand it to compute once it is full, or once ``max_wait_ms`` has
-        passed and compute is free. While compute is busy the pool keeps filling (batches get
-        fuller), polling with a backoff so the poll does not steal the cores the forward needs."""
+        """Keep the pool filled up to ``max_pool_items`` while compute runs. With nothing queued,
+        block on the queue (Redis wakes us when a job arrives); with the pool full, back off so the
+        poll does not steal the cores the forward needs."""
         s = self.settings
-        pool: Pool | None = None
+        scheduler = self.scheduler
+        assert scheduler is not None
         backoff = 0.5
-        idle_sleep = 0.0005
+        pause = 0.0005
         items_per_job = 1.0  # running estimate, to ask for about as many jobs as the pool has room for
         sized = False
         try:
             while not self._stop.is_set():
-                room = s.max_pool_items - (len(pool.items) if pool else 0)
-                slots: list[Slot] = []
-                if room > 0:
-                    # Until the first jobs show how many items a job holds, take one: 256 jobs of
-                    # 64 texts would overshoot the pool sixteenfold.
-                    want = max(1, min(s.take_jobs, math.ceil(room / items_per_job))) if sized else 1
-                    block = 0.0 if (pool or burst) else (1.0 if len(self.queues) == 1 else 0.05)
-                    try:
-                        slots = self._take(want, block)
-                        backoff = 0.5
-                    except (redis.ConnectionError, redis.TimeoutError) as exc:
-                        log.error("redis unavailable while taking jobs, retrying", error=str(exc), retry_in=backoff)
-                        time.sleep(backoff)
-                        backoff = min(backoff * 2, 30)
-                        continue
-                if slots:
-                    idle_sleep = 0.0005
-                    pool = pool or Pool()
-                    before = len(pool.items)
-                    self._prepare(pool, slots)
-                    taken = (len(pool.items) - before) / len(slots)
-                    if taken:
-                        items_per_job = taken if not sized else max(1.0, 0.8 * items_per_job + 0.2 * taken)
-                        sized = True
-                if pool is None:
-                    if burst and not slots:
-                        if not self._busy():
-                            return
-                        time.sleep(0.002)
+                room = s.max_pool_items - len(scheduler)
+                if room <= 0:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.02)
                     continue
-                if not pool.slots:
-                    pool = None
+                # Until the first jobs show how many items a job holds, take one: 256 jobs of
+                # 64 texts would overshoot the pool sixteenfold.
+                want = max(1, min(s.take_jobs, math.ceil(room / items_per_job))) if sized else 1
+                block = 0.0 if burst else (1.0 if len(self.queues) == 1 else 0.05)
+                try:
+                    slots = self._take(want, block)
+                    backoff = 0.5
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.error("redis unavailable while taking jobs, retrying", error=str(exc), retry_in=backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 30)
                     continue
-                if len(pool.items) >= s.max_pool_items:
-                    self._hand_over(pool)  # blocks until compute takes it
-                    pool = None
-                else:
-                    age = time.monotonic() - pool.started
-                    # Hand over once max_wait_ms has passed and no more jobs came in this round;
-                    # while jobs keep arriving keep pooling (bigger pools sort better: a pool of
-                    # 50 mixed texts pads ~1.5x, one of 1,000 ~1.07x), but never past max_pool_wait_ms.
-                    due = age >= s.max_pool_wait_ms / 1000 or (age >= s.max_wait_ms / 1000 and not slots)
-                    if due and self._compute_waiting.is_set():
-                        try:
-                            self._pools.put_nowait(pool)
-                            pool = None
-                        except queue_mod.Full:
-                            pass
-                    elif due:
-                        # Compute is busy: keep the pool here and keep filling it (a pool parked
-                        # in the hand-off queue could not grow), polling gently.
-                        time.sleep(idle_sleep)
-                        idle_sleep = min(idle_sleep * 2, 0.05)
-                    elif not slots:
-                        time.sleep(0.0005)
+                if not slots:
+                    if burst and not self._busy():
+                        return
+                    time.sleep(pause if burst or len(self.queues) > 1 else 0)
+                    pause = min(pause * 2, 0.02)
+                    continue
+                pause = 0.0005
+                self._prepare(slots)
+                taken = sum(len(sl.positions) for sl in slots) / len(slots)
+                if taken:
+                    items_per_job = taken if not sized else max(1.0, 0.8 * items_per_job + 0.2 * taken)
+                    sized = True
         finally:
-            if pool is not None:
-                self._leftover.extend(pool.slots)
-            self._pools.put(_END)
-
-    def _hand_over(self, pool: Pool) -> None:
-        while True:
-            try:
-                self._pools.put(pool, timeout=0.2)
-                return
-            except queue_mod.Full:
-                if self._stop.is_set():
-                    self._leftover.extend(pool.slots)
-                    return
+            self._taker_done.set()
+            if self._stop.is_set():
+                scheduler.close()
 
     def _busy(self) -> bool:
         with self._lock:
@@ -457,63 +401,32 @@ class BatchWorker(SimpleWorker):
                     delay = min(delay * 2, 10)
 
     def _complete(self, slots: list[Slot]) -> None:
+        store = self._store
+        assert store is not None
         ok = [s for s in slots if s.error is None]
         failed = [s for s in slots if s.error is not None]
-        ended = now()
-        ended_ts = ended.timestamp()
-        dependents_at: list[tuple[int, Slot]] = []
-        with self.connection.pipeline(transaction=False) as pipe:
-            for slot in ok:
-                job, execution = slot.job, slot.execution
-                job.ended_at = ended
-                job._status = JobStatus.FINISHED
-                result_ttl = job.get_result_ttl(self.default_result_ttl)
-                pipe.hset(job.key, mapping={"status": JobStatus.FINISHED.value, "ended_at": utcformat(ended)})
-                encoded = encode_results(slot.results)  # type: ignore[arg-type]
-                # RQ's result entry (what Result.create writes), from the one encoding.
-                result_key = Result.get_key(job.id)
-                pipe.xadd(result_key, rq_success_fields(encoded, self.name, execution.id,
-                                                         execution.created_at.timestamp(), ended_ts), maxlen=10)
-                if result_ttl == -1:
-                    pipe.persist(result_key)
-                elif result_ttl is not None:
-                    pipe.expire(result_key, result_ttl)
-                if result_ttl != 0:
-                    self._registries(slot.queue)[1].add(job, result_ttl, pipe)
-                if result_ttl and result_ttl > 0:
-                    # job.cleanup(), with the dependents check folded in: EXPIRE answers 1 only if
-                    # the dependents set exists, which saves an EXISTS per job.
-                    pipe.expire(job.key, result_ttl)
-                    dependents_at.append((len(pipe), slot))
-                    pipe.expire(job.dependents_key, result_ttl)
-                    if job._dependency_ids:
-                        pipe.expire(job.dependencies_key, result_ttl)
-                else:
-                    dependents_at.append((len(pipe), slot))
-                    pipe.exists(job.dependents_key)
-                    job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-                self._delete_execution(slot, pipe)
-                if slot.request is not None and slot.request.run:
-                    run_ttl = result_ttl if result_ttl and result_ttl > 0 else DEFAULT_RESULT_TTL
-                    record_job(self.connection, pipe, slot.request.run, job.id, slot.results, run_ttl,  # type: ignore[arg-type]
-                               encoded=encoded)
-            item_errors = sum(1 for s in ok for r in s.results if r is not None and "error" in r)
-            items = sum(len(s.results) for s in ok)
-            if ok:
-                pipe.hincrby(self.key, "qb_items", items)
-                pipe.hincrby(self.key, "successful_job_count", len(ok))
-                busy = sum((ended - s.job.started_at).total_seconds() for s in ok if s.job.started_at)
-                pipe.hincrbyfloat(self.key, "total_working_time", busy)
-            replies = pipe.execute()
-        for index, slot in dependents_at:
-            if replies[index]:
-                slot.queue.enqueue_dependents(slot.job)
+        fast: list[Completion] = []
+        slow: list[Slot] = []
+        item_errors = items = 0
+        for slot in ok:
+            errors = sum(1 for r in slot.results if is_error(r))  # type: ignore[arg-type]
+            item_errors += errors
+            items += len(slot.results)
+            if store.fast_path(slot.job, self.default_result_ttl):
+                run = slot.request.run if slot.request is not None else None
+                fast.append(Completion(slot.job, encode_results(slot.results), run,  # type: ignore[arg-type]
+                                       len(slot.results), errors))
+            else:
+                slow.append(slot)
+        for job_id in store.complete(fast, self.default_result_ttl):
+            self._enqueue_dependents(self._inflight[job_id].queue, job_id)
+        for slot in slow:
+            self._complete_without_keeping(slot)
         for slot in failed:
             self._fail(slot)
         with self._lock:
             for slot in slots:
                 self._inflight.pop(slot.job.id, None)
-                self.executions.pop(slot.execution.id, None)
             idle = not self._inflight
         if idle:
             self.set_state(WorkerStatus.IDLE)
@@ -522,15 +435,51 @@ class BatchWorker(SimpleWorker):
         if self.metrics is not None:
             self.metrics.count(items - item_errors, item_errors, len(ok), len(failed))
 
+    def _enqueue_dependents(self, queue: Queue, job_id: str) -> None:
+        try:
+            job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return
+        queue.enqueue_dependents(job)
+
+    def _complete_without_keeping(self, slot: Slot) -> None:
+        """A job with result_ttl 0: RQ deletes it on success (``job.cleanup(0)``); its results
+        still reach its run's stream, which is where queuebert's readers look."""
+        try:
+            job = Job.fetch(slot.job.id, connection=self.connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            job = None
+        if job is not None:
+            slot.queue.enqueue_dependents(job)
+        with self.connection.pipeline(transaction=False) as pipe:
+            assert self._store is not None
+            self._store.delete_executions([slot.job], pipe)
+            if slot.request is not None and slot.request.run:
+                record_job(self.connection, pipe, slot.request.run, slot.job.id, slot.results,  # type: ignore[arg-type]
+                           DEFAULT_RESULT_TTL)
+            if job is not None:
+                job.cleanup(0, pipeline=pipe, remove_from_queue=False)
+            pipe.hincrby(self.key, "qb_items", len(slot.results))
+            pipe.hincrby(self.key, "successful_job_count", 1)
+            pipe.execute()
+
     def _fail(self, slot: Slot) -> None:
         """A job that cannot run at all fails in RQ with the reason; retrying would not help."""
-        job = slot.job
+        execution = slot.job.execution(self.connection, self.name)
+        try:
+            job = Job.fetch(slot.job.id, connection=self.connection, serializer=JSONSerializer)
+        except NoSuchJobError:  # deleted while it ran: nothing left to fail but its execution
+            with self.connection.pipeline(transaction=False) as pipe:
+                assert self._store is not None
+                self._store.delete_executions([slot.job], pipe)
+                pipe.execute()
+            return
         job.retries_left = 0
         job.ended_at = now()
         log.warning("job failed", job=job.id, error=slot.error)
-        self.handle_job_failure(job, slot.queue, exc_string=slot.error or "", execution=slot.execution)
+        self.handle_job_failure(job, slot.queue, exc_string=slot.error or "", execution=execution)
         try:
-            kwargs = job.kwargs
+            kwargs = slot.job.decode()[2]
         except Exception:
             return
         run, results = job_error_results(kwargs, slot.error or "job failed", slot.error_kind)
@@ -540,26 +489,23 @@ class BatchWorker(SimpleWorker):
                 pipe.execute()
 
     def _give_back_unstarted(self) -> None:
-        """Jobs taken but never run go back to the front of their queue, as if never taken."""
-        while True:
-            try:
-                pool = self._pools.get_nowait()
-            except queue_mod.Empty:
-                break
-            if pool is not _END:
-                self._leftover.extend(pool.slots)
+        """Jobs taken but not finished go back to the front of their queue, as if never taken
+        (results of a partly computed job are dropped: whoever takes it next computes them all)."""
+        assert self.scheduler is not None
+        owners = {id(e.owner): e.owner for e in self.scheduler.drain()}
+        self._leftover.extend(o for o in owners.values() if o.error is None and o.remaining > 0)
         if not self._leftover:
             return
+        assert self._store is not None
         with self.connection.pipeline(transaction=False) as pipe:
+            self._store.delete_executions([slot.job for slot in self._leftover], pipe)
             for slot in self._leftover:
-                self._delete_execution(slot, pipe)
-                slot.job.set_status(JobStatus.QUEUED, pipeline=pipe)
+                pipe.hset(Job.key_for(slot.job.id), "status", JobStatus.QUEUED.value)  # Job.set_status
                 pipe.lpush(slot.queue.key, slot.job.id)
             pipe.execute()
         with self._lock:
             for slot in self._leftover:
                 self._inflight.pop(slot.job.id, None)
-                self.executions.pop(slot.execution.id, None)
         log.info("gave back jobs not started", jobs=len(self._leftover))
         self._leftover = []
 
@@ -575,7 +521,8 @@ class BatchWorker(SimpleWorker):
                 with self.connection.pipeline(transaction=False) as pipe:
                     self.heartbeat(ttl + 60, pipeline=pipe)
                     for slot in slots:
-                        slot.execution.heartbeat(self._registries(slot.queue)[0], ttl, pipeline=pipe)
+                        slot.job.execution(self.connection, self.name).heartbeat(
+                            self._started_registry_of(slot.queue), ttl, pipeline=pipe)
                     pipe.execute()
                 self.recover_abandoned()
                 if self.should_run_maintenance_tasks:

@@ -125,7 +125,9 @@ class Engine:
         # The HF call resets these on every use; set them each time so both paths can coexist.
         backend.no_padding()
         backend.enable_truncation(max_length=self.m.max_length)
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+        # encode_batch_fast (tokenizers >= 0.21) skips character offsets we never use: 1.5x on short texts.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=True)]
 
     def encode(self, items: list[Item], top_k: list[int | None]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
         """Tokenize all texts in one call; an item the tokenizer rejects becomes an error alone."""
@@ -201,36 +203,46 @@ class Engine:
         lengths = [len(enc.ids[i]) for i in enc.order]
         for start, end in plan_batches(lengths, self.max_batch_size, self.max_batch_tokens):
             idx = enc.order[start:end]
-            rows = [enc.ids[i] for i in idx]
-            t0 = time.perf_counter()
-            try:
-                outputs = self._forward_split(rows)
-            except Exception as exc:  # not OOM: isolate the culprit row by row
-                log.warning("batch forward failed, retrying rows alone", error=repr(exc), rows=len(rows))
-                outputs = []
-                for r in rows:
-                    try:
-                        outputs.extend(self._forward_split([r]))
-                    except Exception as row_exc:
-                        outputs.append(row_exc)
-            if stats is not None:
-                stats.batches += 1
-                stats.texts += len(rows)
-                stats.real_tokens += sum(lengths[start:end])
-                stats.padded_tokens += len(rows) * lengths[end - 1]
-                elapsed = time.perf_counter() - t0
-                stats.forward_seconds += elapsed
-                stats.per_batch.append((len(rows), len(rows) * lengths[end - 1], elapsed))
-            good = [(i, o) for i, o in zip(idx, outputs) if isinstance(o, np.ndarray)]
-            for i, o in zip(idx, outputs):
-                if not isinstance(o, np.ndarray):
-                    it = enc.items[i]
-                    results[i] = error_result(it["id"], INFERENCE_ERROR, f"{type(o).__name__}: {o}", it.get("meta"))
-            if good:
-                scores = apply_scoring(np.stack([o for _, o in good]), self.m.function)
-                rows = self._results([enc.items[i] for i, _ in good], scores, [enc.top_k[i] for i, _ in good])
-                for (i, _), result in zip(good, rows):
-                    results[i] = result
+            out = self.run_batch([enc.items[i] for i in idx], [enc.top_k[i] for i in idx],
+                                 [enc.ids[i] for i in idx], stats)
+            for i, result in zip(idx, out):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def run_batch(self, items: list[Item], top_k: list[int | None], rows: list[list[int]],
+                  stats: BatchStats | None = None) -> list[ItemResult]:
+        """One forward batch (rows sorted by length, ascending): a result per item, in order.
+        A row that fails alone gets an error result; its neighbours still get theirs."""
+        t0 = time.perf_counter()
+        try:
+            outputs = self._forward_split(rows)
+        except Exception as exc:  # not OOM: isolate the culprit row by row
+            log.warning("batch forward failed, retrying rows alone", error=repr(exc), rows=len(rows))
+            outputs = []
+            for r in rows:
+                try:
+                    outputs.extend(self._forward_split([r]))
+                except Exception as row_exc:
+                    outputs.append(row_exc)
+        if stats is not None:
+            elapsed = time.perf_counter() - t0
+            width = max(len(r) for r in rows)
+            stats.batches += 1
+            stats.texts += len(rows)
+            stats.real_tokens += sum(len(r) for r in rows)
+            stats.padded_tokens += len(rows) * width
+            stats.forward_seconds += elapsed
+            stats.per_batch.append((len(rows), len(rows) * width, elapsed))
+        results: list[ItemResult | None] = [None] * len(rows)
+        good = [n for n, o in enumerate(outputs) if isinstance(o, np.ndarray)]
+        for n, o in enumerate(outputs):
+            if not isinstance(o, np.ndarray):
+                it = items[n]
+                results[n] = error_result(it["id"], INFERENCE_ERROR, f"{type(o).__name__}: {o}", it.get("meta"))
+        if good:
+            scores = apply_scoring(np.stack([outputs[n] for n in good]), self.m.function)  # type: ignore[misc]
+            for n, result in zip(good, self._results([items[n] for n in good], scores, [top_k[n] for n in good])):
+                results[n] = result
         return results  # type: ignore[return-value]
 
     def _results(self, items: list[Item], scores: np.ndarray, top_k: list[int | None]) -> list[ItemResult]:
