@@ -6,7 +6,8 @@ at the longest it wraps around to the shortest. So:
 - padding is what one length-sorted pass over the whole pool gives (each batch is a run of
   neighbours in sorted order), with no pool boundaries: the taker keeps adding while compute runs,
   and an item that arrives ahead of the sweep rides in this pass;
-- nothing starves: an item waits at most about two sweeps, however many shorter texts arrive;
+- nothing starves: an item waits at most about two sweeps, whatever arrives meanwhile (the sweep
+  only moves up, and items at its current length that arrived after it began wait for the next);
 - an item from a more urgent queue does not wait for the sweep: the next batch is cut around it;
 - a job completes as soon as its own items are done, not when a whole pool of other jobs' is.
 (Sweeping in the order of the oldest item instead leaves the remaining items ever sparser along
@@ -49,6 +50,7 @@ class BatchScheduler:
         self._fifo: list[deque[int]] = []  # per priority: seqs in arrival order (consumed ones skipped lazily)
         self._seq = 0
         self._cursor = (0, 0)  # the sweep's position: the next batch starts at the first key >= this
+        self._sweep_seq = 0  # the last seq when the current sweep began
         self._closed = False
 
     def __len__(self) -> int:
@@ -120,9 +122,16 @@ class BatchScheduler:
         """``[lo, hi)`` in sorted order for the next batch, and whether the budget or the row limit
         (rather than running out of items) bounds it."""
         keys = self._keys
+        if self._cursor == (0, 0):
+            self._sweep_seq = self._seq  # the first sweep begins
         lo = bisect.bisect_left(keys, self._cursor)
+        if lo < len(keys) and keys[lo][0] == self._cursor[0] and keys[lo][1] > self._sweep_seq:
+            # Arrived at the sweep's own length after the sweep began: next sweep (else a stream
+            # of same-length texts, e.g. documents truncated to the maximum, holds it here forever).
+            lo = bisect.bisect_left(keys, (self._cursor[0] + 1, 0))
         if lo == len(keys):
             lo = 0  # past the longest: wrap around to the shortest
+            self._sweep_seq = self._seq
         hi, full = self._grow_right(lo, lo + 1, keys[lo][0])
         if not full and lo > 0:
             full = True  # the sweep's last, partial batch: the rest waits behind the cursor
