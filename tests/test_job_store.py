@@ -213,6 +213,37 @@ def test_take_registers_jobs_as_rq_does(conn):
     assert conn.ttl(worker.key) > worker.worker_ttl
 
 
+def test_heartbeat_extends_executions_as_rq_does(conn):
+    """JobStore.heartbeat on one job, RQ's Execution.heartbeat on its twin: same fields, scores, TTLs."""
+    client = Client(conn)
+    client.submit_many(["one", "two"], chunk_size=1)
+    worker = make_worker(conn)
+    store = JobStore.for_worker(worker)
+    taken, _ = store.take(10, 5)
+    time.sleep(1.1)  # so a heartbeat moves the integer-second scores
+    ours, theirs = taken
+    store.heartbeat([ours], EXEC_TTL)
+    theirs.execution(conn, WORKER).heartbeat(StartedJobRegistry(queue=client.queue()), EXEC_TTL, pipeline=(p := conn.pipeline()))
+    p.execute()
+    started = StartedJobRegistry(queue=client.queue()).key
+    for t in taken:
+        execution = Execution.fetch(t.execution_id, t.id, connection=conn)
+        assert execution.last_heartbeat.timestamp() > t.created_at + 1
+        assert EXEC_TTL - 2 <= conn.ttl(execution.key) <= EXEC_TTL
+        assert conn.zscore(started, t.composite_key) == pytest.approx(current_timestamp() + EXEC_TTL, abs=2)
+        registry = ExecutionRegistry(t.id, conn).key
+        assert conn.zscore(registry, t.execution_id) == pytest.approx(current_timestamp() + EXEC_TTL + 60, abs=2)
+        assert EXEC_TTL + 58 <= conn.ttl(registry) <= EXEC_TTL + 60
+    assert conn.hkeys(Execution(ours.execution_id, ours.id, conn).key) == conn.hkeys(
+        Execution(theirs.execution_id, theirs.id, conn).key)
+    # XX: a heartbeat never re-adds an execution that was already removed (completed or recovered).
+    store.delete_executions([ours], (p := conn.pipeline()))
+    p.execute()
+    store.heartbeat([ours], EXEC_TTL)
+    assert conn.zscore(started, ours.composite_key) is None
+    assert conn.zscore(ExecutionRegistry(ours.id, conn).key, ours.execution_id) is None
+
+
 def test_take_drains_queues_in_priority_order(conn):
     client = Client(conn)
     high = [h.job_id for h in client.submit_many(["h1", "h2"], chunk_size=1, queue="high")]

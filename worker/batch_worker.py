@@ -107,6 +107,10 @@ class BatchWorker(SimpleWorker):
     ``QUEUEBERT_*`` variables). It always uses JSON: a pickled job is refused, never executed.
     """
 
+    #: Texts per tokenizer call in the taker: large enough to amortise the call, small enough that
+    #: a burst reaches the pool in steps of a few milliseconds.
+    TOKENIZE_CHUNK = 256
+
     def __init__(self, queues: Any, *args: Any, settings: WorkerSettings | None = None,
                  engine: Engine | None = None, **kwargs: Any):
         self.settings = settings or WorkerSettings.from_env()
@@ -131,7 +135,6 @@ class BatchWorker(SimpleWorker):
         self.metrics: WorkerMetrics | None = None
         self._leftover: list[Slot] = []
         self._store: JobStore | None = None
-        self._started_cache: dict[str, StartedJobRegistry] = {}
 
     # -- RQ hooks ---------------------------------------------------------------------------
 
@@ -220,16 +223,17 @@ class BatchWorker(SimpleWorker):
             finished: list[Slot] = []
             waits: list[float] = []
             wall = time.time()
-            for e, result in zip(batch, results):
-                slot: Slot = e.owner
-                if not slot.computing:
-                    slot.computing = True
-                    if slot.job.enqueued_at:
-                        waits.append(wall - slot.job.enqueued_at)
-                slot.results[slot.positions[e.index]] = result
-                slot.remaining -= 1
-                if slot.remaining == 0:
-                    finished.append(slot)
+            with self._lock:  # the taker may be settling other items of these jobs (tokenizer errors)
+                for e, result in zip(batch, results):
+                    slot: Slot = e.owner
+                    if not slot.computing:
+                        slot.computing = True
+                        if slot.job.enqueued_at:
+                            waits.append(wall - slot.job.enqueued_at)
+                    slot.results[slot.positions[e.index]] = result
+                    slot.remaining -= 1
+                    if slot.remaining == 0:
+                        finished.append(slot)
             if finished:
                 self._done.put(finished)
             if self.metrics is not None:
@@ -263,13 +267,6 @@ class BatchWorker(SimpleWorker):
             for sl in slots:
                 self._inflight[sl.job.id] = sl
         return slots
-
-    def _started_registry_of(self, q: Queue) -> StartedJobRegistry:
-        """One registry object per queue: building one per job costs more than its commands."""
-        registry = self._started_cache.get(q.name)
-        if registry is None:
-            registry = self._started_cache[q.name] = self._started_registry(q)
-        return registry
 
     def _prepare(self, slots: list[Slot]) -> None:
         """Decode and check each job, tokenize all their items in one call, add them to the pool.
@@ -305,21 +302,31 @@ class BatchWorker(SimpleWorker):
             owners.extend((slot, n) for n in range(len(valid)))
             if not valid:
                 ready.append(slot)
-        entries: list[Entry] = []
-        if new_items:
-            enc, errors = engine.encode(new_items, new_top_k)
-            failed = dict(errors)
-            for i, (slot, n) in enumerate(owners):
-                if i in failed:  # the tokenizer refused this text: its error is its result
-                    slot.results[slot.positions[n]] = failed[i]
-                    slot.remaining -= 1
-                    if slot.remaining == 0:
-                        ready.append(slot)
-                else:
-                    entries.append(Entry(slot, n, new_items[i], new_top_k[i], enc.ids[i], slot.priority))
         if ready:
             self._done.put(ready)
-        scheduler.add(entries)
+        # Tokenize and add in chunks, so a burst fills the pool progressively and compute can
+        # start on a few hundred texts instead of waiting for all of them (or starting on a few).
+        scheduler.expect(len(new_items))
+        for start in range(0, len(new_items), self.TOKENIZE_CHUNK):
+            end = min(start + self.TOKENIZE_CHUNK, len(new_items))
+            enc, errors = engine.encode(new_items[start:end], new_top_k[start:end])
+            failed = dict(errors)
+            done: list[Slot] = []
+            entries = [Entry(owners[i][0], owners[i][1], new_items[i], new_top_k[i], enc.ids[i - start],
+                             owners[i][0].priority) for i in range(start, end) if i - start not in failed]
+            if failed:
+                # The tokenizer refused these texts: the error is their result. Compute may be
+                # finishing other items of the same jobs right now, hence the lock.
+                with self._lock:
+                    for i, err in failed.items():
+                        slot, n = owners[start + i]
+                        slot.results[slot.positions[n]] = err
+                        slot.remaining -= 1
+                        if slot.remaining == 0:
+                            done.append(slot)
+            if done:
+                self._done.put(done)
+            scheduler.add(entries, settled=end - start)
 
     def _take_loop(self, burst: bool) -> None:
         """Keep the pool filled up to ``max_pool_items`` while compute runs. With nothing queued,
@@ -518,12 +525,9 @@ class BatchWorker(SimpleWorker):
                 ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
                 with self._lock:
                     slots = list(self._inflight.values())
-                with self.connection.pipeline(transaction=False) as pipe:
-                    self.heartbeat(ttl + 60, pipeline=pipe)
-                    for slot in slots:
-                        slot.job.execution(self.connection, self.name).heartbeat(
-                            self._started_registry_of(slot.queue), ttl, pipeline=pipe)
-                    pipe.execute()
+                self.heartbeat(ttl + 60)
+                assert self._store is not None
+                self._store.heartbeat([slot.job for slot in slots], ttl)
                 self.recover_abandoned()
                 if self.should_run_maintenance_tasks:
                     self.clean_registries()

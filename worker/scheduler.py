@@ -41,6 +41,9 @@ class Entry:
 class BatchScheduler:
     """A length-sorted pool shared by the taker (adds) and compute (takes batches); thread-safe."""
 
+    #: Seconds a batch may wait for a burst's items being tokenized to land (see next_batch).
+    FILL_WAIT = 0.1
+
     def __init__(self, max_batch_size: int, max_batch_tokens: int):
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -51,16 +54,26 @@ class BatchScheduler:
         self._seq = 0
         self._cursor = (0, 0)  # the sweep's position: the next batch starts at the first key >= this
         self._sweep_seq = 0  # the last seq when the current sweep began
+        self._pending = 0  # items taken and being tokenized, not yet added
+        self.fill_items = 4 * max_batch_size  # a pool this big sorts well enough to start on
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, entries: list[Entry]) -> None:
-        if not entries:
-            return
+    def expect(self, items: int) -> None:
+        """``items`` more are on their way (taken, being tokenized): see :meth:`next_batch`."""
+        with self._cond:
+            self._pending += items
+
+    def add(self, entries: list[Entry], settled: int = 0) -> None:
+        """Add tokenized items; ``settled`` of the expected ones are now here or gone."""
         now = time.monotonic()
         with self._cond:
+            self._pending = max(0, self._pending - settled)
+            if not entries:
+                self._cond.notify()
+                return
             for e in entries:
                 self._seq += 1
                 e.seq, e.arrived = self._seq, now
@@ -90,7 +103,10 @@ class BatchScheduler:
         """The next batch, sorted by length; None if nothing came within ``timeout`` or closed.
 
         A batch that could still grow waits until its oldest item is ``max_wait`` seconds old,
-        so jobs arriving together at idle share a forward instead of one each.
+        so jobs arriving together at idle share a forward instead of one each. While a burst of
+        taken items is still being tokenized and the pool is small, even a full batch waits (up
+        to ``FILL_WAIT``): cut from the first few dozen texts of a burst, batches padded 1.5-2x
+        and cost 3% of a 2,000-text stream.
         """
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -100,8 +116,10 @@ class BatchScheduler:
                 now = time.monotonic()
                 if self._entries:
                     lo, hi, full = self._window()
-                    wait = self._oldest(len(self._fifo)).arrived + max_wait - now
-                    if full or wait <= 0:
+                    filling = self._pending > 0 and len(self._entries) < self.fill_items
+                    oldest = self._oldest(len(self._fifo)).arrived
+                    wait = oldest + (max(max_wait, self.FILL_WAIT) if filling else max_wait) - now
+                    if (full and not filling) or wait <= 0:
                         return self._remove(lo, hi)
                 else:
                     wait = deadline - now
