@@ -312,9 +312,10 @@ def log_mark(proc: subprocess.Popen[bytes]) -> int:
     return Path(proc.log_path).stat().st_size  # type: ignore[attr-defined]
 
 
-def pool_stats(proc: subprocess.Popen[bytes], since: int) -> dict[str, Any]:
-    """The worker's own "batch" log lines since ``since``: how many texts each pool held."""
-    pools = []
+def batch_stats(proc: subprocess.Popen[bytes], since: int) -> dict[str, Any]:
+    """The worker's own "batch" log lines since ``since`` (one per second of work): how full its
+    forward batches were and how much padding they carried."""
+    lines = []
     with open(proc.log_path, "rb") as f:  # type: ignore[attr-defined]
         f.seek(since)
         for line in f:
@@ -323,13 +324,15 @@ def pool_stats(proc: subprocess.Popen[bytes], since: int) -> dict[str, Any]:
             except ValueError:
                 continue
             if rec.get("event") == "batch":
-                pools.append(rec)
-    if not pools:
+                lines.append(rec)
+    batches = sum(r.get("batches", 0) for r in lines)
+    if not batches:
         return {}
-    texts = [p.get("texts", 0) for p in pools]
-    return {"pools": len(pools), "texts_per_pool_mean": round(statistics.fmean(texts), 1),
-            "texts_per_pool_max": max(texts), "jobs_per_pool_max": max(p.get("jobs", 0) for p in pools),
-            "padding_ratio_mean": round(statistics.fmean(p.get("padding_ratio", 1.0) for p in pools), 3)}
+    texts = sum(r.get("texts", 0) for r in lines)
+    padded = sum(r.get("padded_tokens", 0) for r in lines)
+    real = sum(r.get("padded_tokens", 0) / r.get("padding_ratio", 1.0) for r in lines if r.get("padding_ratio"))
+    return {"batches": batches, "texts_per_batch_mean": round(texts / batches, 1),
+            "padding_ratio": round(padded / real, 3) if real else None}
 
 
 def check_results(client: Any, run_id: str, n: int, reference: list[str] | None) -> dict[str, Any]:
@@ -482,34 +485,41 @@ class Bench:
             self.results["single_forward"][dtype] = {"dtype": label, **summary_ms(times)}
             say(f"  single text in-process ({label}): p50 {self.results['single_forward'][dtype]['p50_ms']} ms")
 
-    def engine_c(self, dtype: str) -> None:
-        """(c): measured right before the worker of the same dtype, so the two are side by side."""
+    def engine_c(self, dtype: str) -> float:
+        """(c) once; returns seconds. Measured interleaved with the worker rows of the same dtype."""
         from worker.engine import BatchStats
 
         engine = self.engines[dtype]
-        label = "float32" if dtype == "float32" else f"auto:{self.auto_dtype}"
         engine.classify(self.items[:16])
         stats = BatchStats()
         t = perf()
         res = engine.classify(self.items, stats=stats)
         el = perf() - t
-        self.record(f"c_engine_{dtype}", "(c) Engine in-process (sorted, token budget)", label, self.n, el,
-                    batches=stats.batches, padding_ratio=round(stats.padding_ratio, 3),
-                    forward_share=round(stats.forward_seconds / el, 3))
+        self._c_stats[dtype] = {"batches": stats.batches, "padding_ratio": round(stats.padding_ratio, 3),
+                                "forward_share": round(stats.forward_seconds / el, 3)}
         self.reference_labels[f"engine_{dtype}"] = [r["label"] for r in res]
         if dtype == "float32" and "pipeline_float32" in self.reference_labels:
             ref = self.reference_labels["pipeline_float32"]
             agree = sum(a == b for a, b in zip(ref, self.reference_labels["engine_float32"])) / max(1, len(ref))
             self.results["settings"]["engine_fp32_label_agreement_with_pipeline"] = round(agree, 4)
+        return el
 
     # -- (d) (e): queuebert with a real model ------------------------------------------------------
 
+    @property
+    def repeats(self) -> int:
+        return 1 if self.quick else 3
+
     def queuebert_model(self, dtype: str) -> None:
+        """(c), (d) and (e) of one dtype, interleaved ``repeats`` times: c, d, e, c, d, e, ...; each
+        row reports the median run (this VM's speed drifts by 10-15% between minutes, so rows
+        measured side by side, repeatedly, are what make the ratios meaningful)."""
         from producer.client import Client
 
         label = "float32" if dtype == "float32" else f"auto:{self.auto_dtype}"
-        self.engine_c(dtype)
-        ref = self.reference_labels.get(f"engine_{dtype}")
+        self._c_stats: dict[str, Any] = {}
+        runs: dict[str, list[float]] = {"c": [], "d": [], "e": []}
+        extra: dict[str, dict[str, Any]] = {"d": {}, "e": {}}
         with self.new_redis() as srv:
             client = Client.from_url(srv.url)
             name = worker_name(dtype)
@@ -519,26 +529,39 @@ class Bench:
             warm = client.submit_many(self.texts[:8], chunk_size=1)
             wait_run(client, warm[0].run_id, self.procs)
             wait_run(client, client.enqueue_stream(self.texts[8:72], chunk_size=64).id, self.procs)
+            for _ in range(self.repeats):
+                runs["c"].append(self.engine_c(dtype))
+                ref = self.reference_labels.get(f"engine_{dtype}")
 
-            mark = log_mark(proc)
-            t0 = perf()
-            handles = client.submit_many(self.texts, chunk_size=1)
-            t_enq = perf() - t0
-            run_id = handles[0].run_id
-            t1 = wait_run(client, run_id, self.procs)
-            self.record(f"d_one_text_{dtype}", "(d) queuebert, one job per text (submit_many)", label, self.n,
-                        t1 - t0, enqueue_s=round(t_enq, 3), worker_pools=pool_stats(proc, mark),
-                        **check_results(client, run_id, self.n, ref))
+                mark = log_mark(proc)
+                t0 = perf()
+                handles = client.submit_many(self.texts, chunk_size=1)
+                t_enq = perf() - t0
+                t1 = wait_run(client, handles[0].run_id, self.procs)
+                runs["d"].append(t1 - t0)
+                extra["d"] = {"enqueue_s": round(t_enq, 3), "worker_batches": batch_stats(proc, mark),
+                              **check_results(client, handles[0].run_id, self.n, ref)}
 
-            mark = log_mark(proc)
-            t0 = perf()
-            run = client.enqueue_stream(self.texts, chunk_size=64)
-            t_enq = perf() - t0
-            t1 = wait_run(client, run.id, self.procs)
-            self.record(f"e_stream_{dtype}", "(e) queuebert, stream jobs of 64 (enqueue_stream)", label, self.n,
-                        t1 - t0, enqueue_s=round(t_enq, 3), worker_pools=pool_stats(proc, mark),
-                        **check_results(client, run.id, self.n, ref))
+                mark = log_mark(proc)
+                t0 = perf()
+                run = client.enqueue_stream(self.texts, chunk_size=64)
+                t_enq = perf() - t0
+                t1 = wait_run(client, run.id, self.procs)
+                runs["e"].append(t1 - t0)
+                extra["e"] = {"enqueue_s": round(t_enq, 3), "worker_batches": batch_stats(proc, mark),
+                              **check_results(client, run.id, self.n, ref)}
+                say(f"  {label} run: " + ", ".join(f"{k} {self.n / v[-1]:.1f}" for k, v in runs.items()) + " texts/s")
             self.procs.stop_all()
+
+        def each(key: str) -> dict[str, Any]:
+            return {"runs_texts_per_s": [round(self.n / v, 2) for v in runs[key]]}
+
+        self.record(f"c_engine_{dtype}", "(c) Engine in-process (sorted, token budget)", label, self.n,
+                    statistics.median(runs["c"]), **self._c_stats[dtype], **each("c"))
+        self.record(f"d_one_text_{dtype}", "(d) queuebert, one job per text (submit_many)", label, self.n,
+                    statistics.median(runs["d"]), **extra["d"], **each("d"))
+        self.record(f"e_stream_{dtype}", "(e) queuebert, stream jobs of 64 (enqueue_stream)", label, self.n,
+                    statistics.median(runs["e"]), **extra["e"], **each("e"))
 
     # -- (f): stock RQ ---------------------------------------------------------------------------
 
@@ -739,7 +762,7 @@ class Bench:
             wait_exit(proc)
             res["stream_noop"] = {"texts": len(synthetic), "seconds": round(t1 - t0, 3),
                                   "texts_per_s": round(len(synthetic) / (t1 - t0), 1), "chunk_size": 64,
-                                  "worker_pools": pool_stats(proc, 0)}
+                                  "worker_batches": batch_stats(proc, 0)}
             say(f"  stream, no-op model: {res['stream_noop']['texts_per_s']} texts/s")
             self.procs.stop_all()
 
@@ -866,12 +889,15 @@ class Bench:
             lines.append(f"| {row['config']} | {row['dtype']} | {row['texts_per_s']} | "
                          f"{fmt_ratio(row['texts_per_s'], c)} | {fmt_ratio(row['texts_per_s'], rate('a_pipeline_bs1'))} | "
                          f"{fmt_ratio(row['texts_per_s'], rate('b_pipeline_bs32'))} |")
-        pools = [(row["config"].split(",")[0] + f" {row['dtype']}", row["worker_pools"]) for row in th.values()
-                 if row.get("worker_pools")]
-        if pools:
-            lines += ["", "Worker pools (from the worker's own `batch` log lines): " + "; ".join(
-                f"{name}: {p['pools']} pools, mean {p['texts_per_pool_mean']} texts, max {p['texts_per_pool_max']}"
-                for name, p in pools) + "."]
+        batches = [(row["config"].split(",")[0] + f" {row['dtype']}", row["worker_batches"]) for row in th.values()
+                   if row.get("worker_batches")]
+        if batches:
+            lines += ["", "Worker batches (from the worker's own `batch` log lines, last run of each row): " + "; ".join(
+                f"{name}: {b['batches']} batches, mean {b['texts_per_batch_mean']} texts, padding {b['padding_ratio']}x"
+                for name, b in batches) + "."]
+        if self.repeats > 1:
+            lines += ["", f"(c), (d) and (e) ran interleaved {self.repeats} times per dtype (c, d, e, c, d, e, ...); "
+                      "each row is the median run, every run is in results.json."]
         noop = self.results["noop"]
         if noop:
             lines += ["", "## Queue overhead (no-op model: forward returns zeros; tokenization is real)", "",
