@@ -136,10 +136,11 @@ def check_item(raw: Any, max_chars: int) -> tuple[Item | None, ItemResult | None
         return None, error_result(
             item_id, TEXT_TOO_LONG, f"text has {len(text)} characters, more than the limit of {max_chars}", meta
         )
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return None, error_result(item_id, INVALID_TEXT, f"text is not valid Unicode: {exc.reason} at {exc.start}", meta)
+    if not text.isascii():  # only non-ASCII text can hold a lone surrogate; isascii() copies nothing
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return None, error_result(item_id, INVALID_TEXT, f"text is not valid Unicode: {exc.reason} at {exc.start}", meta)
     item: Item = {"id": item_id, "text": text}
     if "meta" in raw:
         item["meta"] = meta

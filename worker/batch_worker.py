@@ -14,6 +14,7 @@ recovers the jobs of a worker that was killed.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import queue as queue_mod
@@ -299,7 +300,7 @@ class BatchWorker(SimpleWorker):
             slot.results, slot.positions, slot.remaining = results, positions, len(valid)
             new_items.extend(valid)
             new_top_k.extend([slot.request.top_k] * len(valid))
-            owners.extend((slot, n) for n in range(len(valid)))
+            owners.extend(zip(itertools.repeat(slot, len(valid)), range(len(valid))))
             if not valid:
                 ready.append(slot)
         if ready:
