@@ -508,7 +508,7 @@ class Bench:
 
     @property
     def repeats(self) -> int:
-        return 1 if self.quick else 3
+        return 1 if self.quick else 5
 
     def queuebert_model(self, dtype: str) -> None:
         """(c), (d) and (e) of one dtype, interleaved ``repeats`` times: c, d, e, c, d, e, ...; each

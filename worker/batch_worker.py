@@ -307,7 +307,8 @@ class BatchWorker(SimpleWorker):
             self._done.put(ready)
         # Tokenize and add in chunks, so a burst fills the pool progressively and compute can
         # start on a few hundred texts instead of waiting for all of them (or starting on a few).
-        scheduler.expect(len(new_items))
+        assert self._store is not None
+        scheduler.expect(len(new_items), queued=self._store.left > 0)
         for start in range(0, len(new_items), self.TOKENIZE_CHUNK):
             end = min(start + self.TOKENIZE_CHUNK, len(new_items))
             enc, errors = engine.encode(new_items[start:end], new_top_k[start:end])
@@ -360,6 +361,7 @@ class BatchWorker(SimpleWorker):
                     backoff = min(backoff * 2, 30)
                     continue
                 if not slots:
+                    scheduler.expect(0, queued=False)  # nothing queued (another worker may have taken it)
                     if burst and not self._busy():
                         return
                     time.sleep(pause if burst or len(self.queues) > 1 else 0)

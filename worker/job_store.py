@@ -78,7 +78,7 @@ _US = timedelta(microseconds=1)
 # ARGV[11] execution registry prefix ARGV[12] job status STARTED     ARGV[13] worker state BUSY
 # ARGV[14] queue index (1-based) of `first`, 0 if none; ARGV[15] its id (already BLMOVEd into
 #          that queue's intermediate list by the caller)
-# Returns {taken, gone}; taken: per registered job 7 fields: queue index, id, data, enqueued_at,
+# Returns {taken, gone, left}; left: jobs still queued in these queues afterwards; taken: per registered job 7 fields: queue index, id, data, enqueued_at,
 # result_ttl, dependency_ids, dependency_id (missing fields as nil); gone: queue index, id per job
 # whose hash no longer exists (or holds no data): nothing is written for those.
 TAKE_LUA = """
@@ -143,7 +143,9 @@ if seen > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[7])
   redis.call('HSET', KEYS[1], 'state', ARGV[13])
 end
-return {taken, gone}
+local left = 0
+for q = 1, (#KEYS - 2) / 3 do left = left + redis.call('LLEN', KEYS[3 * q]) end
+return {taken, gone, left}
 """
 
 # Complete: for each successfully finished job, what BatchWorker._complete wrote with redis-py:
@@ -394,6 +396,8 @@ class JobStore:
         self._take_script = connection.register_script(TAKE_LUA)
         self._complete_script = connection.register_script(COMPLETE_LUA)
         self._heartbeat_script = connection.register_script(HEARTBEAT_LUA)
+        #: Jobs still queued in this store's queues after the last take (a burst is under way).
+        self.left = 0
         self._started = [StartedJobRegistry(queue=q) for q in self.queues]
         self._take_keys = [worker_key, executions_key]
         self._complete_keys = [worker_key, executions_key]
@@ -450,7 +454,7 @@ class JobStore:
         fq, fid = (first[0] + 1, first[1]) if first is not None else (0, "")
         args = [want, ttl, self.worker_name, repr(created), utcformat(moment), int(created),
                 self.worker_key_ttl, prefix, *self._take_static, fq, fid]
-        taken_flat, gone_flat = self._take_script(keys=self._take_keys, args=args)
+        taken_flat, gone_flat, self.left = self._take_script(keys=self._take_keys, args=args)
         taken: list[TakenJob] = []
         for n, i in enumerate(range(0, len(taken_flat), 7)):
             q, job_id, data, enqueued, result_ttl, dep_ids, dep_id = taken_flat[i:i + 7]

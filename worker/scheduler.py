@@ -55,16 +55,19 @@ class BatchScheduler:
         self._cursor = (0, 0)  # the sweep's position: the next batch starts at the first key >= this
         self._sweep_seq = 0  # the last seq when the current sweep began
         self._pending = 0  # items taken and being tokenized, not yet added
+        self._queued = False  # more jobs were still queued at the last take
         self.fill_items = 4 * max_batch_size  # a pool this big sorts well enough to start on
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def expect(self, items: int) -> None:
-        """``items`` more are on their way (taken, being tokenized): see :meth:`next_batch`."""
+    def expect(self, items: int, queued: bool = False) -> None:
+        """``items`` more are on their way (taken, being tokenized), and whether more jobs are
+        still queued behind them: see :meth:`next_batch`."""
         with self._cond:
             self._pending += items
+            self._queued = queued
 
     def add(self, entries: list[Entry], settled: int = 0) -> None:
         """Add tokenized items; ``settled`` of the expected ones are now here or gone."""
@@ -103,10 +106,10 @@ class BatchScheduler:
         """The next batch, sorted by length; None if nothing came within ``timeout`` or closed.
 
         A batch that could still grow waits until its oldest item is ``max_wait`` seconds old,
-        so jobs arriving together at idle share a forward instead of one each. While a burst of
-        taken items is still being tokenized and the pool is small, even a full batch waits (up
-        to ``FILL_WAIT``): cut from the first few dozen texts of a burst, batches padded 1.5-2x
-        and cost 3% of a 2,000-text stream.
+        so jobs arriving together at idle share a forward instead of one each. While a burst is
+        under way (items being tokenized, or jobs still queued) and the pool is small, even a
+        full batch waits (up to ``FILL_WAIT``): cut from the first few dozen texts of a burst,
+        batches padded 1.5-2x and cost 3% of a 2,000-text stream.
         """
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -116,7 +119,7 @@ class BatchScheduler:
                 now = time.monotonic()
                 if self._entries:
                     lo, hi, full = self._window()
-                    filling = self._pending > 0 and len(self._entries) < self.fill_items
+                    filling = (self._pending > 0 or self._queued) and len(self._entries) < self.fill_items
                     oldest = self._oldest(len(self._fifo)).arrived
                     wait = oldest + (max(max_wait, self.FILL_WAIT) if filling else max_wait) - now
                     if (full and not filling) or wait <= 0:
