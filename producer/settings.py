@@ -95,8 +95,10 @@ class WorkerSettings(_FromEnv):
     #: After the first job arrives, wait at most this long for more to pool.
     max_wait_ms: float = 5.0
     #: Items waiting in the worker's length-sorted pool, which each batch is cut from: seconds of
-    #: work, so that sorting has plenty to sort (padding 1.04x on a 4,096-item pool of mixed texts).
-    max_pool_items: int = 4096
+    #: work, so sorting has plenty to sort (padding ~1.04x on mixed texts), yet a worker never holds
+    #: so much of a short burst that other workers idle (at 4,096, one worker took a whole
+    #: 2,000-text stream and 2 workers ran slower than 1).
+    max_pool_items: int = 1024
     #: Jobs taken per Redis round trip.
     take_jobs: int = 256
     #: Texts longer than this (characters) get an error result instead of a tokenizer stall.
