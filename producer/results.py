@@ -4,7 +4,8 @@ A job's results live in two places, both written in the same pipeline:
 - RQ's own result (``rq:results:<job>``), so ``job.latest_result()`` and RQ's tools see it;
 - one entry in the run's stream, written by :data:`COMPLETE_JOB_LUA`, which also counts the run's
   progress. The script adds the entry only the first time a job id completes, so a job that was
-  redelivered after its worker died (and ran twice) appears once and is counted once.
+  redelivered after its worker died (and ran twice) appears once and is counted once, and never
+  once a consuming reader has finished with the run (``consumed`` in its meta hash).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .schema import ItemResult, is_error
 
 # KEYS: run meta, done-jobs set, stream, jobs list. ARGV: job id, items, errors, results JSON, ttl, now.
 COMPLETE_JOB_LUA = """
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'consumed') == 1 or redis.call('SADD', KEYS[2], ARGV[1]) == 0 then
   return 0
 end
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'results', ARGV[4])

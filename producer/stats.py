@@ -1,8 +1,9 @@
 """``queuebert stats``: queues, workers and runs in progress, read from Redis alone.
 
 Everything here comes from RQ's own keys plus the fields the BatchWorker adds to its RQ worker hash
-(``qb_model``, ``qb_device``, ``qb_items``) and the run bookkeeping in :mod:`producer.keys`, so it
-works from any machine with the light install.
+(``qb_model``, ``qb_device``, ``qb_items``, ``qb_redis``) and the run bookkeeping in
+:mod:`producer.keys`, so it works from any machine with the light install. Redis's own ``INFO`` says
+whether it is full (``maxmemory``) or read-only: the states in which workers and producers wait.
 """
 
 from __future__ import annotations
@@ -35,16 +36,18 @@ def worker_stats(conn: redis.Redis) -> list[dict[str, Any]]:
     workers = Worker.all(connection=conn)
     with conn.pipeline(transaction=False) as pipe:
         for w in workers:
-            pipe.hmget(w.key, "qb_model", "qb_device", "qb_dtype", "qb_items")
+            pipe.hmget(w.key, "qb_model", "qb_device", "qb_dtype", "qb_items", "qb_redis")
         extra = pipe.execute()
     out = []
-    for w, (model, device, dtype, items) in zip(workers, extra):
+    for w, (model, device, dtype, items, redis_state) in zip(workers, extra):
         out.append({
             "name": w.name, "state": w.get_state(), "queues": w.queue_names(), "hostname": w.hostname, "pid": w.pid,
             "model": model.decode() if model else None, "device": device.decode() if device else None,
             "dtype": dtype.decode() if dtype else None, "items_done": int(items or 0),
             "jobs_done": w.successful_job_count, "jobs_failed": w.failed_job_count,
             "last_heartbeat": w.last_heartbeat.isoformat() if w.last_heartbeat else None,
+            # "ok", or what Redis refuses this worker and since when (it waits and retries meanwhile).
+            "redis": redis_state.decode() if redis_state else None,
         })
     return sorted(out, key=lambda row: row["name"])
 
@@ -84,9 +87,36 @@ def run_stats(conn: redis.Redis, include_finished: bool = False, limit: int = 50
     return out
 
 
+def redis_stats(conn: redis.Redis) -> dict[str, Any]:
+    """Memory against ``maxmemory`` and the server's role. ``full`` means writes that need memory
+    are refused (``noeviction``): producers wait, workers finish what they hold, and readers that
+    consume results are what frees it."""
+    memory = conn.info("memory")
+    role = conn.info("replication").get("role")
+    used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    return {"used_memory": used, "maxmemory": limit, "maxmemory_policy": memory.get("maxmemory_policy"),
+            "full": bool(limit) and used >= limit, "role": role, "read_only": role not in (None, "master")}
+
+
 def gather(conn: redis.Redis, include_finished: bool = False) -> dict[str, Any]:
-    return {"queues": queue_stats(conn), "workers": worker_stats(conn),
+    return {"redis": redis_stats(conn), "queues": queue_stats(conn), "workers": worker_stats(conn),
             "runs": run_stats(conn, include_finished=include_finished)}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _redis_line(r: dict[str, Any]) -> str:
+    memory = f"used {_mib(r['used_memory'])}"
+    if r["maxmemory"]:
+        memory += f" of maxmemory {_mib(r['maxmemory'])} ({r['maxmemory_policy']})"
+    state = []
+    if r["full"]:
+        state.append("FULL: writes refused until results are consumed")
+    if r["read_only"]:
+        state.append(f"read-only ({r['role']}): writes refused")
+    return "  " + memory + (" - " + "; ".join(state) if state else "")
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -102,7 +132,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def render(stats: dict[str, Any]) -> str:
     workers = [dict(w, queues=",".join(w["queues"])) for w in stats["workers"]]
     return "\n".join([
+        "redis", _redis_line(stats["redis"]),
         "queues", _table(stats["queues"], ["name", "waiting", "started", "failed", "finished"]),
-        "workers", _table(workers, ["name", "state", "device", "dtype", "model", "items_done", "queues"]),
+        "workers", _table(workers, ["name", "state", "device", "dtype", "model", "items_done", "queues", "redis"]),
         "runs", _table(stats["runs"], ["run", "done", "total", "errors", "texts_per_s", "eta_s", "age_s"]),
     ])

@@ -505,6 +505,8 @@ def normalise(snap: Snapshot, names: dict[str, str]) -> dict[str, Any]:
     def fields(mapping: dict[bytes, bytes]) -> dict[str, str]:
         out = {}
         for k, v in mapping.items():
+            if k == b"qb_take":  # queuebert's own field beside RQ's: the take's redelivery guard
+                continue
             if k == b"data":
                 v = zlib.decompress(v)
             if k == b"total_working_time":

@@ -10,6 +10,12 @@ Three threads, so the device never waits on Redis:
 - completer: writes RQ results, registries, run-stream entries for all finished jobs in one script.
 A heartbeat thread keeps executions alive and runs RQ's registry maintenance, which is also what
 recovers the jobs of a worker that was killed.
+
+A Redis error in any thread is weather (:mod:`worker.outage`): the thread backs off and retries, and
+while completing fails the taker takes nothing new, so what the worker holds stays bounded by its
+pool. Any other exception in a thread is a bug: the worker stops (jobs it held are given back, or
+recovered by RQ once their executions expire) and the process exits non-zero, so a supervisor
+restarts it; it never goes on half-alive.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import structlog
 from rq import Queue, worker_registration
 from rq.exceptions import DeserializationError
 from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
@@ -44,6 +50,7 @@ from producer.settings import DEFAULT_RESULT_TTL, WorkerSettings
 from .engine import BatchStats, Engine
 from .job_store import Completion, JobStore, TakenJob
 from .metrics import WorkerMetrics
+from .outage import Outage
 from .scheduler import BatchScheduler, Entry
 from .tasks import deadline_message, job_error_results, split_items
 
@@ -66,6 +73,7 @@ class Slot:
     computing: bool = False  # some item is in (or past) a forward batch
     error: str | None = None
     error_kind: str = INVALID_JOB
+    written: bool = False  # its completion (or failure) is in Redis; what is left is releasing dependents
 
 
 class _StatsWindow:
@@ -134,8 +142,13 @@ class BatchWorker(SimpleWorker):
         self.completed_jobs = 0
         self.completed_items = 0
         self.metrics: WorkerMetrics | None = None
-        self._leftover: list[Slot] = []
         self._store: JobStore | None = None
+        #: Set when a thread died of a bug: the worker stops and the process exits non-zero.
+        self.fatal: BaseException | None = None
+        #: Set when shutdown can wait no longer for the completer (Redis refusing writes).
+        self._abandon = threading.Event()
+        self.outages = {name: Outage(name, on_change=self._on_outage)
+                        for name in ("take", "complete", "heartbeat", "maintenance")}
 
     # -- RQ hooks ---------------------------------------------------------------------------
 
@@ -187,24 +200,56 @@ class BatchWorker(SimpleWorker):
         self._install_signal_handlers()
         self.set_state(WorkerStatus.IDLE)
         threads = [
-            threading.Thread(target=self._take_loop, args=(burst,), name="qb-take", daemon=True),
-            threading.Thread(target=self._complete_loop, name="qb-complete", daemon=True),
-            threading.Thread(target=self._heartbeat_loop, name="qb-heartbeat", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._take_loop, burst), name="qb-take", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._complete_loop,), name="qb-complete", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._heartbeat_loop,), name="qb-heartbeat", daemon=True),
         ]
         for t in threads:
             t.start()
         try:
-            self._compute_loop()
+            self._guarded(self._compute_loop)
         finally:
             self._stop.set()
             self.scheduler.close()
             threads[0].join(timeout=30)
-            self._give_back_unstarted()
+            self._return_unstarted()
             self._done.put(_END)
             threads[1].join(timeout=60)
-            self.teardown()
-            log.info("worker stopped", worker=self.name, jobs=self.completed_jobs, items=self.completed_items)
+            if threads[1].is_alive():  # still retrying a Redis that refuses writes: stop waiting
+                self._abandon.set()
+                threads[1].join(timeout=10)
+            self._give_back_held()
+            self._teardown()
+            log.info("worker stopped", worker=self.name, jobs=self.completed_jobs, items=self.completed_items,
+                     **({"fatal": repr(self.fatal)} if self.fatal is not None else {}))
         return self.completed_jobs > 0
+
+    def _guarded(self, target: Any, *args: Any) -> None:
+        """Run a thread's loop; an exception that is not Redis weather (each loop rides those out
+        itself) is a bug: stop the worker rather than leave it running without this thread."""
+        try:
+            target(*args)
+        except Exception as exc:
+            if self.fatal is None:
+                self.fatal = exc
+            log.exception("worker thread died: stopping the worker", thread=threading.current_thread().name,
+                          error=repr(exc))
+            self._stop.set()
+            if self.scheduler is not None:
+                self.scheduler.close()
+
+    def _teardown(self) -> None:
+        """RQ's ``register_death``, tolerating a Redis that refuses writes: the worker key then
+        expires by itself and its jobs are recovered from the started registry."""
+        try:
+            self.teardown()
+        except redis.RedisError as exc:
+            log.warning("could not deregister the worker; its key expires by itself", error=str(exc))
+
+    def _on_outage(self, outage: Outage) -> None:
+        if self.metrics is not None:
+            self.metrics.redis_down.labels(**self.metrics.labels, component=outage.component).set(
+                1 if outage.down else 0)
 
     def _compute_loop(self) -> None:
         """Run batches from the pool until stopped (or the taker ended a burst); every job whose
@@ -337,7 +382,6 @@ class BatchWorker(SimpleWorker):
         s = self.settings
         scheduler = self.scheduler
         assert scheduler is not None
-        backoff = 0.5
         pause = 0.0005
         items_per_job = 1.0  # running estimate, to ask for about as many jobs as the pool has room for
         sized = False
@@ -352,13 +396,16 @@ class BatchWorker(SimpleWorker):
                 # 64 texts would overshoot the pool sixteenfold.
                 want = max(1, min(s.take_jobs, math.ceil(room / items_per_job))) if sized else 1
                 block = 0.0 if burst else (1.0 if len(self.queues) == 1 else 0.05)
+                if self.outages["complete"].down:
+                    # Results cannot be written: taking more would only pile up work that cannot
+                    # finish. What the worker holds stays bounded by its pool.
+                    self._stop.wait(0.1)
+                    continue
                 try:
                     slots = self._take(want, block)
-                    backoff = 0.5
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.error("redis unavailable while taking jobs, retrying", error=str(exc), retry_in=backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30)
+                    self.outages["take"].recovered()
+                except redis.RedisError as exc:
+                    self._stop.wait(self.outages["take"].failed(exc))
                     continue
                 if not slots:
                     scheduler.expect(0, queued=False)  # nothing queued (another worker may have taken it)
@@ -399,22 +446,40 @@ class BatchWorker(SimpleWorker):
                     self._done.put(_END)
                     break
                 slots = slots + more
-            delay = 0.2
+            outage = self.outages["complete"]
             while True:
                 try:
                     self._complete(slots)
+                    outage.recovered()
                     break
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    # Results are keyed by job and the run script is idempotent: retrying is safe.
-                    log.error("redis unavailable while completing jobs, retrying", error=str(exc), retry_in=delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 10)
+                except redis.RedisError as exc:
+                    # Results are keyed by job, the run record is once per job, and each slot
+                    # remembers what is already written: retrying is safe. The results stay here
+                    # (the taker takes nothing new meanwhile) until Redis accepts them.
+                    delay = outage.failed(exc)
+                    if self._abandon.wait(delay):
+                        log.warning("stopping with jobs not completed: RQ recovers them when their "
+                                    "executions expire", jobs=len([s for s in slots if not s.written]))
+                        return
+                    # Whatever finished meanwhile goes into the same attempt.
+                    while True:
+                        try:
+                            more = self._done.get_nowait()
+                        except queue_mod.Empty:
+                            break
+                        if more is _END:
+                            self._done.put(_END)
+                            break
+                        slots = slots + more
 
     def _complete(self, slots: list[Slot]) -> None:
+        """Write every slot's outcome; on a Redis error the caller retries with the same slots, and
+        those already written (``slot.written``) are not written again."""
         store = self._store
         assert store is not None
-        ok = [s for s in slots if s.error is None]
-        failed = [s for s in slots if s.error is not None]
+        todo = [s for s in slots if not s.written]
+        ok = [s for s in todo if s.error is None]
+        failed = [s for s in todo if s.error is not None]
         fast: list[Completion] = []
         slow: list[Slot] = []
         item_errors = items = 0
@@ -428,12 +493,18 @@ class BatchWorker(SimpleWorker):
                                        len(slot.results), errors))
             else:
                 slow.append(slot)
-        for job_id in store.complete(fast, self.default_result_ttl):
-            self._enqueue_dependents(self._inflight[job_id].queue, job_id)
+        with_dependents = set(store.complete(fast, self.default_result_ttl))
+        for c in fast:
+            slot = self._inflight[c.job.id]
+            slot.written = True
+            if c.job.id in with_dependents:
+                self._enqueue_dependents(slot.queue, c.job.id)
         for slot in slow:
             self._complete_without_keeping(slot)
+            slot.written = True
         for slot in failed:
             self._fail(slot)
+            slot.written = True
         with self._lock:
             for slot in slots:
                 self._inflight.pop(slot.job.id, None)
@@ -498,44 +569,74 @@ class BatchWorker(SimpleWorker):
                 record_job(self.connection, pipe, run, job.id, results, DEFAULT_RESULT_TTL)
                 pipe.execute()
 
-    def _give_back_unstarted(self) -> None:
-        """Jobs taken but not finished go back to the front of their queue, as if never taken
-        (results of a partly computed job are dropped: whoever takes it next computes them all)."""
+    def _return_unstarted(self) -> None:
+        """At a stop, jobs with items still in the pool go back to the front of their queue, as if
+        never taken (results of a partly computed job are dropped: whoever takes it next computes
+        them all)."""
         assert self.scheduler is not None
         owners = {id(e.owner): e.owner for e in self.scheduler.drain()}
-        self._leftover.extend(o for o in owners.values() if o.error is None and o.remaining > 0)
-        if not self._leftover:
+        self._give_back([o for o in owners.values() if o.error is None and o.remaining > 0], "not started")
+
+    def _give_back_held(self) -> None:
+        """After the completer is done: whatever the worker still holds (a completion Redis kept
+        refusing, jobs a dying thread left behind) goes back to its queue."""
+        with self._lock:
+            held = [s for s in self._inflight.values() if not s.written]
+        self._give_back(held, "not completed")
+
+    def _give_back(self, slots: list[Slot], what: str) -> None:
+        if not slots:
             return
         assert self._store is not None
-        with self.connection.pipeline(transaction=False) as pipe:
-            self._store.delete_executions([slot.job for slot in self._leftover], pipe)
-            for slot in self._leftover:
-                pipe.hset(Job.key_for(slot.job.id), "status", JobStatus.QUEUED.value)  # Job.set_status
-                pipe.lpush(slot.queue.key, slot.job.id)
-            pipe.execute()
+        try:
+            given = self._store.give_back([slot.job for slot in slots])
+        except redis.RedisError as exc:
+            # Left in the started registry: RQ's maintenance (any worker's) requeues them once
+            # their executions expire, within about three heartbeat intervals.
+            log.warning(f"could not give back jobs {what}; they are recovered when their executions expire",
+                        jobs=len(slots), error=str(exc))
+            return
         with self._lock:
-            for slot in self._leftover:
+            for slot in slots:
                 self._inflight.pop(slot.job.id, None)
-        log.info("gave back jobs not started", jobs=len(self._leftover))
-        self._leftover = []
+        log.info(f"gave back jobs {what}", jobs=given, **({"no_longer_held": len(slots) - given}
+                                                          if given < len(slots) else {}))
 
     # -- liveness -----------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
+        """Each interval: extend the executions of held jobs (first: it is what keeps them from
+        being recovered under us), the worker's own heartbeat, then maintenance. Each step rides
+        out Redis errors on its own; a failing step never skips the ones after it."""
         interval = self.settings.heartbeat_interval
+        beat, upkeep = self.outages["heartbeat"], self.outages["maintenance"]
         while not self._stop.wait(interval):
+            ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
+            with self._lock:
+                jobs = [slot.job for slot in self._inflight.values()]
             try:
-                ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
-                with self._lock:
-                    slots = list(self._inflight.values())
-                self.heartbeat(ttl + 60)
                 assert self._store is not None
-                self._store.heartbeat([slot.job for slot in slots], ttl)
+                self._store.heartbeat(jobs, ttl)
+                self._publish_redis_state()
+                self.heartbeat(ttl + 60)
+                beat.recovered()
+            except redis.RedisError as exc:
+                beat.failed(exc)
+            try:
                 self.recover_abandoned()
                 if self.should_run_maintenance_tasks:
                     self.clean_registries()
-            except Exception as exc:  # never let liveness die quietly
-                log.error("heartbeat failed", error=repr(exc))
+                upkeep.recovered()
+            except Exception as exc:  # RQ's maintenance on odd data must not stop the heartbeats
+                upkeep.failed(exc)
+
+    def _publish_redis_state(self) -> None:
+        """``qb_redis`` in the worker hash: ``ok``, or what Redis refuses and since when, for
+        ``queuebert stats`` (written even at maxmemory; a read-only Redis takes no write at all, and
+        stats reads its role from INFO instead)."""
+        assert self._store is not None
+        problems = [d for d in (o.describe() for o in self.outages.values()) if d]
+        self._store.publish_state("; ".join(problems) if problems else "ok")
 
     def recover_abandoned(self) -> None:
         """Requeue (or fail, once out of retries) jobs whose worker stopped heartbeating.

@@ -25,4 +25,5 @@ def run_worker(settings: WorkerSettings) -> int:
     worker = BatchWorker(settings.queues, connection=connection, settings=settings, engine=engine,
                          name=settings.name)
     worker.work(burst=settings.burst)
-    return 0
+    # Non-zero when a thread died of a bug, so `--devices` and container restarts bring it back.
+    return 1 if worker.fatal is not None else 0

@@ -78,9 +78,15 @@ _US = timedelta(microseconds=1)
 # ARGV[11] execution registry prefix ARGV[12] job status STARTED     ARGV[13] worker state BUSY
 # ARGV[14] queue index (1-based) of `first`, 0 if none; ARGV[15] its id (already BLMOVEd into
 #          that queue's intermediate list by the caller)
-# Returns {taken, gone, left}; left: jobs still queued in these queues afterwards; taken: per registered job 7 fields: queue index, id, data, enqueued_at,
-# result_ttl, dependency_ids, dependency_id (missing fields as nil); gone: queue index, id per job
+# Returns {taken, gone, left}; left: jobs still queued in these queues afterwards; taken: per registered job 8 fields: queue index, id, data, enqueued_at,
+# result_ttl, dependency_ids, dependency_id (missing fields as nil), execution id; gone: queue index, id per job
 # whose hash no longer exists (or holds no data): nothing is written for those.
+#
+# Idempotent: ARGV[8] is fresh per call and is recorded in the worker hash (field qb_take). A call
+# that finds its own prefix there is a redelivery (redis-py re-sends a command whose reply was
+# lost): it registers nothing and answers with the jobs the first delivery registered, found by
+# their execution ids in the worker's executions set, so no job is left started for a worker that
+# does not know it holds it.
 TAKE_LUA = """
 local want = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -120,6 +126,39 @@ local function register(q, id)
   taken[t + 1] = q
   taken[t + 2] = id
   for i = 1, 5 do taken[t + 2 + i] = f[i] end
+  taken[t + 8] = eid
+end
+
+local function left_queued()
+  local left = 0
+  for q = 1, (#KEYS - 2) / 3 do left = left + redis.call('LLEN', KEYS[3 * q]) end
+  return left
+end
+
+if redis.call('HGET', KEYS[1], 'qb_take') == ARGV[8] then
+  local mine = {}
+  local plen = #ARGV[8]
+  for _, composite in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    local id, eid = string.match(composite, '^(.*):([^:]*)$')
+    if eid and string.sub(eid, 1, plen) == ARGV[8] then mine[#mine + 1] = {eid, id, composite} end
+  end
+  table.sort(mine, function(a, b) return a[1] < b[1] end)
+  for _, m in ipairs(mine) do
+    local q = 0
+    for i = 1, (#KEYS - 2) / 3 do
+      if redis.call('ZSCORE', KEYS[3 * i + 2], m[3]) then q = i break end
+    end
+    local f = redis.call('HMGET', job_prefix .. m[2], 'data', 'enqueued_at', 'result_ttl', 'dependency_ids',
+                         'dependency_id')
+    if q > 0 then
+      local t = #taken
+      taken[t + 1] = q
+      taken[t + 2] = m[2]
+      for i = 1, 5 do taken[t + 2 + i] = f[i] end
+      taken[t + 8] = m[1]
+    end
+  end
+  return {taken, gone, left_queued()}
 end
 
 local fq = tonumber(ARGV[14])
@@ -141,11 +180,9 @@ if seen > 0 then
   redis.call('HSET', KEYS[1], 'last_heartbeat', utc)
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('EXPIRE', KEYS[2], ARGV[7])
-  redis.call('HSET', KEYS[1], 'state', ARGV[13])
+  redis.call('HSET', KEYS[1], 'state', ARGV[13], 'qb_take', ARGV[8])
 end
-local left = 0
-for q = 1, (#KEYS - 2) / 3 do left = left + redis.call('LLEN', KEYS[3 * q]) end
-return {taken, gone, left}
+return {taken, gone, left_queued()}
 """
 
 # Complete: for each successfully finished job, what BatchWorker._complete wrote with redis-py:
@@ -181,50 +218,60 @@ local result_prefix, dependents_suffix, deps_prefix, deps_suffix = ARGV[11], ARG
 local default_run_ttl = tonumber(ARGV[6])
 local run_base = 2 + 2 * nq
 local runs = {}
+local consumed = {}
 local with_dependents = {}
 
 for i = 20, #ARGV, 11 do
   local id, q, eid = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local rt = tonumber(ARGV[i + 5])
   local jkey = job_prefix .. id
-  redis.call('HSET', jkey, 'status', ARGV[15], 'ended_at', ended_utc)
-  local rkey = result_prefix .. id
-  redis.call('XADD', rkey, 'MAXLEN', '~', '10', '*', 'type', ARGV[16], 'worker_name', worker,
-             'return_value', ARGV[i + 4], 'execution_id', eid, 'execution_started_at', ARGV[i + 3],
-             'execution_ended_at', ended_ts)
-  if rt == -1 then redis.call('PERSIST', rkey) else redis.call('EXPIRE', rkey, rt) end
-  local score = now_ts + rt
-  if rt < 0 then score = (rt == -1) and '+inf' or rt end
-  redis.call('ZADD', KEYS[2 * q + 2], score, id)
-  local dependents_key = jkey .. dependents_suffix
-  local has_dependents
-  if rt > 0 then
-    redis.call('EXPIRE', jkey, rt)
-    has_dependents = redis.call('EXPIRE', dependents_key, rt) == 1
-    if ARGV[i + 6] == '1' then redis.call('EXPIRE', deps_prefix .. id .. deps_suffix, rt) end
-  else
-    has_dependents = redis.call('EXISTS', dependents_key) == 1
-  end
-  if has_dependents then with_dependents[#with_dependents + 1] = id end
+  -- What frees memory comes first: once a script has written, Redis lets it finish even at
+  -- maxmemory, so completions still go through (and readers can then free memory) when producers
+  -- have filled Redis up.
   local composite = id .. ':' .. eid
   redis.call('DEL', exec_prefix .. composite)
   redis.call('ZREM', KEYS[2 * q + 1], composite)
   redis.call('ZREM', execreg_prefix .. id, eid)
   redis.call('SREM', KEYS[2], composite)
-  local r = tonumber(ARGV[i + 7])
-  if r > 0 then
-    local k = run_base + 4 * (r - 1)
-    if redis.call('SADD', KEYS[k + 2], id) == 1 then  -- once per job, even if it ran twice
-      redis.call('XADD', KEYS[k + 3], '*', 'job', id, 'results', ARGV[i + 10])
-      local acc = runs[r]
-      if not acc then
-        acc = {items = 0, jobs = 0, errors = 0}
-        runs[r] = acc
+  -- A job whose hash is gone was deleted or consumed by a reader (a late completion of a job that
+  -- another worker already finished): writing now would resurrect what was read and deleted.
+  if redis.call('EXISTS', jkey) == 1 then
+    redis.call('HSET', jkey, 'status', ARGV[15], 'ended_at', ended_utc)
+    local rkey = result_prefix .. id
+    redis.call('XADD', rkey, 'MAXLEN', '~', '10', '*', 'type', ARGV[16], 'worker_name', worker,
+               'return_value', ARGV[i + 4], 'execution_id', eid, 'execution_started_at', ARGV[i + 3],
+               'execution_ended_at', ended_ts)
+    if rt == -1 then redis.call('PERSIST', rkey) else redis.call('EXPIRE', rkey, rt) end
+    local score = now_ts + rt
+    if rt < 0 then score = (rt == -1) and '+inf' or rt end
+    redis.call('ZADD', KEYS[2 * q + 2], score, id)
+    local dependents_key = jkey .. dependents_suffix
+    local has_dependents
+    if rt > 0 then
+      redis.call('EXPIRE', jkey, rt)
+      has_dependents = redis.call('EXPIRE', dependents_key, rt) == 1
+      if ARGV[i + 6] == '1' then redis.call('EXPIRE', deps_prefix .. id .. deps_suffix, rt) end
+    else
+      has_dependents = redis.call('EXISTS', dependents_key) == 1
+    end
+    if has_dependents then with_dependents[#with_dependents + 1] = id end
+    local r = tonumber(ARGV[i + 7])
+    if r > 0 then
+      local k = run_base + 4 * (r - 1)
+      if consumed[r] == nil then consumed[r] = redis.call('HEXISTS', KEYS[k + 1], 'consumed') == 1 end
+      -- once per job, even if it ran twice; never into a run its reader has finished with
+      if not consumed[r] and redis.call('SADD', KEYS[k + 2], id) == 1 then
+        redis.call('XADD', KEYS[k + 3], '*', 'job', id, 'results', ARGV[i + 10])
+        local acc = runs[r]
+        if not acc then
+          acc = {items = 0, jobs = 0, errors = 0}
+          runs[r] = acc
+        end
+        acc.items = acc.items + tonumber(ARGV[i + 8])
+        acc.jobs = acc.jobs + 1
+        acc.errors = acc.errors + tonumber(ARGV[i + 9])
+        acc.ttl = (rt > 0) and rt or default_run_ttl
       end
-      acc.items = acc.items + tonumber(ARGV[i + 8])
-      acc.jobs = acc.jobs + 1
-      acc.errors = acc.errors + tonumber(ARGV[i + 9])
-      acc.ttl = (rt > 0) and rt or default_run_ttl
     end
   end
 end
@@ -261,12 +308,55 @@ for i = 6, #ARGV, 3 do
   local id, eid = ARGV[i], ARGV[i + 1]
   local composite = id .. ':' .. eid
   local ekey = ARGV[4] .. composite
-  redis.call('HSET', ekey, 'last_heartbeat', beat)
-  redis.call('EXPIRE', ekey, ttl)
-  redis.call('ZADD', KEYS[tonumber(ARGV[i + 2])], 'XX', now_ts + ttl, composite)
-  local rkey = ARGV[5] .. id
-  redis.call('ZADD', rkey, 'XX', now_ts + ttl + 60, eid)
-  redis.call('EXPIRE', rkey, ttl + 60)
+  -- EXPIRE first: it only re-times (so Redis lets the script go on writing at maxmemory), and an
+  -- execution that has already expired is not brought back as a partial hash.
+  if redis.call('EXPIRE', ekey, ttl) == 1 then
+    redis.call('HSET', ekey, 'last_heartbeat', beat)
+    redis.call('ZADD', KEYS[tonumber(ARGV[i + 2])], 'XX', now_ts + ttl, composite)
+    local rkey = ARGV[5] .. id
+    redis.call('ZADD', rkey, 'XX', now_ts + ttl + 60, eid)
+    redis.call('EXPIRE', rkey, ttl + 60)
+  end
+end
+return 0
+"""
+
+# Give back: jobs taken but not finished return to the front of their queue, as if never taken
+# (Execution.delete + Job.set_status(QUEUED) + LPUSH), but only while this worker still holds them:
+# a job that RQ's maintenance already requeued, or that another worker finished and a reader
+# consumed, is left alone, so a give-back never queues a job twice or writes a job hash without TTL.
+#
+# KEYS[1] worker executions set; for queue q (1-based), at k = 2q: KEYS[k] queue list,
+#         KEYS[k+1] started registry
+# ARGV[1] execution key prefix  ARGV[2] execution registry prefix  ARGV[3] job key prefix
+# ARGV[4] job status QUEUED; then 3 per job from ARGV[5]: job id, execution id, queue index (1-based)
+# Returns the number of jobs given back.
+GIVE_BACK_LUA = """
+local given = 0
+for i = 5, #ARGV, 3 do
+  local id, eid, q = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local composite = id .. ':' .. eid
+  local held = redis.call('ZREM', KEYS[2 * q + 1], composite) == 1
+  redis.call('DEL', ARGV[1] .. composite)
+  redis.call('ZREM', ARGV[2] .. id, eid)
+  redis.call('SREM', KEYS[1], composite)
+  local jkey = ARGV[3] .. id
+  if held and redis.call('EXISTS', jkey) == 1 then
+    redis.call('HSET', jkey, 'status', ARGV[4])
+    redis.call('LPUSH', KEYS[2 * q], id)
+    given = given + 1
+  end
+end
+return given
+"""
+
+# The worker's Redis state (field qb_redis of its worker hash) for `queuebert stats`. EXPIRE first,
+# with the TTL Worker.heartbeat gives the hash: it only re-times, so Redis lets the script go on
+# writing at maxmemory, which is exactly when the state matters.
+# KEYS[1] worker hash   ARGV[1] state text   ARGV[2] worker hash ttl
+STATE_LUA = """
+if redis.call('EXPIRE', KEYS[1], ARGV[2]) == 1 then
+  redis.call('HSET', KEYS[1], 'qb_redis', ARGV[1])
 end
 return 0
 """
@@ -396,6 +486,8 @@ class JobStore:
         self._take_script = connection.register_script(TAKE_LUA)
         self._complete_script = connection.register_script(COMPLETE_LUA)
         self._heartbeat_script = connection.register_script(HEARTBEAT_LUA)
+        self._give_back_script = connection.register_script(GIVE_BACK_LUA)
+        self._state_script = connection.register_script(STATE_LUA)
         #: Jobs still queued in this store's queues after the last take (a burst is under way).
         self.left = 0
         self._started = [StartedJobRegistry(queue=q) for q in self.queues]
@@ -456,10 +548,10 @@ class JobStore:
                 self.worker_key_ttl, prefix, *self._take_static, fq, fid]
         taken_flat, gone_flat, self.left = self._take_script(keys=self._take_keys, args=args)
         taken: list[TakenJob] = []
-        for n, i in enumerate(range(0, len(taken_flat), 7)):
-            q, job_id, data, enqueued, result_ttl, dep_ids, dep_id = taken_flat[i:i + 7]
+        for i in range(0, len(taken_flat), 8):
+            q, job_id, data, enqueued, result_ttl, dep_ids, dep_id, execution_id = taken_flat[i:i + 8]
             taken.append(TakenJob(
-                id=job_id.decode(), queue_index=q - 1, execution_id=f"{prefix}{n:08x}", created_at=created,
+                id=job_id.decode(), queue_index=q - 1, execution_id=execution_id.decode(), created_at=created,
                 started_us=started_us, data=data, enqueued_at=_utc_timestamp(enqueued),
                 result_ttl=int(result_ttl) if result_ttl else None,
                 has_dependencies=_has_dependencies(dep_ids, dep_id),
@@ -537,7 +629,27 @@ class JobStore:
             args += (job.id, job.execution_id, job.queue_index + 1)
         self._heartbeat_script(keys=[r.key for r in self._started], args=args)
 
+    def publish_state(self, state: str) -> None:
+        """``qb_redis`` in the worker hash (see STATE_LUA), even while Redis is at maxmemory."""
+        self._state_script(keys=[self.worker_key], args=[state, self.worker_key_ttl])
+
     # -- giving back ----------------------------------------------------------------------------
+
+    def give_back(self, jobs: Sequence[TakenJob]) -> int:
+        """Return jobs this worker still holds to the front of their queues, in one call; jobs it no
+        longer holds (requeued by maintenance, finished elsewhere) only lose its bookkeeping.
+        Returns how many went back."""
+        if not jobs:
+            return 0
+        keys_: list[str] = [self.executions_key]
+        for q, started in zip(self.queues, self._started):
+            keys_ += [q.key, started.key]
+        args: list[Any] = [self.execution_prefix, self.execution_registry_prefix, self.job_prefix,
+                           JobStatus.QUEUED.value]
+        # Reversed: each LPUSH puts its job in front, so the first taken ends up first again.
+        for job in reversed(jobs):
+            args += (job.id, job.execution_id, job.queue_index + 1)
+        return int(self._give_back_script(keys=keys_, args=args))
 
     def delete_executions(self, jobs: Sequence[TakenJob], pipeline: Any) -> None:
         """Queue on ``pipeline`` what ``Execution.delete`` does for each job (give-back and

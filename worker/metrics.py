@@ -31,6 +31,9 @@ class WorkerMetrics:
         self.forward = Histogram("queuebert_forward_seconds", "Seconds per forward batch.", labels,
                                  buckets=SECONDS_BUCKETS, registry=r)
         self.load = Gauge("queuebert_model_load_seconds", "Seconds the model took to load.", labels, registry=r)
+        self.redis_down = Gauge("queuebert_redis_down",
+                                "1 while Redis refuses this component's commands (OOM, READONLY, unreachable...) "
+                                "and the worker waits and retries.", labels + ["component"], registry=r)
         self.labels = {"model": model, "device": device}
         # Create every series up front so a scrape shows all families before the first batch.
         for metric in (self.batch_texts, self.batch_tokens, self.queue_wait, self.forward, self.load):
@@ -39,6 +42,8 @@ class WorkerMetrics:
             self.items.labels(**self.labels, outcome=outcome)
         for outcome in ("finished", "failed"):
             self.jobs.labels(**self.labels, outcome=outcome)
+        for component in ("take", "complete", "heartbeat", "maintenance"):
+            self.redis_down.labels(**self.labels, component=component)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
