@@ -445,6 +445,9 @@ class Client:
                     pipe.zrem(finished, job_id)
             if final:
                 # The run is over and read: its bookkeeping goes too (the meta hash stays, small,
-                # until its TTL, so `stats --all-runs` can still show the run).
+                # until its TTL, so `stats --all-runs` can still show the run). `consumed` marks it
+                # for completion scripts: a late second completion of one of its jobs (a frozen
+                # worker thawing) must not bring the run back.
                 pipe.delete(stream, keys.run_jobs(run_id), keys.run_done_jobs(run_id))
+                pipe.hset(keys.run_meta(run_id), "consumed", 1)
             pipe.execute()
