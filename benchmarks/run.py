@@ -299,8 +299,9 @@ def noop_worker_cmd(url: str, model: Path, queue: str, name: str, no_tokenizer: 
             "--name", name, "--burst"]
 
 
-def stock_worker_cmd(url: str, queue: str, name: str, burst: bool = False) -> list[str]:
-    cmd = [PY, "-m", "rq.cli", "worker", "-w", "rq.worker.SimpleWorker", "-S", "producer.serializer.JSONSerializer",
+def stock_worker_cmd(url: str, queue: str, name: str, burst: bool = False,
+                     serializer: str = "producer.serializer.JSONSerializer") -> list[str]:
+    cmd = [PY, "-m", "rq.cli", "worker", "-w", "rq.worker.SimpleWorker", "-S", serializer,
            "-u", url, "-P", str(BENCH_DIR), "-n", name, queue]
     if burst:
         cmd.append("--burst")
@@ -727,9 +728,9 @@ class Bench:
     def noop(self) -> None:
         from rq import Queue
         from rq.registry import FinishedJobRegistry
+        from rq.serializers import JSONSerializer as RQJSONSerializer
 
         from producer.client import Client, new_id
-        from producer.serializer import JSONSerializer
 
         res = self.results["noop"]
         synthetic = [f"short text {i}: the service was {'good' if i % 3 else 'bad'} today" for i in range(self.n_noop_stream)]
@@ -795,15 +796,17 @@ class Bench:
             say(f"  BatchWorker one-text jobs, no-op model: {res['batchworker_one_text_jobs']['jobs_per_s']} jobs/s")
             self.procs.stop_all()
 
-            q = Queue("noop-rq", connection=conn, serializer=JSONSerializer)
+            # RQ's own JSON serializer: queuebert's refuses any function but worker.tasks.classify.
+            q = Queue("noop-rq", connection=conn, serializer=RQJSONSerializer)
             for i in range(0, m, 500):
                 with conn.pipeline(transaction=False) as pipe:
                     q.enqueue_many([Queue.prepare_data("noop.noop", kwargs={"items": [{"id": str(j), "text": synthetic[j]}]},
                                                        job_id=new_id()) for j in range(i, min(m, i + 500))], pipeline=pipe)
                     pipe.execute()
-            registry = FinishedJobRegistry("noop-rq", connection=conn, serializer=JSONSerializer)
+            registry = FinishedJobRegistry("noop-rq", connection=conn, serializer=RQJSONSerializer)
             name = worker_name("stock-noop")
-            proc = self.procs.start("stock-rq-noop", stock_worker_cmd(srv.url, "noop-rq", name, burst=True))
+            proc = self.procs.start("stock-rq-noop", stock_worker_cmd(srv.url, "noop-rq", name, burst=True,
+                                                                    serializer="rq.serializers.JSONSerializer"))
             t0 = wait_registered(conn, [name], self.procs)
             deadline = time.monotonic() + 600
             while registry.count < m:

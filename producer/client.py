@@ -27,7 +27,7 @@ from .settings import ClientSettings
 log = structlog.get_logger(__name__)
 
 #: Failure callback, named by path so the producer never imports the worker.
-ON_FAILURE = "worker.tasks.on_job_failed"
+ON_FAILURE = keys.ON_FAILURE
 #: Jobs enqueued per Redis round trip by enqueue_stream.
 JOBS_PER_ROUND_TRIP = 16
 

@@ -14,6 +14,10 @@ PREFIX = "qb"
 #: ``rq worker`` can import and run it; the producer only ever names it.
 JOB_FUNC = "worker.tasks.classify"
 
+#: RQ failure callback of every job, named by path for the same reason. With ``JOB_FUNC`` it is the
+#: only thing a job hash may name for a worker to import (see ``producer.job.QueuebertJob``).
+ON_FAILURE = "worker.tasks.on_job_failed"
+
 
 #: Sorted set of run ids by creation time, for `queuebert stats`.
 RUNS = f"{PREFIX}:runs"

@@ -10,6 +10,7 @@ import time
 from conftest import PYTHON, REPO, subprocess_env
 from helpers import run_burst
 from producer import Client
+from producer.job import JOB_CLASS_PATH
 from producer.serializer import SERIALIZER_PATH
 from rq.job import Job
 
@@ -66,8 +67,8 @@ def test_stock_rq_worker_runs_a_job_correctly(conn, redis_server, tiny_models, e
     run = client.enqueue_stream(texts, chunk_size=2)
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32",
                          QUEUEBERT_DEVICE="cpu")
-    out = _rq("worker", "--burst", "-w", "rq.worker.SimpleWorker", "--serializer", SERIALIZER_PATH, "default",
-              url=redis_server.url, env=env, timeout=300)
+    out = _rq("worker", "--burst", "-w", "rq.worker.SimpleWorker", "--serializer", SERIALIZER_PATH,
+              "--job-class", JOB_CLASS_PATH, "default", url=redis_server.url, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     results = list(run.results(timeout=10))
     expected = engines["bert"].classify([{"id": str(i), "text": t} for i, t in enumerate(texts)])

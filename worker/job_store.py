@@ -52,7 +52,7 @@ from rq.utils import utcformat, utcparse
 from rq.worker import WorkerStatus
 
 from producer import keys
-from producer.serializer import JSONSerializer
+from producer.serializer import ForeignJobError, JSONSerializer
 from producer.settings import DEFAULT_RESULT_TTL
 
 log = structlog.get_logger(__name__)
@@ -393,7 +393,9 @@ class TakenJob:
         """``(func_name, args, kwargs)`` as ``Job.func_name/args/kwargs`` would give them.
 
         Raises :class:`rq.exceptions.DeserializationError` for a payload that is not JSON (a pickled
-        job, say), as RQ's ``Job`` does, so callers keep one error path.
+        job, say), as RQ's ``Job`` does, so callers keep one error path, and
+        :class:`producer.serializer.ForeignJobError` (a ``JobError``) for one that names a function
+        other than queuebert's, so the job fails with that reason.
         """
         try:
             raw = zlib.decompress(self.data)
@@ -401,6 +403,8 @@ class TakenJob:
             raw = self.data  # RQ falls back to an uncompressed payload too
         try:
             func_name, _instance, args, kwargs = JSONSerializer.loads(raw)
+        except ForeignJobError:
+            raise  # readable, but names something not queuebert's: the caller reports why
         except Exception as exc:
             raise DeserializationError() from exc
         return func_name, args, kwargs
