@@ -186,8 +186,6 @@ def test_batch_worker_refuses_a_foreign_function_with_the_reason(conn, evil, eng
     assert "names function 'os.system'" in _exc_string(conn, job.id)
 
 
-@pytest.mark.xfail(strict=True, reason="BatchWorker still recovers abandoned jobs with rq.job.Job; needs "
-                                       "job_class=QueuebertJob in worker/batch_worker.py (see producer/job.py)")
 def test_batch_worker_recovery_refuses_a_foreign_failure_callback(conn, evil):
     from producer.settings import WorkerSettings
     from worker.batch_worker import BatchWorker

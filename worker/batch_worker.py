@@ -44,6 +44,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from producer import keys
 from producer.results import encode_results, record_job
 from producer.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, is_error, parse_job
+from producer.job import QueuebertJob
 from producer.serializer import JSONSerializer
 from producer.settings import DEFAULT_RESULT_TTL, WorkerSettings
 
@@ -124,12 +125,16 @@ class BatchWorker(SimpleWorker):
                  engine: Engine | None = None, **kwargs: Any):
         self.settings = settings or WorkerSettings.from_env()
         kwargs["serializer"] = JSONSerializer
+        # `rq worker -w` passes rq.job.Job; ours refuses callbacks and webhooks a job hash names
+        # (see producer.job), including in the abandoned-job recovery every worker runs.
+        kwargs["job_class"] = QueuebertJob
         kwargs.setdefault("maintenance_interval", self.settings.heartbeat_interval)
         if self.settings.name and not kwargs.get("name") and not (args and args[0]):
             kwargs["name"] = self.settings.name
         super().__init__(queues, *args, **kwargs)
         # Queues built by `rq worker` carry its serializer (pickle by default); ours are JSON.
-        self.queues = [Queue(q.name, connection=self.connection, serializer=JSONSerializer) for q in self.queues]
+        self.queues = [Queue(q.name, connection=self.connection, serializer=JSONSerializer, job_class=QueuebertJob)
+                       for q in self.queues]
         self._ordered_queues = self.queues[:]
         self.engine = engine
         self._stop = threading.Event()
@@ -518,7 +523,7 @@ class BatchWorker(SimpleWorker):
 
     def _enqueue_dependents(self, queue: Queue, job_id: str) -> None:
         try:
-            job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+            job = QueuebertJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
         except NoSuchJobError:
             return
         queue.enqueue_dependents(job)
@@ -527,7 +532,7 @@ class BatchWorker(SimpleWorker):
         """A job with result_ttl 0: RQ deletes it on success (``job.cleanup(0)``); its results
         still reach its run's stream, which is where queuebert's readers look."""
         try:
-            job = Job.fetch(slot.job.id, connection=self.connection, serializer=JSONSerializer)
+            job = QueuebertJob.fetch(slot.job.id, connection=self.connection, serializer=JSONSerializer)
         except NoSuchJobError:
             job = None
         if job is not None:
@@ -548,7 +553,7 @@ class BatchWorker(SimpleWorker):
         """A job that cannot run at all fails in RQ with the reason; retrying would not help."""
         execution = slot.job.execution(self.connection, self.name)
         try:
-            job = Job.fetch(slot.job.id, connection=self.connection, serializer=JSONSerializer)
+            job = QueuebertJob.fetch(slot.job.id, connection=self.connection, serializer=JSONSerializer)
         except NoSuchJobError:  # deleted while it ran: nothing left to fail but its execution
             with self.connection.pipeline(transaction=False) as pipe:
                 assert self._store is not None
