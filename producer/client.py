@@ -19,7 +19,7 @@ from rq.results import Result
 
 from . import keys
 from .connection import connect, resolve_url
-from .results import decode_entry, decode_rq_failure, decode_rq_return_value
+from .results import decode_entry, decode_rq_failure, decode_rq_return_value, finish_consumed
 from .schema import Item, ItemResult, job_kwargs, normalize_item
 from .serializer import JSONSerializer
 from .settings import ClientSettings
@@ -444,10 +444,7 @@ class Client:
                 if finished:
                     pipe.zrem(finished, job_id)
             if final:
-                # The run is over and read: its bookkeeping goes too (the meta hash stays, small,
-                # until its TTL, so `stats --all-runs` can still show the run). `consumed` marks it
-                # for completion scripts: a late second completion of one of its jobs (a frozen
-                # worker thawing) must not bring the run back.
-                pipe.delete(stream, keys.run_jobs(run_id), keys.run_done_jobs(run_id))
-                pipe.hset(keys.run_meta(run_id), "consumed", 1)
+                # The run is over and read: its bookkeeping goes too, and the run is marked consumed
+                # so that a late second completion (a frozen worker thawing) cannot reopen it.
+                finish_consumed(self.connection, pipe, run_id)
             pipe.execute()

@@ -40,14 +40,37 @@ end
 return 1
 """
 
-_scripts: dict[int, Any] = {}
+# The end of a consuming read: the run's stream, job list and done set go; its meta hash stays
+# (small, until its TTL, for `stats --all-runs`) marked `consumed`, which both completion scripts
+# check, so a late completion never reopens the run. The DEL comes first: once a script has
+# written, Redis lets it finish even at maxmemory, which is when readers free memory.
+# KEYS: run meta, done-jobs set, stream, jobs list (producer.keys.run_keys order).
+FINISH_CONSUMED_LUA = """
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'consumed', 1)
+end
+return 0
+"""
+
+_scripts: dict[tuple[int, str], Any] = {}
+
+
+def _script(connection: redis.Redis, source: str) -> Any:
+    key = (id(connection), source)
+    script = _scripts.get(key)
+    if script is None:
+        script = _scripts[key] = connection.register_script(source)
+    return script
 
 
 def _complete_script(connection: redis.Redis) -> Any:
-    script = _scripts.get(id(connection))
-    if script is None:
-        script = _scripts[id(connection)] = connection.register_script(COMPLETE_JOB_LUA)
-    return script
+    return _script(connection, COMPLETE_JOB_LUA)
+
+
+def finish_consumed(connection: redis.Redis, pipeline: Any, run_id: str) -> None:
+    """Queue on ``pipeline`` the end of a consuming read of ``run_id`` (see FINISH_CONSUMED_LUA)."""
+    _script(connection, FINISH_CONSUMED_LUA)(keys=keys.run_keys(run_id), client=pipeline)
 
 
 def encode_results(results: Sequence[ItemResult]) -> str:
