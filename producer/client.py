@@ -364,12 +364,14 @@ class Client:
             pipe.hmget(meta_key, "chunk_size", "queue", "sealed", "total", "jobs")
             raw_cursor, (stored_chunk, stored_queue, sealed, total, listed) = pipe.execute()
         resume_from = int(raw_cursor or 0)
-        chunk_size = chunk_size or self.settings.chunk_size
-        if stored_chunk is not None and int(stored_chunk) != chunk_size:
+        # A resumed run keeps the chunking and queue it was started with: other chunks would not
+        # line up with the jobs already listed. Asking for others explicitly is worth a warning.
+        if stored_chunk is not None and int(stored_chunk) != (chunk_size or int(stored_chunk)):
             log.warning("resuming with the run's chunk size", run=run.id, chunk_size=int(stored_chunk), asked=chunk_size)
-            chunk_size = int(stored_chunk)
-        if stored_queue is not None and resume_from and stored_queue.decode() != self.queue(queue).name:
-            log.warning("resuming on the run's queue", run=run.id, queue=stored_queue.decode(), asked=self.queue(queue).name)
+        chunk_size = int(stored_chunk) if stored_chunk is not None else chunk_size or self.settings.chunk_size
+        if stored_queue is not None and resume_from:
+            if queue is not None and queue != stored_queue.decode():
+                log.warning("resuming on the run's queue", run=run.id, queue=stored_queue.decode(), asked=queue)
             queue = stored_queue.decode()
         max_pending = self.settings.max_pending if max_pending is None else max_pending
         counter = itertools.count()

@@ -142,6 +142,41 @@ def test_sigkilled_cli_enqueue_resumes_every_line_once_in_order(conn, redis_serv
     assert not [r for r in results if "error" in r]
 
 
+def test_cli_enqueue_ends_a_full_redis_and_ctrl_c_with_one_resumable_line(tmp_path):
+    src = tmp_path / "in.txt"
+    rng = random.Random(3)
+    src.write_text("".join(base64.b64encode(rng.randbytes(90)).decode() + "\n" for _ in range(20_000)))
+    with RedisServer(extra_args=["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]) as server:
+        env = subprocess_env(server.url)
+        cmd = [*QB, "enqueue", str(src), "--no-progress", "--log-format", "json"]
+        full = subprocess.run([*cmd, "--run-id", "cli-full", "--redis-full-timeout", "1"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert full.returncode == 3, full.stderr[-2000:]
+        assert "Traceback" not in full.stderr and full.stdout == ""
+        errors = [json.loads(line) for line in full.stderr.splitlines() if '"error"' in line]
+        assert len(errors) == 1 and "--run-id cli-full" in errors[0]["event"] and "OOM" in errors[0]["event"]
+
+        # Ctrl-C while it waits for room: one line, exit 130.
+        interrupted = subprocess.Popen([*cmd, "--run-id", "cli-full"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = interrupted.stderr.readline()  # type: ignore[union-attr]
+            if "Redis is full" in line:
+                break
+        interrupted.send_signal(signal.SIGINT)
+        _out, err = interrupted.communicate(timeout=30)
+        assert interrupted.returncode == 130, err
+        assert "Traceback" not in err and "interrupted: run cli-full" in err and "--run-id cli-full" in err
+
+        redis.Redis.from_url(server.url).config_set("maxmemory", "0")
+        done = subprocess.run([*cmd, "--run-id", "cli-full"], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "cli-full", done.stderr[-2000:]
+        items = _enqueued_items(redis.Redis.from_url(server.url), "cli-full")
+        assert [it["id"] for it in items] == [str(i) for i in range(20_000)]
+
+
 def test_resuming_a_sealed_run_sends_nothing(conn, redis_server):
     from producer import ResumeError
 
