@@ -108,13 +108,16 @@ class Run:
             time.sleep(poll)
         return True
 
-    def results(self, timeout: float | None = None, consume: bool = False) -> Iterator[ItemResult]:
+    def results(
+        self, timeout: float | None = None, consume: bool = False, before_delete: Callable[[], None] | None = None,
+    ) -> Iterator[ItemResult]:
         """Every item's result, in input order, as soon as the results before it are in.
 
         ``consume=True`` deletes each job's results from Redis once they have been handed over,
-        so a long stream keeps Redis memory bounded by what is in flight.
+        so a long stream keeps Redis memory bounded by what is in flight. A caller that buffers
+        what it took (a file) passes ``before_delete`` to make it safe first (flush, fsync).
         """
-        return self.client.ordered_results(self.id, timeout=timeout, consume=consume)
+        return self.client.ordered_results(self.id, timeout=timeout, consume=consume, before_delete=before_delete)
 
     def subscribe(self, from_start: bool = True) -> Subscription:
         return self.client.subscribe(self.id, from_start=from_start)
