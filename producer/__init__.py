@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .client import Client, Handle, JobFailed, Run, Subscription
+from .client import Client, Handle, JobFailed, RedisFull, ResumeError, Run, Subscription
 from .settings import ClientSettings, WorkerSettings
 
-__all__ = ["Client", "ClientSettings", "Handle", "JobFailed", "Run", "Subscription", "WorkerSettings"]
+__all__ = ["Client", "ClientSettings", "Handle", "JobFailed", "RedisFull", "ResumeError", "Run", "Subscription",
+           "WorkerSettings"]

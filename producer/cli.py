@@ -16,6 +16,7 @@ import structlog
 
 from . import logs
 from .connection import RedisUnavailable
+from .outputs import open_output, safe_point
 from .settings import ClientSettings, WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
@@ -47,6 +48,9 @@ def _input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="labels per result (default: all)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="an unreadable input line is reported and skipped, or stops the run (default: skip)")
+    p.add_argument("--redis-full-timeout", type=float, default=None,
+                   help="seconds to wait for room while Redis is full (OOM at maxmemory) before giving up "
+                        f"(default: {d.redis_full_timeout:g})")
     _redis_flag(p)
 
 
@@ -77,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="queuebert", description="Text classification behind Redis/RQ.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("enqueue", help="enqueue a file or stdin as a run; prints the run id")
+    p = sub.add_parser("enqueue", help="enqueue a file or stdin as a run; prints the run id",
+                       description="Enqueue a file or stdin as a run. The run id is logged before the first item "
+                                   "is sent and printed on stdout at the end. An interrupted enqueue (Ctrl-C, a "
+                                   "full Redis, a lost connection, a killed process) is resumed by running the "
+                                   "same command with --run-id: only what is missing is enqueued. Exit codes: 0 "
+                                   "done, 2 error, 3 Redis stayed full, 130 interrupted.")
     _input_flags(p)
     _log_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -134,23 +143,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_output(path: str) -> Any:
-    return sys.stdout if path == "-" else open(path, "w", encoding="utf-8")
-
-
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    import redis
     from tqdm import tqdm
 
-    from .client import Client
-    from .readers import guess_format, open_input, read_records
+    from .client import Client, RedisFull, ResumeError, new_id
+    from .readers import InputError, guess_format, open_input, read_records
 
-    client = Client.from_url(args.redis_url, queue=args.queue)
+    client = Client.from_url(args.redis_url, queue=args.queue, redis_full_timeout=args.redis_full_timeout)
     fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
-    with open_input(args.input) as stream:
-        records = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field, on_error=args.on_error)
-        with tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr) as bar:
-            run = client.enqueue_stream(records, chunk_size=args.chunk_size, max_pending=args.max_pending,
-                                        run_id=args.run_id, top_k=args.top_k, on_progress=bar.update)
+    # Named before anything is sent: whatever happens next, the run can be resumed with this id.
+    run_id = args.run_id or new_id()
+    log.info("enqueueing", run=run_id, input=args.input, resume_with=f"--run-id {run_id}")
+    sent = 0
+
+    def stopped(why: str) -> str:
+        return (f"{why}: run {run_id} stopped with {sent} items enqueued; run the same command with "
+                f"--run-id {run_id} to enqueue the rest")
+
+    try:
+        with open_input(args.input) as stream:
+            records = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field,
+                                   on_error=args.on_error)
+            with tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr) as bar:
+
+                def progress(n: int) -> None:
+                    nonlocal sent
+                    sent += n
+                    bar.update(n)
+
+                run = client.enqueue_stream(records, chunk_size=args.chunk_size, max_pending=args.max_pending,
+                                            run_id=run_id, top_k=args.top_k, on_progress=progress)
+    except RedisFull as exc:
+        log.error(str(exc), run=run_id)
+        return 3
+    except ResumeError as exc:
+        log.error(str(exc), run=run_id)
+        return 2
+    except InputError as exc:
+        log.error(stopped(f"unreadable input, {exc}"), run=run_id)
+        return 2
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.error(stopped(f"lost the connection to Redis ({exc})"), run=run_id)
+        return 2
+    except KeyboardInterrupt:
+        log.error(stopped("interrupted"), run=run_id)
+        return 130
     print(run.id)
     return 0
 
@@ -163,11 +201,13 @@ def cmd_results(args: argparse.Namespace) -> int:
     if not progress["jobs"] and not progress["sealed"]:
         log.error("no such run", run=args.run_id)
         return 2
-    out = _open_output(args.output)
+    out = open_output(args.output)
     try:
         if args.follow or args.unordered:
+            # Consuming deletes results from Redis: only once their lines are on disk (or passed on).
             source = (client.subscribe(args.run_id, timeout=args.timeout) if args.unordered
-                      else client.ordered_results(args.run_id, timeout=args.timeout, consume=args.consume))
+                      else client.ordered_results(args.run_id, timeout=args.timeout, consume=args.consume,
+                                                  before_delete=safe_point(out)))
         else:
             source = _done_in_order(client, args.run_id)
         for result in source:
@@ -232,13 +272,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .client import RedisFull, ResumeError
     from .embedded_redis import NoRedisBinary
     from .readers import InputError
     from .run_command import RunFailed, run
 
     try:
         return run(args)
-    except (NoRedisBinary, RunFailed, InputError) as exc:
+    except RedisFull as exc:
+        log.error(str(exc))
+        return 3
+    except (NoRedisBinary, RunFailed, InputError, ResumeError) as exc:
         log.error(str(exc))
         return 2
 

@@ -36,6 +36,31 @@ class JobFailed(RuntimeError):
     """The job holding an item failed as a whole; the message is the worker's error."""
 
 
+def _resume_hint(run_id: str) -> str:
+    return f"run it again with --run-id {run_id} (enqueue_stream(..., run_id={run_id!r})) to enqueue the rest"
+
+
+class RedisFull(RuntimeError):
+    """Redis stayed out of memory (OOM at ``maxmemory``) longer than ``redis_full_timeout``.
+
+    Nothing of the round that hit OOM went in (rounds are transactions), so ``enqueued`` is exact and
+    the run resumes cleanly with its run id.
+    """
+
+    def __init__(self, run_id: str, enqueued: int, maxmemory: str, waited: float):
+        super().__init__(
+            f"Redis is full (OOM at maxmemory {maxmemory}) and had no room for {waited:.1f} s: run {run_id} "
+            f"stopped with {enqueued} items enqueued; {_resume_hint(run_id)}"
+        )
+        self.run_id = run_id
+        self.enqueued = enqueued
+
+
+class ResumeError(RuntimeError):
+    """The run id names a run this input cannot continue: another producer is writing it, the input
+    differs from the one it was started with, or it was started without a cursor."""
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -63,6 +88,9 @@ class Run:
     enqueued: int = 0
     jobs: int = 0
     handles: list[Handle] = field(default_factory=list)
+    #: Items an earlier, interrupted enqueue of this run had already sent (resume); counted in
+    #: ``enqueued`` too.
+    skipped: int = 0
 
     def progress(self) -> dict[str, int]:
         return self.client.run_progress(self.id)
@@ -80,13 +108,16 @@ class Run:
             time.sleep(poll)
         return True
 
-    def results(self, timeout: float | None = None, consume: bool = False) -> Iterator[ItemResult]:
+    def results(
+        self, timeout: float | None = None, consume: bool = False, before_delete: Callable[[], None] | None = None,
+    ) -> Iterator[ItemResult]:
         """Every item's result, in input order, as soon as the results before it are in.
 
         ``consume=True`` deletes each job's results from Redis once they have been handed over,
-        so a long stream keeps Redis memory bounded by what is in flight.
+        so a long stream keeps Redis memory bounded by what is in flight. A caller that buffers
+        what it took (a file) passes ``before_delete`` to make it safe first (flush, fsync).
         """
-        return self.client.ordered_results(self.id, timeout=timeout, consume=consume)
+        return self.client.ordered_results(self.id, timeout=timeout, consume=consume, before_delete=before_delete)
 
     def subscribe(self, from_start: bool = True) -> Subscription:
         return self.client.subscribe(self.id, from_start=from_start)
@@ -151,6 +182,45 @@ class Subscription:
             yield from results
 
 
+class _FullWait:
+    """One spell of waiting for a full Redis: exponential backoff, one log line, a deadline."""
+
+    def __init__(self, client: Client, run: Run):
+        self.client = client
+        self.run = run
+        self.since: float | None = None
+        self.delay = 0.05
+        self.maxmemory = "?"
+
+    def wait(self) -> None:
+        """Sleep before the next try; RedisFull once the spell has lasted ``redis_full_timeout``."""
+        now = time.monotonic()
+        timeout = self.client.settings.redis_full_timeout
+        if self.since is None:
+            self.since, self.delay = now, 0.05
+            self.maxmemory = self._maxmemory()
+            log.warning(f"Redis is full (maxmemory {self.maxmemory}): waiting for results to be consumed",
+                        run=self.run.id, enqueued=self.run.enqueued, give_up_after_s=timeout)
+        waited = now - self.since
+        if waited >= timeout:
+            raise RedisFull(self.run.id, self.run.enqueued, self.maxmemory, waited)
+        time.sleep(min(self.delay, timeout - waited))
+        self.delay = min(self.delay * 2, 2.0)
+
+    def clear(self) -> None:
+        if self.since is not None:
+            log.info("Redis has room again", run=self.run.id, waited_s=round(time.monotonic() - self.since, 1))
+            self.since = None
+
+    def _maxmemory(self) -> str:
+        # INFO rather than CONFIG GET, which managed Redis services often disable.
+        try:
+            info = self.client.connection.info("memory")
+        except redis.RedisError:
+            return "?"
+        return str(info.get("maxmemory_human") or info.get("maxmemory") or "?")
+
+
 class Client:
     """Producer API. ``Client.from_url(url, queue="default")``."""
 
@@ -193,8 +263,9 @@ class Client:
     def _enqueue_chunks(
         self, chunks: list[list[Item]], run_id: str, top_k: int | None, queue: str | None
     ) -> tuple[list[str], dict[str, int]]:
-        """Enqueue several jobs and count them in the run, in one round trip; returns job ids and
-        the run's progress read in that same round trip (for backpressure)."""
+        """Enqueue jobs of a fresh run in one plain pipeline (``submit``: one text, one round trip).
+
+        Streams use :meth:`_enqueue_round` instead, which is a transaction that can be resumed."""
         job_ids = [new_id() for _ in chunks]
         q = self.queue(queue)
         n_items = sum(len(c) for c in chunks)
@@ -273,17 +344,84 @@ class Client:
 
         Backpressure: while more than ``max_pending`` of this run's items are queued and not yet
         done, wait; a 10-million-line file thus never floods Redis. ``max_pending=0`` disables it.
+        A Redis that refuses writes (OOM at ``maxmemory``) is waited out too, with backoff, for up to
+        ``settings.redis_full_timeout`` seconds; then :class:`RedisFull` is raised.
+
+        Each round of jobs is a transaction checked against the run's cursor, so a round whose
+        reply was lost is never applied twice. Resuming: called again with the ``run_id`` of an
+        interrupted call and the same input, it re-reads the input, rebuilds the same chunks (with
+        the chunk size and queue stored in the run), skips the jobs already listed without sending
+        them, enqueues the rest and seals the run. Item ids default to the input position, so they
+        are the same on every read. A sealed run is not enqueued again: the input is only counted,
+        and :class:`ResumeError` is raised if its count differs from the run's.
+
+        Counting: the returned ``Run.enqueued`` / ``Run.jobs`` are the whole run's, items found
+        already enqueued included; ``Run.skipped`` says how many of them an earlier call enqueued.
+        ``on_progress`` is called once with that skipped count, when skipping ends, then with each
+        round's item count, so a progress bar shows the whole run.
         """
-        chunk_size = chunk_size or self.settings.chunk_size
-        max_pending = self.settings.max_pending if max_pending is None else max_pending
         run = Run(self, run_id or new_id())
+        meta_key = keys.run_meta(run.id)
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.get(keys.run_cursor(run.id))
+            pipe.hmget(meta_key, "chunk_size", "queue", "sealed", "total", "jobs")
+            raw_cursor, (stored_chunk, stored_queue, sealed, total, listed) = pipe.execute()
+        resume_from = int(raw_cursor or 0)
+        # A resumed run keeps the chunking and queue it was started with: other chunks would not
+        # line up with the jobs already listed. Asking for others explicitly is worth a warning.
+        if stored_chunk is not None and int(stored_chunk) != (chunk_size or int(stored_chunk)):
+            log.warning("resuming with the run's chunk size", run=run.id, chunk_size=int(stored_chunk), asked=chunk_size)
+        chunk_size = int(stored_chunk) if stored_chunk is not None else chunk_size or self.settings.chunk_size
+        if stored_queue is not None and resume_from:
+            if queue is not None and queue != stored_queue.decode():
+                log.warning("resuming on the run's queue", run=run.id, queue=stored_queue.decode(), asked=queue)
+            queue = stored_queue.decode()
+        max_pending = self.settings.max_pending if max_pending is None else max_pending
         counter = itertools.count()
         source = (normalize_item(value, f"{next(counter)}") for value in iterable)
+
+        if sealed is not None and int(sealed):
+            return self._resume_sealed(run, source, int(total or 0), int(listed or 0), chunk_size, keep_handles,
+                                       on_progress)
+        if raw_cursor is None and int(listed or 0):
+            raise ResumeError(f"run {run.id} was enqueued without a cursor (by an older producer or submit()): "
+                              "it cannot be resumed; enqueue the input as a new run")
+        if resume_from:
+            log.info("resuming run", run=run.id, jobs_already_listed=resume_from)
+
+        full = _FullWait(self, run)
         batch: list[list[Item]] = []
         chunk: list[Item] = []
+        position = 0  # chunks built so far = index in the run's job list of the next chunk
+        skipped_ids: list[list[str]] = []  # with keep_handles: item ids of the chunks skipped
+
+        def skipping_done() -> None:
+            if run.skipped:
+                if keep_handles:
+                    self._skipped_handles(run, skipped_ids)
+                if on_progress is not None:
+                    on_progress(run.skipped)
+                log.info("skipped what was already enqueued", run=run.id, items=run.skipped, jobs=run.jobs)
+
+        def take(items: list[Item]) -> None:
+            nonlocal position
+            position += 1
+            if position <= resume_from:
+                run.skipped += len(items)
+                run.enqueued += len(items)
+                run.jobs += 1
+                if keep_handles:
+                    skipped_ids.append([it["id"] for it in items])
+                return
+            if position == resume_from + 1:
+                skipping_done()
+            batch.append(items)
+            if len(batch) >= JOBS_PER_ROUND_TRIP:
+                flush()
 
         def flush() -> None:
-            job_ids, progress = self._enqueue_chunks(batch, run.id, top_k, queue)
+            start = position - len(batch)
+            job_ids, progress = self._enqueue_round(batch, run, start, chunk_size, top_k, queue, full)
             for job_id, items in zip(job_ids, batch):
                 if keep_handles:
                     run.handles.extend(Handle(self, job_id, it["id"], run.id) for it in items)
@@ -295,20 +433,138 @@ class Client:
             if max_pending:
                 self._wait_for_room(run.id, progress, max_pending)
 
-        for item in source:
-            chunk.append(item)
-            if len(chunk) >= chunk_size:
-                batch.append(chunk)
-                chunk = []
-                if len(batch) >= JOBS_PER_ROUND_TRIP:
-                    flush()
-        if chunk:
-            batch.append(chunk)
-        if batch:
-            flush()
-        self.seal(run.id, run.enqueued)
-        log.debug("run enqueued", run=run.id, items=run.enqueued, jobs=run.jobs)
+        try:
+            for item in source:
+                chunk.append(item)
+                if len(chunk) >= chunk_size:
+                    take(chunk)
+                    chunk = []
+            if chunk:
+                take(chunk)
+            if position < resume_from:
+                raise ResumeError(f"run {run.id} already lists {resume_from} jobs but this input makes only "
+                                  f"{position} of {chunk_size} items: it is not the input the run was started with")
+            if position == resume_from:
+                skipping_done()
+            if batch:
+                flush()
+            self._seal_waiting(run, full)
+        except (RedisFull, ResumeError):
+            raise
+        except BaseException as exc:  # Ctrl-C, a lost connection, an unreadable input line
+            exc.add_note(f"run {run.id}: {run.enqueued} items enqueued; {_resume_hint(run.id)}")
+            raise
+        log.debug("run enqueued", run=run.id, items=run.enqueued, jobs=run.jobs, skipped=run.skipped)
         return run
+
+    def _enqueue_round(
+        self, chunks: list[list[Item]], run: Run, start: int, chunk_size: int, top_k: int | None,
+        queue: str | None, full: _FullWait,
+    ) -> tuple[list[str], dict[str, int]]:
+        """Enqueue the jobs at positions ``start ..`` of the run's job list as one transaction.
+
+        WATCH on the run's cursor makes the round apply exactly once: when a reply is lost (redis-py
+        raises WatchError instead of retrying a watched transaction), the cursor, read again, says
+        whether it went in. OOM aborts the whole transaction (EXECABORT), so a full Redis is waited
+        out and the same round sent again. Returns the round's job ids (as the run lists them when
+        the round had gone in already) and the run's progress read in the same round trip, for
+        backpressure.
+        """
+        end = start + len(chunks)
+        job_ids = [new_id() for _ in chunks]
+        q = self.queue(queue)
+        datas = [self._job_data(c, run.id, top_k, j) for c, j in zip(chunks, job_ids)]
+        n_items = sum(len(c) for c in chunks)
+        meta = keys.run_meta(run.id)
+        cursor_key = keys.run_cursor(run.id)
+        ttl = self.settings.result_ttl
+        lost_replies = 0
+        with self.connection.pipeline(transaction=True) as pipe:
+            while True:
+                # Not inside the try: WATCH is not yet watching, so redis-py retries a dead
+                # connection itself and a Redis that stays down ends the enqueue here.
+                pipe.watch(cursor_key)
+                try:
+                    cursor = int(pipe.get(cursor_key) or 0)
+                    if cursor >= end:  # applied already: only its reply was lost
+                        enqueued, done = (int(v or 0) for v in pipe.hmget(meta, "enqueued", "done"))
+                        listed = [j.decode() for j in pipe.lrange(keys.run_jobs(run.id), start, end - 1)]
+                        log.info("round already applied", run=run.id, jobs=f"{start}..{end - 1}")
+                        full.clear()
+                        return (listed if len(listed) == len(job_ids) else job_ids), {"enqueued": enqueued, "done": done}
+                    if cursor != start:
+                        raise ResumeError(f"run {run.id} lists {cursor} jobs where this producer expected {start}: "
+                                          "another producer is enqueueing the same run id")
+                    pipe.multi()
+                    q.enqueue_many(datas, pipeline=pipe)
+                    pipe.rpush(keys.run_jobs(run.id), *job_ids)
+                    pipe.hincrby(meta, "enqueued", n_items)
+                    pipe.hincrby(meta, "jobs", len(chunks))
+                    pipe.hsetnx(meta, "queue", q.name)
+                    pipe.hsetnx(meta, "chunk_size", chunk_size)
+                    pipe.hsetnx(meta, "created_at", f"{time.time():.3f}")
+                    pipe.zadd(keys.RUNS, {run.id: time.time()}, nx=True)
+                    pipe.set(cursor_key, end, ex=ttl)
+                    for key in keys.run_keys(run.id):
+                        pipe.expire(key, ttl)
+                    pipe.hmget(meta, "enqueued", "done")
+                    replies = pipe.execute()
+                except redis.exceptions.OutOfMemoryError:
+                    full.wait()
+                    continue
+                except (redis.WatchError, redis.ConnectionError, redis.TimeoutError) as exc:
+                    # The reply of a watched command was lost (or the cursor moved): look again.
+                    lost_replies += 1
+                    if lost_replies > 10:
+                        raise
+                    log.warning("enqueue round interrupted, checking whether it went in", run=run.id,
+                                error=str(exc))
+                    continue
+                finally:
+                    pipe.reset()
+                full.clear()
+                enqueued, done = (int(v or 0) for v in replies[-1])
+                return job_ids, {"enqueued": enqueued, "done": done}
+
+    def _seal_waiting(self, run: Run, full: _FullWait) -> None:
+        """Seal the run, waiting out a full Redis like the rounds do."""
+        while True:
+            try:
+                self.seal(run.id, run.enqueued)
+            except redis.exceptions.OutOfMemoryError:
+                full.wait()
+                continue
+            full.clear()
+            return
+
+    def _resume_sealed(
+        self, run: Run, source: Iterable[Item], total: int, jobs: int, chunk_size: int, keep_handles: bool,
+        on_progress: Callable[[int], None] | None,
+    ) -> Run:
+        """A sealed run is complete: count the input (nothing is sent) and check it matches."""
+        items = list(source) if keep_handles else None
+        count = len(items) if items is not None else sum(1 for _ in source)
+        if count != total:
+            raise ResumeError(f"run {run.id} is complete with {total} items but this input has {count}: "
+                              "it is not the input the run was started with")
+        run.enqueued = run.skipped = total
+        run.jobs = jobs
+        if items is not None:
+            self._skipped_handles(run, [[it["id"] for it in items[i:i + chunk_size]]
+                                        for i in range(0, len(items), chunk_size)])
+        if on_progress is not None:
+            on_progress(total)
+        log.info("run already complete: nothing to enqueue", run=run.id, items=total)
+        return run
+
+    def _skipped_handles(self, run: Run, skipped_ids: list[list[str]]) -> None:
+        """Handles of items enqueued by an earlier call, from the run's job list."""
+        job_ids = [j.decode() for j in self.connection.lrange(keys.run_jobs(run.id), 0, len(skipped_ids) - 1)]
+        if len(job_ids) != len(skipped_ids):
+            log.warning("the run's job list is gone: no handles for the items enqueued earlier", run=run.id)
+            return
+        for job_id, ids in zip(job_ids, skipped_ids):
+            run.handles.extend(Handle(self, job_id, item_id, run.id) for item_id in ids)
 
     def _wait_for_room(self, run_id: str, progress: dict[str, int], max_pending: int) -> None:
         pending = progress["enqueued"] - progress["done"]
@@ -382,8 +638,10 @@ class Client:
         the results that arrived ahead of their turn. With ``consume`` the results of each job are
         deleted from Redis (stream entry, RQ result, job hash) once the caller has taken them;
         ``before_delete`` (a file's flush, say) runs before each deletion, so nothing is deleted
-        that is not yet safe elsewhere.
+        that is not yet safe elsewhere. ``timeout`` bounds the whole read, every wait included
+        (TimeoutError), also a wait for jobs that a producer which died will never list.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         entries = self.subscribe(run_id, timeout=timeout, on_idle=on_idle).entries()
         jobs_key = keys.run_jobs(run_id)
         arrived: dict[str, list[ItemResult]] = {}
@@ -403,6 +661,9 @@ class Client:
                                 before_delete()
                             self._delete_consumed(run_id, consumed, final=True)
                         return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"run {run_id} not finished within {timeout} s: every job listed so "
+                                           "far is read, and the run is not sealed (is its producer still running?)")
                     time.sleep(0.05)  # the producer is still enqueueing
                     continue
             job_id = window.popleft()

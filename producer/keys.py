@@ -43,6 +43,13 @@ def run_done_jobs(run_id: str) -> str:
     return f"{PREFIX}:run:{{{run_id}}}:done"
 
 
+def run_cursor(run_id: str) -> str:
+    """String: how many of the run's jobs the producer has listed so far. Only the producer touches
+    it (workers EXPIRE the other run keys all the time, which would break a WATCH on them): each
+    enqueue round WATCHes it, so a round is applied once, and a resumed enqueue starts from it."""
+    return f"{PREFIX}:run:{{{run_id}}}:cursor"
+
+
 def run_keys(run_id: str) -> list[str]:
     """The keys of one run, in the order the completion script expects them."""
     return [run_meta(run_id), run_done_jobs(run_id), run_stream(run_id), run_jobs(run_id)]

@@ -23,6 +23,7 @@ import structlog
 
 from .client import Client
 from .connection import connect
+from .outputs import safe_point
 from .readers import InputError, guess_format, open_input, read_records
 from .settings import WorkerSettings, env_name
 
@@ -122,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         client = Client(connect(url))
         if args.queue:
             client.settings.queue = args.queue
+        if args.redis_full_timeout is not None:
+            client.settings.redis_full_timeout = args.redis_full_timeout
         if args.workers:
             _ensure_model(args)
         procs = _start_workers(args, url, stack) if args.workers else []
@@ -151,9 +154,9 @@ def run(args: argparse.Namespace) -> int:
         items = errors = 0
         last_check = time.monotonic()
         # Results are deleted from Redis as they are written (unless --keep-results); the output is
-        # flushed before each deletion so none exists only in a buffer.
+        # flushed (and a file fsynced) before each deletion so none exists only in a buffer.
         results = client.ordered_results(run_id, on_idle=lambda: _check_workers(procs),
-                                         consume=not args.keep_results, before_delete=out.flush)
+                                         consume=not args.keep_results, before_delete=safe_point(out))
         for result in results:
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             items += 1

@@ -75,6 +75,9 @@ class ClientSettings(_FromEnv):
     job_timeout: int = 600
     #: Seconds a job may wait in the queue before it is dropped instead of run late (None: forever).
     job_ttl: float | None = None
+    #: Seconds an enqueue waits for a full Redis (OOM at maxmemory) to get room again, backing off,
+    #: before it gives up with RedisFull (the run can be resumed with its run id).
+    redis_full_timeout: float = 600.0
 
 
 @dataclass
