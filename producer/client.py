@@ -183,7 +183,12 @@ class Subscription:
 
 
 class _FullWait:
-    """One spell of waiting for a full Redis: exponential backoff, one log line, a deadline."""
+    """Waiting for a full (or nearly full, see ``tight``) Redis: exponential backoff, a deadline per
+    spell, and one log line per minute at most (a stream that Redis's memory paces waits briefly
+    before nearly every round; it says so once, not each time)."""
+
+    #: Seconds between two "Redis is full" lines.
+    LOG_EVERY = 60.0
 
     def __init__(self, client: Client, run: Run):
         self.client = client
@@ -191,6 +196,10 @@ class _FullWait:
         self.since: float | None = None
         self.delay = 0.05
         self.maxmemory = "?"
+        self._limit: int | None = None  # maxmemory in bytes, 0: none
+        self._limit_checked = 0.0
+        self._logged_at: float | None = None
+        self.spells = 0  # how often this stream had to wait for room
 
     def wait(self) -> None:
         """Sleep before the next try; RedisFull once the spell has lasted ``redis_full_timeout``."""
@@ -198,18 +207,40 @@ class _FullWait:
         timeout = self.client.settings.redis_full_timeout
         if self.since is None:
             self.since, self.delay = now, 0.05
-            self.maxmemory = self._maxmemory()
-            log.warning(f"Redis is full (maxmemory {self.maxmemory}): waiting for results to be consumed",
-                        run=self.run.id, enqueued=self.run.enqueued, give_up_after_s=timeout)
+            self.spells += 1
+            if self._logged_at is None or now - self._logged_at >= self.LOG_EVERY:
+                self._logged_at = now
+                self.maxmemory = self._maxmemory()
+                log.warning(f"Redis is full (maxmemory {self.maxmemory}): waiting for results to be consumed",
+                            run=self.run.id, enqueued=self.run.enqueued, give_up_after_s=timeout)
         waited = now - self.since
         if waited >= timeout:
             raise RedisFull(self.run.id, self.run.enqueued, self.maxmemory, waited)
         time.sleep(min(self.delay, timeout - waited))
         self.delay = min(self.delay * 2, 2.0)
 
+    def tight(self, adding: int = 0) -> bool:
+        """Whether ``adding`` more bytes would bring Redis within ``redis_headroom`` of its
+        ``maxmemory``: then this stream waits before sending them, as it does at OOM. One
+        ``INFO memory`` per round while a limit is set; without one (looked for again every few
+        seconds) it costs nothing."""
+        headroom = self.client.settings.redis_headroom
+        if headroom <= 0:
+            return False
+        now = time.monotonic()
+        if self._limit == 0 and now - self._limit_checked < 5.0:
+            return False
+        try:
+            info = self.client.connection.info("memory")
+        except redis.ResponseError:  # INFO disabled (some managed services): rely on OOM alone
+            self._limit, self._limit_checked = 0, now
+            return False
+        self._limit, self._limit_checked = int(info.get("maxmemory", 0) or 0), now
+        return bool(self._limit) and int(info.get("used_memory", 0)) + adding > (1 - headroom) * self._limit
+
     def clear(self) -> None:
         if self.since is not None:
-            log.info("Redis has room again", run=self.run.id, waited_s=round(time.monotonic() - self.since, 1))
+            log.debug("Redis has room again", run=self.run.id, waited_s=round(time.monotonic() - self.since, 1))
             self.since = None
 
     def _maxmemory(self) -> str:
@@ -479,8 +510,14 @@ class Client:
         cursor_key = keys.run_cursor(run.id)
         ttl = self.settings.result_ttl
         lost_replies = 0
+        # What the round may add to Redis's memory, over-estimated (job hashes, RQ's fields, the
+        # run's lists): zlib usually shrinks the texts, so the real figure is smaller.
+        size = sum(len(it["text"]) + 64 for c in chunks for it in c) + 1024 * len(chunks)
         with self.connection.pipeline(transaction=True) as pipe:
             while True:
+                if full.tight(adding=size):
+                    full.wait()
+                    continue
                 # Not inside the try: WATCH is not yet watching, so redis-py retries a dead
                 # connection itself and a Redis that stays down ends the enqueue here.
                 pipe.watch(cursor_key)
@@ -642,11 +679,27 @@ class Client:
         (TimeoutError), also a wait for jobs that a producer which died will never list.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        entries = self.subscribe(run_id, timeout=timeout, on_idle=on_idle).entries()
+        consumed: list[tuple[str, str | None]] = []
+
+        def delete_consumed(final: bool = False) -> None:
+            if consumed or final:
+                if before_delete is not None:
+                    before_delete()
+                self._delete_consumed(run_id, consumed, final=final)
+                consumed.clear()
+
+        def idle() -> None:
+            # Nothing arrived for a while: delete what was read now rather than at the next 256
+            # jobs. On a Redis at maxmemory the results held here may be the very memory the
+            # workers and the producer are waiting for.
+            delete_consumed()
+            if on_idle is not None:
+                on_idle()
+
+        entries = self.subscribe(run_id, timeout=timeout, on_idle=idle).entries()
         jobs_key = keys.run_jobs(run_id)
         arrived: dict[str, list[ItemResult]] = {}
         entry_ids: dict[str, str] = {}
-        consumed: list[tuple[str, str | None]] = []
         yielded: set[str] = set()  # a job id listed twice (a retried enqueue) is yielded once
         window: deque[str] = deque()
         position = 0  # index in the run's job list of the next job to yield
@@ -656,14 +709,13 @@ class Client:
                 window.extend(j.decode() for j in self.connection.lrange(jobs_key, position, position + 9_999))
                 if not window:
                     if sealed:  # sealed is set after the last job id was listed
-                        if consumed:
-                            if before_delete is not None:
-                                before_delete()
-                            self._delete_consumed(run_id, consumed, final=True)
+                        if consume:
+                            delete_consumed(final=True)
                         return
                     if deadline is not None and time.monotonic() >= deadline:
                         raise TimeoutError(f"run {run_id} not finished within {timeout} s: every job listed so "
                                            "far is read, and the run is not sealed (is its producer still running?)")
+                    delete_consumed()  # the producer may be waiting for exactly this memory
                     time.sleep(0.05)  # the producer is still enqueueing
                     continue
             job_id = window.popleft()
@@ -687,10 +739,7 @@ class Client:
                 # Only after the caller took them (the generator resumed): nothing is deleted unread.
                 consumed.append((job_id, entry_ids.pop(job_id, None)))
                 if len(consumed) >= 256:
-                    if before_delete is not None:
-                        before_delete()
-                    self._delete_consumed(run_id, consumed)
-                    consumed = []
+                    delete_consumed()
 
     def _delete_consumed(self, run_id: str, consumed: list[tuple[str, str | None]], final: bool = False) -> None:
         queue = self.connection.hget(keys.run_meta(run_id), "queue")

@@ -78,6 +78,10 @@ class ClientSettings(_FromEnv):
     #: Seconds an enqueue waits for a full Redis (OOM at maxmemory) to get room again, backing off,
     #: before it gives up with RedisFull (the run can be resumed with its run id).
     redis_full_timeout: float = 600.0
+    #: Fraction of Redis's ``maxmemory`` a stream leaves free: it waits (as for a full Redis) while
+    #: used memory is above the rest. Workers need that room to register and write results; a
+    #: stream that filled Redis to the last byte with queued jobs would leave them none. 0: off.
+    redis_headroom: float = 0.1
 
 
 @dataclass

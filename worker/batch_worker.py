@@ -197,13 +197,11 @@ class BatchWorker(SimpleWorker):
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
             log.info("serving metrics", port=self.settings.metrics_port)
-        self.bootstrap(logging_level or "WARNING")
-        self._store = JobStore.for_worker(self, self._ordered_queues)
-        # Beside RQ's fields, so `queuebert stats` can say what each worker serves.
-        self.connection.hset(self.key, mapping={"qb_model": engine.m.name, "qb_device": str(engine.m.device),
-                                                "qb_dtype": str(engine.m.dtype).removeprefix("torch.")})
         self._install_signal_handlers()
-        self.set_state(WorkerStatus.IDLE)
+        if not self._register(logging_level or "WARNING"):
+            self._teardown()
+            return False
+        self._store = JobStore.for_worker(self, self._ordered_queues)
         threads = [
             threading.Thread(target=self._guarded, args=(self._take_loop, burst), name="qb-take", daemon=True),
             threading.Thread(target=self._guarded, args=(self._complete_loop,), name="qb-complete", daemon=True),
@@ -228,6 +226,38 @@ class BatchWorker(SimpleWorker):
             log.info("worker stopped", worker=self.name, jobs=self.completed_jobs, items=self.completed_items,
                      **({"fatal": repr(self.fatal)} if self.fatal is not None else {}))
         return self.completed_jobs > 0
+
+    def _register(self, logging_level: str) -> bool:
+        """RQ's ``bootstrap`` (register the worker, subscribe to its commands), then queuebert's
+        fields, each step retried while Redis refuses it: a worker started against a full or
+        read-only Redis waits for it instead of dying. False if stopped meanwhile."""
+        from rq.logutils import setup_loghandlers
+
+        engine = self.engine
+        assert engine is not None
+        setup_loghandlers(logging_level, name="rq.worker")
+        setup_loghandlers(logging_level, name="rq.job")
+        steps = [
+            self.register_birth,
+            self.subscribe,
+            # Beside RQ's fields, so `queuebert stats` can say what each worker serves.
+            lambda: self.connection.hset(self.key, mapping={
+                "qb_model": engine.m.name, "qb_device": str(engine.m.device),
+                "qb_dtype": str(engine.m.dtype).removeprefix("torch.")}),
+            lambda: self.set_state(WorkerStatus.IDLE),
+        ]
+        outage = self.outages["heartbeat"]
+        for step in steps:
+            while True:
+                try:
+                    step()
+                    break
+                except redis.RedisError as exc:
+                    if self._stop.wait(outage.failed(exc)):
+                        return False
+        outage.recovered()
+        log.info("worker started", worker=self.name, queues=self.queue_names())
+        return True
 
     def _guarded(self, target: Any, *args: Any) -> None:
         """Run a thread's loop; an exception that is not Redis weather (each loop rides those out
@@ -515,7 +545,10 @@ class BatchWorker(SimpleWorker):
                 self._inflight.pop(slot.job.id, None)
             idle = not self._inflight
         if idle:
-            self.set_state(WorkerStatus.IDLE)
+            try:
+                self.set_state(WorkerStatus.IDLE)
+            except redis.RedisError:
+                pass  # cosmetic (`rq info`); the next take or heartbeat sets it again
         self.completed_jobs += len(ok)
         self.completed_items += items
         if self.metrics is not None:
