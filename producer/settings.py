@@ -19,6 +19,10 @@ DEFAULT_QUEUE = "default"
 #: Seconds results and run bookkeeping are kept (ClientSettings.result_ttl's default; the worker
 #: falls back to it for a run whose job keeps its result forever or not at all).
 DEFAULT_RESULT_TTL = 86_400
+#: Milliseconds a write waits for its replica acknowledgements (``WAIT``) before it counts as not
+#: written and is retried: a healthy replica acknowledges within a millisecond on a LAN, so this
+#: only bounds how long each attempt waits while too few replicas are connected.
+DEFAULT_REPLICA_ACK_TIMEOUT_MS = 1000
 
 
 def env_name(field_name: str) -> str:
@@ -82,6 +86,12 @@ class ClientSettings(_FromEnv):
     #: used memory is above the rest. Workers need that room to register and write results; a
     #: stream that filled Redis to the last byte with queued jobs would leave them none. 0: off.
     redis_headroom: float = 0.1
+    #: Durability: each write waits (``WAIT``) until this many replicas acknowledge it; a write
+    #: they do not acknowledge within ``replica_ack_timeout_ms`` counts as not written and is
+    #: retried. 0 (default): a write counts once the master has it, and a master lost before it
+    #: replicated loses it. See README, "Failover without loss".
+    replica_acks: int = 0
+    replica_ack_timeout_ms: int = DEFAULT_REPLICA_ACK_TIMEOUT_MS
 
 
 @dataclass
@@ -115,6 +125,12 @@ class WorkerSettings(_FromEnv):
     #: Seconds: how often executions are heartbeated and abandoned jobs looked for; a killed
     #: worker's jobs are recovered within about twice this.
     heartbeat_interval: int = 10
+    #: Durability (as ClientSettings): each write waits (``WAIT``) until this many replicas acknowledge it; a write
+    #: they do not acknowledge within ``replica_ack_timeout_ms`` counts as not written and is
+    #: retried. 0 (default): a write counts once the master has it, and a master lost before it
+    #: replicated loses it. See README, "Failover without loss".
+    replica_acks: int = 0
+    replica_ack_timeout_ms: int = DEFAULT_REPLICA_ACK_TIMEOUT_MS
     burst: bool = False
     log_format: str = "auto"
     log_level: str = "info"

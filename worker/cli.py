@@ -16,7 +16,8 @@ def run_worker(settings: WorkerSettings) -> int:
     from .batch_worker import BatchWorker
     from .tasks import get_engine
 
-    connection = connect(settings.redis_url)
+    connection = connect(settings.redis_url, replica_acks=settings.replica_acks,
+                         replica_ack_timeout_ms=settings.replica_ack_timeout_ms)
     try:
         engine = get_engine(settings)  # the same loader the stock-RQ path uses
     except ModelError as exc:
