@@ -61,6 +61,20 @@ class ResumeError(RuntimeError):
     differs from the one it was started with, or it was started without a cursor."""
 
 
+class LostWrites(ResumeError):
+    """Redis no longer has jobs this producer wrote and was told were written (the run's cursor went
+    back): a failover promoted a replica that lacked them, or Redis restarted without persistence.
+    Resuming the run with the same input enqueues them again."""
+
+    def __init__(self, run_id: str, listed: int, written: int):
+        super().__init__(
+            f"Redis lost jobs this producer had enqueued: run {run_id} lists {listed} jobs where {written} were "
+            "written and acknowledged (a failover to a replica that lacked them, or a restart without "
+            f"persistence); {_resume_hint(run_id)}, the lost ones included (QUEUEBERT_REPLICA_ACKS makes "
+            "writes wait for replicas)")
+        self.run_id, self.listed, self.written = run_id, listed, written
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -263,7 +277,8 @@ class Client:
     @classmethod
     def from_url(cls, url: str | None = None, queue: str | None = None, **overrides: Any) -> Client:
         settings = ClientSettings.from_env(redis_url=resolve_url(url), queue=queue, **overrides)
-        return cls(connect(settings.redis_url), settings)
+        return cls(connect(settings.redis_url, replica_acks=settings.replica_acks,
+                           replica_ack_timeout_ms=settings.replica_ack_timeout_ms), settings)
 
     def queue(self, name: str | None = None) -> Queue:
         name = name or self.settings.queue
@@ -529,6 +544,8 @@ class Client:
                         log.info("round already applied", run=run.id, jobs=f"{start}..{end - 1}")
                         full.clear()
                         return (listed if len(listed) == len(job_ids) else job_ids), {"enqueued": enqueued, "done": done}
+                    if cursor < start:
+                        raise LostWrites(run.id, cursor, start)
                     if cursor != start:
                         raise ResumeError(f"run {run.id} lists {cursor} jobs where this producer expected {start}: "
                                           "another producer is enqueueing the same run id")
