@@ -241,3 +241,30 @@ def test_giving_back_a_job_finished_elsewhere_writes_nothing(conn, engines):
     assert Queue("default", connection=conn).count == 0
     leftovers = [k for k in conn.keys("*") if conn.ttl(k) == -1 and not k.startswith((b"rq:workers", b"rq:queues"))]
     assert not [k for k in leftovers if job_id.encode() in k], leftovers
+
+
+def test_stats_show_a_full_redis_and_what_each_worker_waits_for(engines):
+    """At maxmemory, `queuebert stats` says Redis is full, and a worker whose completions are
+    refused says so in its row (written even at maxmemory)."""
+    from producer.stats import gather, render
+    from worker.job_store import JobStore
+
+    with RedisServer(extra_args=["--maxmemory", str(2 * 2**20), "--maxmemory-policy", "noeviction"]) as server:
+        conn = redis.Redis.from_url(server.url)
+        worker = _burst_worker(conn, engines["bert"], name="waiting-w")
+        worker.register_birth()
+        worker._store = JobStore.for_worker(worker, worker._ordered_queues)
+        with pytest.raises(redis.exceptions.OutOfMemoryError) as refused:
+            for i in range(10_000):
+                conn.set(f"ballast:{i}", "x" * 10_000)
+        worker.outages["complete"].failed(refused.value)
+        worker._publish_redis_state()
+        stats = gather(conn)
+        assert stats["redis"]["full"] and stats["redis"]["maxmemory"] == 2 * 2**20
+        (row,) = [w for w in stats["workers"] if w["name"] == "waiting-w"]
+        assert row["redis"].startswith("complete: oom for")
+        text = render(stats)
+        assert "FULL: writes refused until results are consumed" in text and "complete: oom" in text
+        worker.outages["complete"].recovered()
+        worker._publish_redis_state()
+        assert [w["redis"] for w in gather(conn)["workers"] if w["name"] == "waiting-w"] == ["ok"]

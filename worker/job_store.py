@@ -190,7 +190,9 @@ return {taken, gone, left_queued()}
 # job.cleanup (folded: the dependents EXPIRE/EXISTS answers whether dependents exist),
 # Execution.delete, and producer.results.COMPLETE_JOB_LUA's run record (grouped by run:
 # stream entry and done-set guard per job, counters and TTLs once per run); then the worker's
-# counters once.
+# counters once. Execution.delete comes first (see the comment in the loop). A job whose hash no
+# longer exists (a reader consumed it after another worker finished it) only loses this worker's
+# execution; a run whose meta hash says `consumed` gets no record.
 #
 # KEYS[1]  worker hash                KEYS[2]  worker executions set
 # for queue q (1-based), at k = 2q + 1: KEYS[k] started registry, KEYS[k+1] finished registry
