@@ -142,6 +142,8 @@ class BatchWorker(SimpleWorker):
         self.scheduler: BatchScheduler | None = None
         self._taker_done = threading.Event()
         self._done: queue_mod.Queue[Any] = queue_mod.Queue()
+        #: Held jobs by ``<job id>:<execution id>``: the same job can be held twice (RQ requeued it
+        #: after its execution expired while Redis refused heartbeats, and this worker took it again).
         self._inflight: dict[str, Slot] = {}
         self._lock = threading.Lock()
         self.completed_jobs = 0
@@ -346,7 +348,7 @@ class BatchWorker(SimpleWorker):
         slots = [Slot(job=tj, queue=self._ordered_queues[tj.queue_index], priority=tj.queue_index) for tj in taken]
         with self._lock:
             for sl in slots:
-                self._inflight[sl.job.id] = sl
+                self._inflight[sl.job.composite_key] = sl
         return slots
 
     def _prepare(self, slots: list[Slot]) -> None:
@@ -516,6 +518,7 @@ class BatchWorker(SimpleWorker):
         ok = [s for s in todo if s.error is None]
         failed = [s for s in todo if s.error is not None]
         fast: list[Completion] = []
+        fast_slots: list[Slot] = []
         slow: list[Slot] = []
         item_errors = items = 0
         for slot in ok:
@@ -526,14 +529,14 @@ class BatchWorker(SimpleWorker):
                 run = slot.request.run if slot.request is not None else None
                 fast.append(Completion(slot.job, encode_results(slot.results), run,  # type: ignore[arg-type]
                                        len(slot.results), errors))
+                fast_slots.append(slot)
             else:
                 slow.append(slot)
         with_dependents = set(store.complete(fast, self.default_result_ttl))
-        for c in fast:
-            slot = self._inflight[c.job.id]
+        for slot in fast_slots:
             slot.written = True
-            if c.job.id in with_dependents:
-                self._enqueue_dependents(slot.queue, c.job.id)
+            if slot.job.id in with_dependents:
+                self._enqueue_dependents(slot.queue, slot.job.id)
         for slot in slow:
             self._complete_without_keeping(slot)
             slot.written = True
@@ -542,7 +545,7 @@ class BatchWorker(SimpleWorker):
             slot.written = True
         with self._lock:
             for slot in slots:
-                self._inflight.pop(slot.job.id, None)
+                self._inflight.pop(slot.job.composite_key, None)
             idle = not self._inflight
         if idle:
             try:
@@ -636,7 +639,7 @@ class BatchWorker(SimpleWorker):
             return
         with self._lock:
             for slot in slots:
-                self._inflight.pop(slot.job.id, None)
+                self._inflight.pop(slot.job.composite_key, None)
         log.info(f"gave back jobs {what}", jobs=given, **({"no_longer_held": len(slots) - given}
                                                           if given < len(slots) else {}))
 
