@@ -269,6 +269,10 @@ class _FullWait:
 class Client:
     """Producer API. ``Client.from_url(url, queue="default")``."""
 
+    #: Times an enqueue round is looked at again after its watched connection failed (backing off
+    #: to 2 s: about a minute in all) before the enqueue stops with a resumable error.
+    LOST_REPLY_TRIES = 35
+
     def __init__(self, connection: redis.Redis, settings: ClientSettings | None = None):
         self.connection = connection
         self.settings = settings or ClientSettings.from_env()
@@ -567,12 +571,16 @@ class Client:
                     full.wait()
                     continue
                 except (redis.WatchError, redis.ConnectionError, redis.TimeoutError) as exc:
-                    # The reply of a watched command was lost (or the cursor moved): look again.
+                    # The reply of a watched command was lost (or the cursor moved): look again,
+                    # backing off (a failover takes seconds: the watched connection may keep
+                    # landing on a demoted master until the sentinels and the pool agree).
                     lost_replies += 1
-                    if lost_replies > 10:
+                    if lost_replies > self.LOST_REPLY_TRIES:
                         raise
-                    log.warning("enqueue round interrupted, checking whether it went in", run=run.id,
-                                error=str(exc))
+                    if lost_replies == 1 or lost_replies % 10 == 0:
+                        log.warning("enqueue round interrupted, checking whether it went in", run=run.id,
+                                    error=str(exc), attempt=lost_replies)
+                    time.sleep(min(0.05 * 2 ** (lost_replies - 1), 2.0))
                     continue
                 finally:
                     pipe.reset()
