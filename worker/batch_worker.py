@@ -473,16 +473,7 @@ class BatchWorker(SimpleWorker):
             slots = self._done.get()
             if slots is _END:
                 return
-            # Gather whatever else finished meanwhile: one pipeline for all of it.
-            while True:
-                try:
-                    more = self._done.get_nowait()
-                except queue_mod.Empty:
-                    break
-                if more is _END:
-                    self._done.put(_END)
-                    break
-                slots = slots + more
+            slots = self._gather(slots)  # one script call for all that finished meanwhile
             outage = self.outages["complete"]
             while True:
                 try:
@@ -498,16 +489,19 @@ class BatchWorker(SimpleWorker):
                         log.warning("stopping with jobs not completed: RQ recovers them when their "
                                     "executions expire", jobs=len([s for s in slots if not s.written]))
                         return
-                    # Whatever finished meanwhile goes into the same attempt.
-                    while True:
-                        try:
-                            more = self._done.get_nowait()
-                        except queue_mod.Empty:
-                            break
-                        if more is _END:
-                            self._done.put(_END)
-                            break
-                        slots = slots + more
+                    slots = self._gather(slots)
+
+    def _gather(self, slots: list[Slot]) -> list[Slot]:
+        """``slots`` and whatever else finished since, without waiting (the end marker stays queued)."""
+        while True:
+            try:
+                more = self._done.get_nowait()
+            except queue_mod.Empty:
+                return slots
+            if more is _END:
+                self._done.put(_END)
+                return slots
+            slots = slots + more
 
     def _complete(self, slots: list[Slot]) -> None:
         """Write every slot's outcome; on a Redis error the caller retries with the same slots, and
