@@ -543,6 +543,9 @@ class Client:
                 try:
                     cursor = int(pipe.get(cursor_key) or 0)
                     if cursor >= end:  # applied already: only its reply was lost
+                        # ...or its replica acks (QUEUEBERT_REPLICA_ACKS): an acknowledged write
+                        # now stands for the round too (replicas apply writes in order).
+                        pipe.expire(cursor_key, ttl)
                         enqueued, done = (int(v or 0) for v in pipe.hmget(meta, "enqueued", "done"))
                         listed = [j.decode() for j in pipe.lrange(keys.run_jobs(run.id), start, end - 1)]
                         log.info("round already applied", run=run.id, jobs=f"{start}..{end - 1}")

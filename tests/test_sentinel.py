@@ -275,6 +275,13 @@ def test_master_killed_mid_run(mode: str, stall: bool, tmp_path: Path, failover_
             while not all(_sentinel_ready(p) for p in ports):
                 assert time.time() < deadline, "sentinels did not find each other and the replica"
                 time.sleep(0.2)
+            # The run starts once the replica has finished its first sync and acknowledges writes:
+            # the test is about a failover mid-run, not about a replica that never had the data.
+            probe = redis.Redis(port=master.port)
+            while probe.execute_command("SET", "qb:test:probe", "1") and probe.execute_command("WAIT", 1, 200) < 1:
+                assert time.time() < deadline, "the replica never acknowledged a write"
+            probe.delete("qb:test:probe")
+            probe.close()
             url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in ports) + f"/{SERVICE}/0"
             client = Client(connect(url, retries=12, replica_acks=int(acks["QUEUEBERT_REPLICA_ACKS"])),
                             ClientSettings.from_env(redis_url=url))
