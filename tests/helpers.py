@@ -1,7 +1,11 @@
-"""Small shared helpers for tests: run a BatchWorker in burst mode in this process."""
+"""Small shared helpers for tests: run a BatchWorker in burst mode in this process, or start a
+`queuebert worker` process whose JSON log goes to a file."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,3 +28,24 @@ def pipeline_reference(model_dir: str, texts: list[str]) -> list[dict[str, float
 
     pipe = pipeline("text-classification", model=model_dir, top_k=None, device="cpu", dtype="float32")
     return [{d["label"]: d["score"] for d in row} for row in pipe(texts, truncation=True, batch_size=1)]
+
+
+LOG_DIR = Path("/tmp/queuebert-test-logs")
+
+
+def start_worker(url: str, model: Path, name: str, **env: str) -> subprocess.Popen[bytes]:
+    """A `queuebert worker` process on CPU in float32 with a 1 s heartbeat (``env`` overrides any
+    ``QUEUEBERT_*``); its log goes to a file, as a pipe nobody reads would fill and block it. The
+    path is ``proc.log_path``."""
+    from conftest import PYTHON, REPO, subprocess_env
+
+    settings = {"QUEUEBERT_MODEL": str(model), "QUEUEBERT_DTYPE": "float32", "QUEUEBERT_DEVICE": "cpu",
+                "QUEUEBERT_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1", **env}
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"{name}-{time.time():.0f}.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--name", name, "--log-format", "json"],
+                                env=subprocess_env(url, **settings), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=log_file)
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    return proc

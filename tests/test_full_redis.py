@@ -7,21 +7,18 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from structlog.testing import capture_logs
 
-from conftest import PYTHON, REPO, subprocess_env
+from helpers import start_worker
 from producer import Client
 
 MAXMEMORY = 3 * 2**20
-LOG_DIR = Path("/tmp/queuebert-test-logs")
 TIMEOUT = 300
 
 
@@ -43,18 +40,6 @@ def _stream(n: int) -> list[dict[str, str]]:
     return [{"id": str(i), "text": " ".join(rng.choice(vocab) for _ in range(rng.randint(20, 60)))} for i in range(n)]
 
 
-def _worker(url: str, model: Path, name: str) -> subprocess.Popen[bytes]:
-    env = subprocess_env(url, QUEUEBERT_MODEL=str(model), QUEUEBERT_DTYPE="float32", QUEUEBERT_DEVICE="cpu",
-                         QUEUEBERT_HEARTBEAT_INTERVAL="2", OMP_NUM_THREADS="1")
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"{name}-{time.time():.0f}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--name", name, "--log-format", "json"],
-                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file)
-    proc.log_path = log_path  # type: ignore[attr-defined]
-    return proc
-
-
 @pytest.mark.parametrize("reader", ["from the start", "after the producer waited"])
 def test_stream_larger_than_maxmemory_completes_exactly_once(tiny_models, reader, capsys):
     from producer.embedded_redis import RedisServer
@@ -65,7 +50,8 @@ def test_stream_larger_than_maxmemory_completes_exactly_once(tiny_models, reader
     with RedisServer(extra_args=["--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction"]) as server:
         admin = redis.Redis.from_url(server.url)
         client = Client.from_url(server.url, redis_full_timeout=120)
-        workers = [_worker(server.url, tiny_models["bert"], f"full-{i}") for i in range(2)]
+        workers = [start_worker(server.url, tiny_models["bert"], f"full-{i}", QUEUEBERT_HEARTBEAT_INTERVAL="2")
+                   for i in range(2)]
         outcome: dict[str, Any] = {}
         peak = [0]
 

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,31 +19,18 @@ from rq.registry import StartedJobRegistry
 from rq.utils import current_timestamp
 
 from conftest import PYTHON, REPO, subprocess_env
+from helpers import start_worker
 from producer import Client, keys
 from producer.connection import connect
 from producer.embedded_redis import RedisServer, free_port
 from producer.serializer import JSONSerializer
 from producer.settings import WorkerSettings
 
-LOG_DIR = Path("/tmp/queuebert-test-logs")
 
 
 def _texts(n: int) -> list[dict[str, str]]:
     return [{"id": str(i), "text": f"text {i}: " + "the food was good but the service was slow " * (1 + i % 4)}
             for i in range(n)]
-
-
-def _worker(url: str, model: Path, name: str, **env: str) -> subprocess.Popen[bytes]:
-    e = subprocess_env(url, QUEUEBERT_MODEL=str(model), QUEUEBERT_DTYPE="float32", QUEUEBERT_DEVICE="cpu",
-                       QUEUEBERT_HEARTBEAT_INTERVAL="1", QUEUEBERT_MAX_BATCH_SIZE="16", QUEUEBERT_MAX_POOL_ITEMS="128",
-                       OMP_NUM_THREADS="1", **env)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"{name}-{time.time():.0f}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--name", name, "--log-format", "json"],
-                                env=e, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file)
-    proc.log_path = log_path  # type: ignore[attr-defined]
-    return proc
 
 
 def _log_lines(proc: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
@@ -73,7 +59,8 @@ def test_worker_rides_out_a_redis_that_refuses_writes(tiny_models):
     with RedisServer() as server:
         client = Client.from_url(server.url)
         run = client.enqueue_stream(_texts(n), chunk_size=8, max_pending=0)
-        worker = _worker(server.url, tiny_models["bert"], "weather")
+        worker = start_worker(server.url, tiny_models["bert"], "weather", QUEUEBERT_MAX_BATCH_SIZE="16",
+                              QUEUEBERT_MAX_POOL_ITEMS="128")
         try:
             admin = redis.Redis.from_url(server.url)
             deadline = time.time() + 60

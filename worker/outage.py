@@ -56,7 +56,6 @@ class Outage:
         self.kind: str | None = None
         self.error: str | None = None
         self.attempts = 0
-        self.errors_total = 0
         self._delay = base
         self._logged_at = 0.0
 
@@ -78,7 +77,6 @@ class Outage:
                 self._delay = min(self._delay * 2, self.cap)
             self.kind, self.error = kind, message
             self.attempts += 1
-            self.errors_total += 1
             delay = self._delay
             due = now - self._logged_at >= self.log_every
             if due:
