@@ -23,8 +23,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/queuebert run examples/reviews.jsonl -o demo-results.jsonl
 
+# `make bench DEVICE=cuda` runs the GPU benchmark (benchmarks/gpu.py) on the first CUDA device.
+DEVICE ?= cpu
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
+ifeq ($(DEVICE),cpu)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+else
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu.py --device $(DEVICE) --bert-base $(BENCH_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) demo-results.jsonl

@@ -38,6 +38,23 @@ TRICKY_TEXTS = [
 ]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu",
+                     help="device for the equivalence tests' engines and pipeline reference (cpu, cuda, cuda:N)")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def tolerance(device: str) -> float:
+    """float32 on a GPU reorders reductions (and cuBLAS picks kernels by shape), so two batchings
+    of the same text agree to about 1e-5 on a CPU but only to about 1e-4 on a GPU."""
+    return 1e-5 if device == "cpu" else 1e-4
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
@@ -125,12 +142,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def engines(tiny_models: dict[str, Path]) -> dict[str, Any]:
-    """One float32 engine per tiny model, loaded through the real loader."""
+def engines(tiny_models: dict[str, Path], device: str) -> dict[str, Any]:
+    """One float32 engine per tiny model, loaded through the real loader on the ``--device``."""
     from worker.engine import Engine
     from worker.model import load_model
 
-    return {k: Engine(load_model(str(p), device="cpu", dtype="float32"), max_batch_size=8, max_batch_tokens=512)
+    return {k: Engine(load_model(str(p), device=device, dtype="float32"), max_batch_size=8, max_batch_tokens=512)
             for k, p in tiny_models.items()}
 
 

@@ -22,11 +22,11 @@ def run_burst(conn: redis.Redis, engine: Any, queues: list[str] | None = None, *
     return worker
 
 
-def pipeline_reference(model_dir: str, texts: list[str]) -> list[dict[str, float]]:
+def pipeline_reference(model_dir: str, texts: list[str], device: str = "cpu") -> list[dict[str, float]]:
     """transformers' own text-classification pipeline, float32, all labels."""
     from transformers import pipeline
 
-    pipe = pipeline("text-classification", model=model_dir, top_k=None, device="cpu", dtype="float32")
+    pipe = pipeline("text-classification", model=model_dir, top_k=None, device=device, dtype="float32")
     return [{d["label"]: d["score"] for d in row} for row in pipe(texts, truncation=True, batch_size=1)]
 
 

@@ -13,24 +13,26 @@ TEXTS = TRICKY_TEXTS + [f"sample review number {i}: " + "good " * (i % 9) + "bad
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("chunk_size,max_batch_size", [(1, 32), (7, 4), (64, 64)])
-def test_queue_matches_pipeline(kind, chunk_size, max_batch_size, conn, redis_server, tiny_models, engines):
+def test_queue_matches_pipeline(kind, chunk_size, max_batch_size, conn, redis_server, tiny_models, engines, device,
+                                tolerance):
     engine = engines[kind]
     engine.max_batch_size = max_batch_size
     client = Client.from_url(redis_server.url)
     run = client.enqueue_stream(TEXTS, chunk_size=chunk_size)
     run_burst(conn, engine)
     results = list(run.results(timeout=10))
-    reference = pipeline_reference(str(tiny_models[kind]), TEXTS)
+    reference = pipeline_reference(str(tiny_models[kind]), TEXTS, device)
 
     assert [r["id"] for r in results] == [str(i) for i in range(len(TEXTS))]
     for got, want in zip(results, reference):
         assert "error" not in got, got
         assert set(got["scores"]) == set(want)
         for label, score in want.items():
-            assert got["scores"][label] == pytest.approx(score, abs=1e-5)
+            assert got["scores"][label] == pytest.approx(score, abs=tolerance)
         best = max(want, key=want.get)
-        assert got["label"] == best
-        assert got["score"] == pytest.approx(want[best], abs=1e-5)
+        # A label may differ from the pipeline's only where the two best scores tie within tolerance.
+        assert got["label"] == best or want[best] - want[got["label"]] <= tolerance
+        assert got["score"] == pytest.approx(want[best], abs=tolerance)
         # scores are ordered best first, like the pipeline's list
         assert list(got["scores"].values()) == sorted(got["scores"].values(), reverse=True)
 

@@ -97,6 +97,8 @@ class Engine:
         #: there exercises the split-and-retry path on a CPU.
         self.fault: Callable[[int, int], None] | None = None
         self.forward_calls = 0
+        #: Batches split after running out of memory (a metric, and proof in the GPU tests).
+        self.oom_splits = 0
         self._backend = self._fast_backend()
 
     # -- tokenize ---------------------------------------------------------------------------
@@ -183,17 +185,20 @@ class Engine:
         try:
             return list(self.forward(rows))
         except Exception as exc:
-            if not _is_oom(exc):
-                if len(rows) == 1:
-                    return [exc]
+            if not _is_oom(exc) and len(rows) > 1:
                 raise
-            if self.m.device.type == "cuda":
-                torch.cuda.empty_cache()
             if len(rows) == 1:
+                # Its traceback holds the failed forward's frames, and so their activations.
+                exc.__traceback__ = None
                 return [exc]
-            half = len(rows) // 2
-            log.warning("forward out of memory, splitting batch", rows=len(rows), width=max(map(len, rows)))
-            return self._forward_split(rows[:half]) + self._forward_split(rows[half:])
+        # Out of memory. Here, past the except block, the exception and the frames its traceback
+        # holds (with the failed forward's activations) are released before the halves are tried.
+        if self.m.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(rows) // 2
+        self.oom_splits += 1
+        log.warning("forward out of memory, splitting batch", rows=len(rows), width=max(map(len, rows)))
+        return self._forward_split(rows[:half]) + self._forward_split(rows[half:])
 
     # -- the whole path -----------------------------------------------------------------------
 
