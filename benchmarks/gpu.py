@@ -172,12 +172,13 @@ class Bench:
     def tune(self, model: Path, row: dict[str, Any]) -> tuple[int, int]:
         from worker.engine import Engine
 
-        base = self.engine(model, "auto", 64, 16384)
+        base = self.engine(model, "auto", max(self.args.batch_sizes), max(self.args.batch_tokens))
+        self.engine_run(base)  # a whole pass first: kernel choice and the allocator's pools settle
         grid: dict[str, float] = {}
         for size in self.args.batch_sizes:
             for tokens in self.args.batch_tokens:
                 engine = Engine(base.m, max_batch_size=size, max_batch_tokens=tokens)
-                seconds, _ = self.engine_run(engine)
+                seconds = min(self.engine_run(engine)[0] for _ in range(2))
                 grid[f"{size}x{tokens}"] = round(self.n / seconds, 1)
                 say(f"    tune max_batch_size={size} max_batch_tokens={tokens}: {self.n / seconds:,.0f} texts/s")
         best = max(grid, key=grid.__getitem__)
@@ -191,13 +192,15 @@ class Bench:
 
         pipe = pipeline("text-classification", model=str(model), device=self.device, dtype=dtype)
         for bs in (1, 64):
+            # batch_size=1 runs a few ms per text: on the first --pipeline-bs1-texts texts only.
+            texts = self.texts[: self.args.pipeline_bs1_texts] if bs == 1 else self.texts
             pipe(self.texts[:64], batch_size=bs, truncation=True)
             self.sync()
             with self.sampler.window() as samples:
-                seconds, _ = timed(lambda: pipe(self.texts, batch_size=bs, truncation=True))
-            row[f"pipeline_bs{bs}"] = {"texts_per_s": round(self.n / seconds, 1),
+                seconds, _ = timed(lambda: pipe(texts, batch_size=bs, truncation=True))
+            row[f"pipeline_bs{bs}"] = {"texts_per_s": round(len(texts) / seconds, 1), "texts": len(texts),
                                        "gpu_busy": BusySampler.fraction(samples)}
-            say(f"    pipeline batch_size={bs}: {self.n / seconds:,.1f} texts/s")
+            say(f"    pipeline batch_size={bs}: {len(texts) / seconds:,.1f} texts/s ({len(texts)} texts)")
         del pipe
 
     def precision(self, model: Path, row: dict[str, Any]) -> None:
@@ -234,7 +237,7 @@ class Bench:
             client = Client.from_url(srv.url)
             procs: list[subprocess.Popen[bytes]] = []
             try:
-                for workers in (1, 2):
+                for workers in self.args.queue_workers:
                     while len(procs) < workers:
                         name = f"gpu-{model.name}-{len(procs)}"
                         with open(logdir / f"{name}.log", "wb") as log:
@@ -284,7 +287,12 @@ class Bench:
         say(f"== {label} ({path})")
         row: dict[str, Any] = {"path": str(path)}
         self.results["models"][label] = row
-        size, tokens = self.tune(path, row)
+        if self.args.tuned:
+            given = self.args.tuned.split(",")[len(self.results["models"]) - 1]
+            size, tokens = (int(x) for x in given.split("x"))
+            row["tuned"] = {"max_batch_size": size, "max_batch_tokens": tokens, "given": True}
+        else:
+            size, tokens = self.tune(path, row)
         engine = self.engine(path, "auto", size, tokens)
         row["auto_dtype"] = str(engine.m.dtype).removeprefix("torch.")
         c = []
@@ -296,7 +304,8 @@ class Bench:
         row["in_process"] = {"texts_per_s": round(self.n / seconds, 1), "gpu_busy": busy}
         say(f"    in-process limit (c): {self.n / seconds:,.1f} texts/s, GPU busy {busy}")
         del engine
-        self.pipeline_rows(path, torch.bfloat16 if row["auto_dtype"] == "bfloat16" else row["auto_dtype"], row)
+        if not self.args.skip_pipeline:
+            self.pipeline_rows(path, torch.bfloat16 if row["auto_dtype"] == "bfloat16" else row["auto_dtype"], row)
         self.queue_rows(path, size, tokens, row)
         if label in self.args.precision_for:
             self.precision(path, row)
@@ -325,6 +334,10 @@ class Bench:
             lines.append(f"| {label} | {row['auto_dtype']} | {t['max_batch_size']} x {t['max_batch_tokens']} | "
                          + " | ".join(cell(k) for k in ("in_process", "queue_stream_1w", "queue_one_text_1w",
                                                         "queue_stream_2w", "pipeline_bs1", "pipeline_bs64")) + " |")
+            more = [k for k in row if k.startswith("queue_stream_") and k not in ("queue_stream_1w", "queue_stream_2w")]
+            if more:
+                lines.append(f"| {label}, more workers | | | " + ", ".join(f"{k.removeprefix('queue_stream_')}: {cell(k)}"
+                                                                        for k in more) + " | | | | | |")
         lines += ["", "Texts/s, (ratio to the in-process limit, GPU busy fraction from NVML).", ""]
         for label, row in self.results["models"].items():
             for dtype, p in row.get("precision_vs_fp32_pipeline", {}).items():
@@ -346,8 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
                    help="a model to measure (repeatable); default: the default model and a BERT-base-size one")
     p.add_argument("--bert-base", action="store_true", help="also a BERT-base-size model (random weights)")
-    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512])
-    p.add_argument("--batch-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[16384, 32768, 65536])
+    p.add_argument("--pipeline-bs1-texts", type=int, default=2000)
+    p.add_argument("--queue-workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+                   help="worker processes sharing the GPU, measured in turn (stream jobs; one-text jobs at 1)")
+    p.add_argument("--tuned", default=None, metavar="SIZExTOKENS[,...]",
+                   help="skip tuning: max_batch_size x max_batch_tokens, one per model in order")
+    p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024])
+    p.add_argument("--batch-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 65536, 131072])
     p.add_argument("--precision-for", action="append", default=[], metavar="LABEL",
                    help="models whose dtypes are compared with float32 pipeline (default: the first)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu"))
