@@ -83,7 +83,8 @@ def generate(n: int, seed: int = 0) -> Corpus:
     for _ in range(n):
         k = 1 if shapes.random() < SINGLE_SHARE else shapes.randint(*PARAGRAPH_REVIEWS)
         texts.append(" ".join(itertools.islice(pool, k)))
-    return Corpus(GENERATED_NAME, "benchmarks/corpus.py (review generator, worker.sentiment_data)", texts, seed)
+    source = f"benchmarks/corpus.py from {generate_examples.__module__}.generate_examples"
+    return Corpus(GENERATED_NAME, source, texts, seed)
 
 
 def read_jsonl(path: Path, n: int) -> Corpus:

