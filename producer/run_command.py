@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
 
 import structlog
+
+from queuebert.procs import LoggedProcess, start_process, stop_processes
 
 from .client import Client
 from .connection import connect
@@ -28,6 +29,10 @@ from .readers import InputError, guess_format, open_input, read_records
 from .settings import WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
+
+# Given SIGTERM, a worker finishes its batch in progress and gives back the rest before it exits;
+# one still running after this is killed, and recovery hands its jobs on like any dead worker's.
+WORKER_STOP_GRACE = 15.0
 
 
 class RunFailed(RuntimeError):
@@ -48,43 +53,28 @@ def _worker_command(args: argparse.Namespace, url: str, index: int) -> list[str]
     return cmd
 
 
-def _start_workers(args: argparse.Namespace, url: str, stack: ExitStack) -> list[subprocess.Popen[bytes]]:
-    procs = []
+def _start_workers(args: argparse.Namespace, url: str, stack: ExitStack) -> list[LoggedProcess]:
+    """Start ``args.workers`` worker processes; all of them are stopped together when ``stack`` closes."""
     env = dict(os.environ)
     # Several workers on one machine share its cores instead of each claiming all of them.
     if args.workers > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
+    log_dir = None if args.verbose else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="queuebert-run-")))
+    procs: list[LoggedProcess] = []
+    stack.callback(stop_processes, procs, WORKER_STOP_GRACE)  # also stops those started before a failure
     for i in range(args.workers):
-        # A file, not a pipe: a pipe nobody drains fills up and blocks the worker mid-run.
-        log_file = None if args.verbose else stack.enter_context(tempfile.TemporaryFile())
-        proc = subprocess.Popen(_worker_command(args, url, i), env=env, stdout=subprocess.DEVNULL,
-                                stderr=log_file, start_new_session=True)
-        proc.log_file = log_file  # type: ignore[attr-defined]
-        procs.append(proc)
-        stack.callback(_stop_process, proc)
+        # Their own session: a Ctrl-C reaches this process, which stops them in order.
+        procs.append(start_process(_worker_command(args, url, i), env=env, new_session=True,
+                                   log_path=log_dir / f"worker-{i}.log" if log_dir else None))
     return procs
 
 
-def _stop_process(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _check_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+def _check_workers(procs: list[LoggedProcess]) -> None:
     """If every worker has exited (a model that cannot load, say), stop with its message."""
     if procs and all(p.poll() is not None for p in procs):
         detail = ""
-        log_file = procs[0].log_file  # type: ignore[attr-defined]
-        stderr = ""
-        if log_file is not None:
-            log_file.seek(0)
-            stderr = log_file.read().decode(errors="replace")
+        log_path = procs[0].log_path
+        stderr = log_path.read_bytes().decode(errors="replace") if log_path is not None else ""
         for line in reversed(stderr.splitlines()):
             try:
                 record = json.loads(line)

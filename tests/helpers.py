@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from producer.settings import WorkerSettings
+from queuebert.procs import LoggedProcess, start_process
 
 
 def run_burst(conn: redis.Redis, engine: Any, queues: list[str] | None = None, **settings: Any) -> Any:
@@ -30,22 +31,18 @@ def pipeline_reference(model_dir: str, texts: list[str], device: str = "cpu") ->
     return [{d["label"]: d["score"] for d in row} for row in pipe(texts, truncation=True, batch_size=1)]
 
 
-LOG_DIR = Path("/tmp/queuebert-test-logs")
+# Kept after the session, so a failed test's worker log can still be read.
+LOG_DIR = Path(os.environ.get("QB_TEST_LOG_DIR", "/tmp/queuebert-test-logs"))
 
 
-def start_worker(url: str, model: Path, name: str, **env: str) -> subprocess.Popen[bytes]:
+def start_worker(url: str, model: Path, name: str, **env: str) -> LoggedProcess:
     """A `queuebert worker` process on CPU in float32 with a 1 s heartbeat (``env`` overrides any
-    ``QUEUEBERT_*``); its log goes to a file, as a pipe nobody reads would fill and block it. The
-    path is ``proc.log_path``."""
+    ``QUEUEBERT_*``); its JSON log is in ``proc.log_path``."""
     from conftest import PYTHON, REPO, subprocess_env
 
     settings = {"QUEUEBERT_MODEL": str(model), "QUEUEBERT_DTYPE": "float32", "QUEUEBERT_DEVICE": "cpu",
                 "QUEUEBERT_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1", **env}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"{name}-{time.time():.0f}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--name", name, "--log-format", "json"],
-                                env=subprocess_env(url, **settings), cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=log_file)
-    proc.log_path = log_path  # type: ignore[attr-defined]
-    return proc
+    return start_process([PYTHON, "-m", "producer.cli", "worker", "--name", name, "--log-format", "json"],
+                         env=subprocess_env(url, **settings), cwd=REPO,
+                         log_path=LOG_DIR / f"{name}-{time.time():.0f}.log")

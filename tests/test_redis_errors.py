@@ -22,9 +22,10 @@ from conftest import PYTHON, REPO, subprocess_env
 from helpers import start_worker
 from producer import Client, keys
 from producer.connection import connect
-from producer.embedded_redis import RedisServer, free_port
+from producer.embedded_redis import RedisServer
 from producer.serializer import JSONSerializer
 from producer.settings import WorkerSettings
+from queuebert.procs import free_port
 
 
 

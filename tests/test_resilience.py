@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -17,9 +16,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import PYTHON, REPO, build_tiny_model, subprocess_env
+from conftest import build_tiny_model
+from helpers import start_worker
 from producer import Client
 from producer.embedded_redis import RedisServer
+from queuebert.procs import LoggedProcess
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
@@ -38,25 +39,16 @@ def _texts(n: int) -> list[str]:
     return [f"text {i}: " + "the food was good but the service was slow " * (1 + i % 6) for i in range(n)]
 
 
-LOG_DIR = Path(os.environ.get("QB_TEST_LOG_DIR", "/tmp/queuebert-test-logs"))
-
-
-def _start_worker(url: str, model: Path, name: str, **env: str) -> subprocess.Popen[bytes]:
-    """A worker process; its log goes to a file (a pipe nobody reads would fill and block it)."""
-    settings = {"QUEUEBERT_MAX_BATCH_SIZE": "8", "QUEUEBERT_MAX_POOL_ITEMS": "64", **env}
-    e = subprocess_env(url, QUEUEBERT_MODEL=str(model), QUEUEBERT_DTYPE="float32", QUEUEBERT_DEVICE="cpu",
-                       QUEUEBERT_HEARTBEAT_INTERVAL=HEARTBEAT, OMP_NUM_THREADS="1", **settings)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_file = open(LOG_DIR / f"{name}-{time.time():.0f}.log", "wb")
-    proc = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--name", name, "--log-format", "json"],
-                            env=e, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file)
-    proc.log_path = Path(log_file.name)  # type: ignore[attr-defined]
-    log_file.close()
+def _start_worker(url: str, model: Path, name: str, **env: str) -> LoggedProcess:
+    """A worker process with small batches and pools (``env`` overrides), reaped after the test."""
+    settings = {"QUEUEBERT_MAX_BATCH_SIZE": "8", "QUEUEBERT_MAX_POOL_ITEMS": "64",
+                "QUEUEBERT_HEARTBEAT_INTERVAL": HEARTBEAT, **env}
+    proc = start_worker(url, model, name, **settings)
     _started.append(proc)
     return proc
 
 
-_started: list[subprocess.Popen[bytes]] = []
+_started: list[LoggedProcess] = []
 
 
 @pytest.fixture(autouse=True)
@@ -70,8 +62,9 @@ def _reap_workers():
             proc.wait()
 
 
-def _log(proc: subprocess.Popen[bytes]) -> str:
-    return proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+def _log(proc: LoggedProcess) -> str:
+    assert proc.log_path is not None
+    return proc.log_path.read_text(errors="replace")
 
 
 def _wait_registered(conn: redis.Redis, name: str, timeout: float = 60) -> None:

@@ -17,14 +17,15 @@ from typing import Any
 import pytest
 import redis
 
-from conftest import PYTHON, REPO, build_tiny_model, subprocess_env
-from helpers import run_burst
+from conftest import build_tiny_model
+from helpers import run_burst, start_worker
 from producer import Client, keys
 from producer.client import LostWrites
 from producer.connection import ReplicaAckTimeout, connect
-from producer.embedded_redis import RedisServer, find_redis_server, free_port
+from producer.embedded_redis import RedisServer, find_redis_server
 from producer.results import decode_entry
 from producer.settings import ClientSettings
+from queuebert.procs import LoggedProcess, free_port
 
 
 def test_sentinel_url_reaches_the_master(engines, tmp_path: Path):
@@ -135,7 +136,6 @@ def test_write_waits_until_a_replica_acknowledges():
 # -- failover mid-run: what each mode loses ---------------------------------------------------------
 
 SERVICE = "qbmaster"
-LOG_DIR = Path(os.environ.get("QB_TEST_LOG_DIR", "/tmp/queuebert-test-logs"))
 
 
 class ReplicationLink:
@@ -228,14 +228,8 @@ def _failover_texts(n: int) -> list[str]:
     return [f"text {i}: " + "the food was good but the service was slow " * (1 + i % 6) for i in range(n)]
 
 
-def _start_failover_worker(url: str, model: Path, name: str, **env: str) -> subprocess.Popen[bytes]:
-    e = subprocess_env(url, QUEUEBERT_MODEL=str(model), QUEUEBERT_DTYPE="float32", QUEUEBERT_DEVICE="cpu",
-                       QUEUEBERT_HEARTBEAT_INTERVAL="1", QUEUEBERT_MAX_BATCH_SIZE="8",
-                       QUEUEBERT_MAX_POOL_ITEMS="64", OMP_NUM_THREADS="1", **env)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    with open(LOG_DIR / f"{name}-{time.time():.0f}.log", "wb") as log_file:
-        return subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--name", name, "--log-format", "json"],
-                                env=e, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file)
+def _start_failover_worker(url: str, model: Path, name: str, **env: str) -> LoggedProcess:
+    return start_worker(url, model, name, QUEUEBERT_MAX_BATCH_SIZE="8", QUEUEBERT_MAX_POOL_ITEMS="64", **env)
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +255,7 @@ def test_master_killed_mid_run(mode: str, stall: bool, tmp_path: Path, failover_
     n = int(os.environ.get("QB_FAILOVER_TEXTS", "5000"))
     acks = {"QUEUEBERT_REPLICA_ACKS": "1"} if mode == "acks" else {"QUEUEBERT_REPLICA_ACKS": "0"}
     sentinels: list[subprocess.Popen[bytes]] = []
-    workers: list[subprocess.Popen[bytes]] = []
+    workers: list[LoggedProcess] = []
     with RedisServer() as master:
         link = ReplicationLink(master.port)
         replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(link.port)]).start()

@@ -2,7 +2,8 @@
 
 A model on a GPU belongs to one process, so several GPUs mean several workers. The supervisor
 passes each child its settings through ``QUEUEBERT_*`` variables (the same way a container is
-configured), forwards SIGTERM/SIGINT for a graceful stop, and restarts a child that exits with an
+configured), turns SIGTERM/SIGINT into one graceful SIGTERM per child (killing those still running
+after ``grace`` seconds, or at once on a second signal), and restarts a child that exits with an
 error, backing off if it keeps failing.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from producer.settings import WorkerSettings, env_name
+from queuebert.procs import LoggedProcess, kill_processes, start_process, stop_processes
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +43,7 @@ def settings_env(settings: WorkerSettings) -> dict[str, str]:
 class Child:
     index: int
     device: str
-    proc: subprocess.Popen[bytes] | None = None
+    proc: LoggedProcess | None = None
     started: float = 0.0
     failures: int = 0
     restarts: int = 0
@@ -73,22 +74,32 @@ class Supervisor:
             # argument still land on the right card.
             env["CUDA_VISIBLE_DEVICES"] = child.device.split(":", 1)[1]
             env[env_name("device")] = "cuda:0"
-        child.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker"], env=env)
+        # Output is inherited: the children's log lines are the supervisor's, as in a container. Their
+        # own session keeps a terminal's Ctrl-C away from them: the supervisor's SIGTERM is their
+        # one stop signal (a worker takes a second one as "exit at once").
+        child.proc = start_process([sys.executable, "-m", "producer.cli", "worker"], env=env, stdout="inherit",
+                                   new_session=True)
         child.started = time.monotonic()
         log.info("worker process started", device=child.device, pid=child.proc.pid, index=child.index)
 
+    def _running(self) -> list[LoggedProcess]:
+        return [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+
     def _on_signal(self, signum: int, frame: object) -> None:
+        # The main loop does the stopping: a handler that waited for children would block the
+        # second signal's handler, which must be able to kill them at once.
         if self.stopping:
             log.warning("second stop signal: killing workers")
-            for c in self.children:
-                if c.proc and c.proc.poll() is None:
-                    c.proc.kill()
+            kill_processes(self._running())
             return
         self.stopping = True
         log.info("stopping workers", signal=signum)
-        for c in self.children:
-            if c.proc and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
+
+    def _stop(self) -> int:
+        """SIGTERM to every child once (a second SIGTERM would make a worker exit at once), then
+        up to ``grace`` seconds for their batches in progress, then SIGKILL."""
+        stop_processes(self._running(), self.grace)
+        return 0
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -96,6 +107,8 @@ class Supervisor:
         for c in self.children:
             self._start(c)
         while True:
+            if self.stopping:
+                return self._stop()
             now = time.monotonic()
             alive = 0
             for c in self.children:
