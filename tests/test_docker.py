@@ -120,6 +120,15 @@ def test_dockerfile_runs_worker_as_non_root_with_healthcheck(path: Path) -> None
     assert any(k == "ARG" and a.startswith("TORCH_VERSION=") for k, a in ins)
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_copies_every_package(path: Path) -> None:
+    """`pip install .` in the image builds from what was COPYed: a package left out breaks the image."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
+    copied = {a.split()[0].rstrip("/") for k, a in instructions(path) if k == "COPY"}
+    assert set(packages) <= copied, f"{path.name} does not COPY {sorted(set(packages) - copied)}"
+
+
 def test_cuda_image_defaults_to_cuda() -> None:
     ins = instructions(DOCKER / "Dockerfile.cuda")
     assert any(k == "ENV" and "QUEUEBERT_DEVICE=cuda" in a for k, a in ins)
