@@ -30,7 +30,7 @@ from typing import Any
 
 # The templated review generator that also trains the default model. The one import of it here;
 # only the generator is used, never the labels.
-from worker.sentiment_data import generate_examples
+from modelbuild.sentiment_data import generate_examples
 
 # Reviews drawn once per corpus and used in order (texts past ~3,400 wrap around and reuse them in
 # other paragraphs). A fixed number keeps every prefix of the corpus the same whatever N is.

@@ -112,7 +112,7 @@ def machine_info() -> dict[str, Any]:
 def prepare_model(tmp: Path) -> tuple[Path, str]:
     """The default model if it is already built; else MiniLM-L6 with a random 2-label head."""
     try:
-        from worker.default_model import default_model_dir, is_complete
+        from modelbuild.default_model import default_model_dir, is_complete
 
         d = default_model_dir()
         if d.is_dir() and is_complete(d):

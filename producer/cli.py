@@ -289,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_model(args: argparse.Namespace) -> int:
     try:
-        from worker.default_model import build_default_model
+        from modelbuild.default_model import build_default_model
     except ImportError as exc:
         log.error("building the model needs the worker extras: pip install 'queuebert[worker]'", error=str(exc))
         return 2

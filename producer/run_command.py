@@ -90,7 +90,7 @@ def _ensure_model(args: argparse.Namespace) -> None:
     """Build the default model once here, before N workers would each wait for it."""
     model = args.model or WorkerSettings.from_env().model
     try:
-        from worker.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+        from modelbuild.default_model import DEFAULT_MODEL_NAME, ensure_default_model
     except ImportError:
         return
     if model == DEFAULT_MODEL_NAME:

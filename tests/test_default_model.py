@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from worker import default_model as dm
-from worker.sentiment_data import LABELS, generate_examples
+from modelbuild import default_model as dm
+from modelbuild.sentiment_data import LABELS, generate_examples
 
 REPO = Path(__file__).resolve().parent.parent
 HELDOUT = REPO / "examples" / "reviews-heldout.jsonl"
@@ -211,3 +211,30 @@ def test_pipeline_loads_build_unchanged(built_model: Path) -> None:
 @pytest.mark.slow
 def test_heldout_accuracy_meets_target(built_model: Path) -> None:
     assert dm.evaluate(built_model, HELDOUT) >= 0.85
+
+
+# --------------------------------------------------------------------------
+# Package boundary: serving does not load the build code
+# --------------------------------------------------------------------------
+
+
+def test_settings_default_is_the_built_model_name() -> None:
+    from modelbuild import DEFAULT_MODEL_NAME
+    from producer.settings import WorkerSettings
+
+    assert WorkerSettings().model == DEFAULT_MODEL_NAME
+
+
+def test_worker_loads_build_code_only_for_the_default_model() -> None:
+    """A worker serving any other model never imports the training data or recipe."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, worker, worker.model, worker.cli\n"
+        "assert worker.model.resolve_model_path('some/model') == 'some/model'\n"
+        "print(sorted(m for m in sys.modules if m.startswith('modelbuild.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -29,7 +29,7 @@ WORKER_SERVICES = ["worker", "worker-gpu"]
 
 #: Variables read outside the settings dataclasses, each with the file that reads it (checked below,
 #: so this list cannot outlive the code).
-EXTRA_ENV = {"QUEUEBERT_CACHE_DIR": ROOT / "worker" / "default_model.py"}
+EXTRA_ENV = {"QUEUEBERT_CACHE_DIR": ROOT / "modelbuild" / "default_model.py"}
 
 SETTINGS_ENV = {env_name(f.name) for cls in (WorkerSettings, ClientSettings) for f in dataclasses.fields(cls)}
 KNOWN_ENV = SETTINGS_ENV | set(EXTRA_ENV)

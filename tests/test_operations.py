@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 from conftest import PYTHON, REPO, subprocess_env
-from helpers import run_burst
+from helpers import run_burst, start_worker
 from producer import Client
 from rq.job import Job
 from producer.serializer import JSONSerializer
@@ -105,20 +105,32 @@ def test_stats_json_reports_queues_workers_runs(conn, redis_server, engines):
     assert human.returncode == 0 and done_run.id in human.stdout and "waiting" in human.stdout
 
 
-def test_stats_lists_a_running_worker_with_device_and_items(conn, redis_server, engines):
+def test_stats_lists_a_running_worker_with_device_and_items(conn, redis_server, tiny_models):
+    """A live `queuebert worker` process is listed with what it serves and has done; once it has
+    stopped it is not listed."""
     from producer.stats import worker_stats
-    from producer.settings import WorkerSettings
-    from worker.batch_worker import BatchWorker
 
     client = Client.from_url(redis_server.url)
-    client.enqueue_stream(["x"] * 5, chunk_size=1)
-    s = WorkerSettings(burst=True)
-    worker = BatchWorker(["default"], connection=conn, settings=s, engine=engines["bert"], name="stats-w")
-    worker.work(burst=True)
-    # After a burst the worker has registered its death; check the fields it wrote while alive.
-    assert conn.hget(worker.key, "qb_items") == b"5"
-    assert conn.hget(worker.key, "qb_device") == b"cpu"
-    assert worker_stats(conn) == []  # dead workers are not listed
+    run = client.enqueue_stream(["x"] * 5, chunk_size=1)
+    proc = start_worker(redis_server.url, tiny_models["bert"], "stats-w")
+    try:
+        assert run.wait(timeout=120)
+        # The worker registered before it took the jobs; its counters may trail the run by a moment.
+        deadline = time.time() + 30
+        while (rows := worker_stats(conn)) and rows[0]["jobs_done"] < 5 and time.time() < deadline:
+            time.sleep(0.1)
+        assert [(r["name"], r["jobs_done"]) for r in rows] == [("stats-w", 5)]
+        assert proc.poll() is None, "the worker must still be running while it is listed"
+        row = rows[0]
+        assert row["pid"] == proc.pid
+        assert row["queues"] == ["default"] and row["state"] in {"idle", "busy"}
+        assert (row["device"], row["dtype"], row["items_done"]) == ("cpu", "float32", 5)
+        assert row["model"] == str(tiny_models["bert"])
+        assert row["last_heartbeat"] is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert worker_stats(conn) == []  # a stopped worker has registered its death
 
 
 def test_deadline_drops_late_jobs_and_tells_subscribers(conn, redis_server, engines):

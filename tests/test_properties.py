@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,9 +46,70 @@ def test_every_item_gets_exactly_one_answer(engines, raw_items):
     json.dumps(results)  # results are always JSON-serializable
 
 
-@given(json_values)
-def test_any_job_payload_is_accepted_or_refused_with_a_job_error(payload):
-    try:
-        parse_job((), payload, max_items=10)
-    except JobError as exc:
-        assert str(exc)
+MAX_ITEMS = 10
+JOB_FIELDS = ("items", "run", "top_k", "deadline")
+#: Per job field: a fitting value and a wrong one (wrong type, out of range, or anything at all).
+FIELD_VALUES = {
+    "items": (st.lists(json_values, min_size=1, max_size=MAX_ITEMS),
+              st.just([]) | st.lists(json_values, min_size=MAX_ITEMS + 1, max_size=MAX_ITEMS + 2) | json_values),
+    "run": (st.text(max_size=8), json_values),
+    "top_k": (st.integers(min_value=1, max_value=5), st.integers(max_value=0) | st.booleans() | json_values),
+    "deadline": (st.floats(allow_nan=False) | st.integers(), st.booleans() | st.text(max_size=5) | json_values),
+}
+
+
+@st.composite
+def job_calls(draw: st.DrawFn) -> tuple[tuple[object, ...], object]:
+    """``(args, kwargs)`` as a job hash may hold them, near the schema's edges: each field absent,
+    fitting or wrong, now and then an unknown field, positional arguments or not an object at all,
+    so that about a third of the calls are valid and every refusal reason occurs."""
+    args = draw(st.tuples(json_values)) if draw(st.integers(0, 9)) == 0 else ()
+    if draw(st.integers(0, 9)) == 0:
+        return args, draw(json_values)
+    payload = {}
+    for name, (fitting, wrong) in FIELD_VALUES.items():
+        shape = draw(st.sampled_from(["absent", "wrong", "fitting", "fitting", "fitting"]))
+        if shape != "absent":
+            payload[name] = draw(fitting if shape == "fitting" else wrong)
+    if draw(st.integers(0, 9)) == 0:
+        payload[draw(st.text(max_size=8).filter(lambda k: k not in JOB_FIELDS))] = draw(json_values)
+    return args, payload
+
+
+def refusal(args: tuple[object, ...], payload: object) -> str | None:
+    """The schema written out once more, as a spec: None for a payload ``parse_job`` must accept,
+    else a word its refusal message must contain."""
+    if args:
+        return "positional"
+    if not isinstance(payload, dict):
+        return "object"
+    if set(payload) - set(JOB_FIELDS):
+        return "unknown"
+    items = payload.get("items")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
+        return "items"
+    run, top_k, deadline = payload.get("run"), payload.get("top_k"), payload.get("deadline")
+    if run is not None and not isinstance(run, str):
+        return "run"
+    if top_k is not None and (type(top_k) is not int or top_k < 1):
+        return "top_k"
+    if deadline is not None and type(deadline) not in (int, float):
+        return "deadline"
+    return None
+
+
+@settings(max_examples=200)
+@given(job_calls())
+def test_job_payload_is_accepted_exactly_when_the_schema_allows_it(call):
+    """A valid job is decoded field for field; any other payload is refused with a JobError that
+    names what is wrong (RQ shows that message as the failed job's reason)."""
+    args, payload = json.loads(json.dumps(call))  # what the worker reads back from Redis
+    args = tuple(args)
+    expected = refusal(args, payload)
+    if expected is None:
+        request = parse_job(args, payload, max_items=MAX_ITEMS)
+        assert request.items == payload["items"]
+        assert (request.run, request.top_k, request.deadline) == tuple(payload.get(f) for f in JOB_FIELDS[1:])
+    else:
+        with pytest.raises(JobError, match=expected):
+            parse_job(args, payload, max_items=MAX_ITEMS)

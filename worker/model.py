@@ -98,12 +98,18 @@ class LoadedModel:
 
 
 def resolve_model_path(name: str, revision: str | None = None) -> str:
-    """The built-in default model name maps to its locally built checkpoint (built on first use)."""
-    from .default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    """The built-in default model name maps to its locally built checkpoint (built on first use).
 
-    if name == DEFAULT_MODEL_NAME:
-        return str(ensure_default_model())
-    return name
+    ``modelbuild.default_model`` (training data and recipe) is imported only for that name: a
+    worker serving any other model never loads it.
+    """
+    from modelbuild import DEFAULT_MODEL_NAME
+
+    if name != DEFAULT_MODEL_NAME:
+        return name
+    from modelbuild.default_model import ensure_default_model
+
+    return str(ensure_default_model())
 
 
 def load_model(

