@@ -437,6 +437,10 @@ class BatchWorker(SimpleWorker):
                     # finish. What the worker holds stays bounded by its pool.
                     self._stop.wait(0.1)
                     continue
+                # Looked at before the take: a job still held may be queued again as it completes
+                # (a retry, a repeat, a released dependent), so a burst ends only after a take that
+                # began with nothing held found nothing.
+                held = self._busy()
                 try:
                     slots = self._take(want, block)
                     self.outages["take"].recovered()
@@ -445,7 +449,7 @@ class BatchWorker(SimpleWorker):
                     continue
                 if not slots:
                     scheduler.expect(0, queued=False)  # nothing queued (another worker may have taken it)
-                    if burst and not self._busy():
+                    if burst and not held:
                         return
                     time.sleep(pause if burst or len(self.queues) > 1 else 0)
                     pause = min(pause * 2, 0.02)
