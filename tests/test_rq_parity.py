@@ -311,8 +311,7 @@ def test_job_ttl(conn, engines, ids, ttl):
     compare(conn, engines["bert"], ids, lambda c: enqueue(c, "job-ttl", ["text"], ttl=ttl))
 
 
-@pytest.mark.parametrize("retries", [0, 2])
-@pytest.mark.parametrize("failure_ttl", [None, 900, -1])
+@pytest.mark.parametrize(("retries", "failure_ttl"), [(0, None), (2, 900), (0, -1)])
 def test_failed_job(conn, engines, ids, monkeypatch, retries, failure_ttl):
     """A job that cannot run (more items than the worker allows): the job function raises."""
     monkeypatch.setenv("QUEUEBERT_MAX_ITEMS_PER_JOB", "2")
