@@ -7,11 +7,12 @@ two places:
 - ``--#include <package>/<file>.lua`` lines are replaced by that file: the run record
   (``producer/lua/run_record.lua``) is one file, included by every script that completes a job;
 - constants are prepended as ``local NAME = ...``: numbers, strings, tuples (a Lua list), sets of
-  strings (a table of ``true``) and argument layouts (:class:`ArgLayout`: a table of named ARGV offsets, generated from
-  the same names the Python side builds its arguments from).
+  strings (a table of ``true``) and argument layouts (:class:`ArgLayout`: a table of named ARGV
+  offsets, generated from the same names the Python side builds its arguments from).
 
-A name a script uses but nobody defines fails here, when the script is loaded, rather than as a
-``nil`` inside Redis on the first call.
+A name a script uses but nobody defines, or an argument the Python side sends but the script never
+reads, fails here, when the script is loaded, rather than as a ``nil`` inside Redis on the first
+call or an argument silently ignored.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def load(package: str, name: str, constants: Mapping[str, Constant] | None = Non
     """The script ``<package>/lua/<name>`` with its includes expanded and ``constants`` prepended.
 
     Raises ValueError when the script uses an upper-case name that is neither a constant given here
-    nor defined by the script, or a ``NAME.field`` that its :class:`ArgLayout` lacks.
+    nor defined by the script, uses a ``NAME.field`` that its :class:`ArgLayout` lacks, or never
+    reads a field of one.
     """
     constants = dict(constants or {})
     body = _expand(read(package, name), {(package, name)})
@@ -102,9 +104,14 @@ def load(package: str, name: str, constants: Mapping[str, Constant] | None = Non
     missing = sorted(set(_CONSTANT_USE.findall(code)) - defined)
     if missing:
         raise ValueError(f"{package}/lua/{name} uses undefined names: {', '.join(missing)}")
-    for table, field in _FIELD_USE.findall(code):
+    used = set(_FIELD_USE.findall(code))
+    for table, field in sorted(used):
         layout = constants.get(table)
         if isinstance(layout, ArgLayout) and field not in layout.fields:
             raise ValueError(f"{package}/lua/{name} uses {table}.{field}, which its argument layout lacks")
+    for table, layout in constants.items():
+        unread = [f for f in layout.fields if (table, f) not in used] if isinstance(layout, ArgLayout) else []
+        if unread:
+            raise ValueError(f"{package}/lua/{name} never reads {', '.join(f'{table}.{f}' for f in unread)}")
     prologue = "".join(f"local {key} = {_literal(value)}\n" for key, value in constants.items())
     return prologue + body
