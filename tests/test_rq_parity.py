@@ -5,8 +5,19 @@ Each scenario enqueues the same jobs (same ids, payloads and RQ options) twice: 
 ``handle_job_success``/``handle_job_failure``, running ``worker.tasks.classify`` with queuebert's
 serializer and job class), once for ``BatchWorker``. After each worker has drained the queues the
 whole database is compared: every key, its type, every hash field, list, set and registry member,
-stream entry and TTL. What legitimately differs is normalised, each for a reason given in
-:func:`normalise`; everything else must be equal.
+stream entry and TTL. Everything must be equal except what legitimately differs, which is
+normalised:
+
+- times: timestamps become placeholders, TTLs and registry scores are compared relative to the
+  snapshot, within the time the run took;
+- execution ids (RQ: uuid4; BatchWorker: a take id and a counter);
+- scores inside results, within 1e-4 (float32 results of differently composed batches);
+- the order of a run's stream entries (jobs finish in the order of their batches);
+- a failure's text: RQ records the job function's traceback, BatchWorker its message (:class:`Failure`);
+- the worker's process fields (pid, hostname, ip), its ``total_working_time``, and queuebert's own
+  ``qb_*`` worker fields;
+- RQ's group-maintenance lock, taken by RQ's worker as it starts and by BatchWorker every heartbeat;
+- while a job runs (:func:`test_while_running`), the execution TTL, which BatchWorker keeps short.
 """
 
 from __future__ import annotations
