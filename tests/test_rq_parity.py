@@ -358,6 +358,21 @@ def test_repeat(conn, engines, ids):
     assert len(batch["qb:run:{run-1}:stream"][1]) == 1  # the run hears of the job once
 
 
+def test_repeat_and_retry_with_an_interval(conn, engines, ids, monkeypatch):
+    """With an interval, the next run of a repeat and a retry waits in RQ's scheduled registry."""
+    monkeypatch.setenv("QUEUEBERT_MAX_ITEMS_PER_JOB", "2")
+
+    def setup(c: redis.Redis) -> None:
+        enqueue(c, "job-repeat", ["again"], repeat=Repeat(times=2, interval=60))
+        enqueue(c, "job-retry", ["one", "two", "three"], retry=Retry(max=2, interval=[30, 60]))
+
+    def batch(c: redis.Redis, engine: Any, queues: list[str]) -> None:
+        run_burst(c, engine, queues=queues, name=WORKER, max_items_per_job=2)
+
+    snap = compare(conn, engines["bert"], ids, setup, batch=batch)
+    assert [m for m, _ in snap["rq:scheduled:default"][1]] == ["job-repeat", "job-retry"]
+
+
 def test_rate_limit(conn, engines, ids):
     """Three jobs sharing a concurrency-1 rate limit: each completion releases the slot and lets the
     next one in, as under RQ."""
