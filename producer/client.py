@@ -327,10 +327,11 @@ class Client:
             pipe.rpush(keys.run_jobs(run_id), *job_ids)
             pipe.hincrby(meta, "enqueued", n_items)
             pipe.hincrby(meta, "jobs", len(chunks))
+            ttl = self.settings.result_ttl
             pipe.hsetnx(meta, "queue", q.name)
             pipe.hsetnx(meta, "created_at", f"{time.time():.3f}")
+            pipe.hset(meta, "ttl", ttl)  # how long completions keep the run (run_record.lua)
             pipe.zadd(keys.RUNS, {run_id: time.time()}, nx=True)
-            ttl = self.settings.result_ttl
             for key in keys.run_keys(run_id):
                 pipe.expire(key, ttl)
             pipe.hmget(meta, "enqueued", "done")
@@ -564,6 +565,7 @@ class Client:
                     pipe.hsetnx(meta, "queue", q.name)
                     pipe.hsetnx(meta, "chunk_size", chunk_size)
                     pipe.hsetnx(meta, "created_at", f"{time.time():.3f}")
+                    pipe.hset(meta, "ttl", ttl)  # how long completions keep the run (run_record.lua)
                     pipe.zadd(keys.RUNS, {run.id: time.time()}, nx=True)
                     pipe.set(cursor_key, end, ex=ttl)
                     for key in keys.run_keys(run.id):

@@ -24,7 +24,8 @@ RUNS = f"{PREFIX}:runs"
 
 
 def run_meta(run_id: str) -> str:
-    """Hash: ``enqueued``/``total`` items, ``jobs``, ``done``, ``errors``, ``sealed``, timestamps."""
+    """Hash: ``enqueued``/``total`` items, ``jobs``, ``done``, ``errors``, ``sealed``, timestamps, and
+    ``ttl``: the seconds the run's keys live after each completion (the producer's result TTL)."""
     return f"{PREFIX}:run:{{{run_id}}}"
 
 

@@ -1,15 +1,17 @@
 """The result store: how a finished job is recorded in its run, and how clients read it back.
 
-A job's results live in two places, both written in the same pipeline:
+A job's results live in two places:
 - RQ's own result (``rq:results:<job>``), so ``job.latest_result()`` and RQ's tools see it;
-- one entry in the run's stream, written by :data:`COMPLETE_JOB_LUA`, which also counts the run's
-  progress. The script adds the entry only the first time a job id completes, so a job that was
-  redelivered after its worker died (and ran twice) appears once and is counted once, and never
-  once a consuming reader has finished with the run (``consumed`` in its meta hash).
+- one entry in the run's stream, with the run's progress counters: the run record
+  (``producer/lua/run_record.lua``, included by every script that completes a job). It is added
+  only the first time a job id completes, so a job that was redelivered after its worker died (and
+  ran twice) appears once and is counted once, and never once a consuming reader has finished
+  with the run (``consumed`` in its meta hash).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from base64 import b64decode
@@ -18,59 +20,40 @@ from typing import Any
 
 import redis
 
-from . import keys
+from . import keys, scripts
 from .schema import ItemResult, is_error
+from .scripts import ArgLayout
+from .settings import DEFAULT_RESULT_TTL
 
-# KEYS: run meta, done-jobs set, stream, jobs list. ARGV: job id, items, errors, results JSON, ttl, now.
-COMPLETE_JOB_LUA = """
-if redis.call('HEXISTS', KEYS[1], 'consumed') == 1 or redis.call('SADD', KEYS[2], ARGV[1]) == 0 then
-  return 0
-end
-redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'results', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'done', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'done_jobs', 1)
-if tonumber(ARGV[3]) > 0 then
-  redis.call('HINCRBY', KEYS[1], 'errors', ARGV[3])
-end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[6])
-local ttl = tonumber(ARGV[5])
-if ttl > 0 then
-  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
-end
-return 1
-"""
+#: Named arguments of complete_job.lua (``ARGV[ARG.<name>]``).
+COMPLETE_JOB_ARGS = ArgLayout(("job", "items", "errors", "results", "now"))
 
-# The end of a consuming read: the run's stream, job list and done set go; its meta hash stays
-# (small, until its TTL, for `stats --all-runs`) marked `consumed`, which both completion scripts
-# check, so a late completion never reopens the run. The DEL comes first: once a script has
-# written, Redis lets it finish even at maxmemory, which is when readers free memory.
-# KEYS: run meta, done-jobs set, stream, jobs list (producer.keys.run_keys order).
-FINISH_CONSUMED_LUA = """
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'consumed', 1)
-end
-return 0
-"""
+#: What producer/lua/run_record.lua needs from Python, for every script that includes it.
+RUN_RECORD_CONSTANTS = {"DEFAULT_RUN_TTL": DEFAULT_RESULT_TTL}
 
+_CONSTANTS: dict[str, dict[str, Any]] = {
+    "complete_job.lua": {"ARG": COMPLETE_JOB_ARGS, **RUN_RECORD_CONSTANTS},
+    "finish_consumed.lua": {},
+}
 _scripts: dict[tuple[int, str], Any] = {}
 
 
-def _script(connection: redis.Redis, source: str) -> Any:
-    key = (id(connection), source)
+@functools.cache
+def _source(name: str) -> str:
+    return scripts.load("producer", name, _CONSTANTS[name])
+
+
+def _script(connection: redis.Redis, name: str) -> Any:
+    key = (id(connection), name)
     script = _scripts.get(key)
     if script is None:
-        script = _scripts[key] = connection.register_script(source)
+        script = _scripts[key] = connection.register_script(_source(name))
     return script
 
 
-def _complete_script(connection: redis.Redis) -> Any:
-    return _script(connection, COMPLETE_JOB_LUA)
-
-
 def finish_consumed(connection: redis.Redis, pipeline: Any, run_id: str) -> None:
-    """Queue on ``pipeline`` the end of a consuming read of ``run_id`` (see FINISH_CONSUMED_LUA)."""
-    _script(connection, FINISH_CONSUMED_LUA)(keys=keys.run_keys(run_id), client=pipeline)
+    """Queue on ``pipeline`` the end of a consuming read of ``run_id`` (see finish_consumed.lua)."""
+    _script(connection, "finish_consumed.lua")(keys=keys.run_keys(run_id), client=pipeline)
 
 
 def encode_results(results: Sequence[ItemResult]) -> str:
@@ -83,15 +66,15 @@ def record_job(
     run_id: str,
     job_id: str,
     results: Sequence[ItemResult],
-    ttl: int,
     encoded: str | None = None,
 ) -> None:
-    """Queue the run-stream entry and progress counters of one finished job on ``pipeline``."""
+    """Queue the run record of one finished job on ``pipeline`` (see run_record.lua: once per job,
+    never into a consumed run, the run's keys re-timed by the run's own TTL)."""
     errors = sum(1 for r in results if is_error(r))
     payload = encoded if encoded is not None else encode_results(results)
-    _complete_script(connection)(
+    _script(connection, "complete_job.lua")(
         keys=keys.run_keys(run_id),
-        args=[job_id, len(results), errors, payload, ttl, f"{time.time():.3f}"],
+        args=[job_id, len(results), errors, payload, f"{time.time():.3f}"],
         client=pipeline,
     )
 

@@ -46,10 +46,6 @@ class ItemResult(TypedDict, total=False):
     meta: Any
 
 
-class JobError(ValueError):
-    """The job as a whole cannot be run (not our schema, too many items): it fails in RQ."""
-
-
 # Error types a client can branch on.
 INVALID_ITEM = "invalid_item"
 INVALID_TEXT = "invalid_text"
@@ -57,6 +53,19 @@ TEXT_TOO_LONG = "text_too_long"
 INFERENCE_ERROR = "inference_error"
 INVALID_JOB = "invalid_job"
 DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+class JobError(ValueError):
+    """The job as a whole cannot be run (not our schema, too many items): it fails in RQ, and each
+    of its items gets an error result of type :attr:`kind`."""
+
+    kind = INVALID_JOB
+
+
+class DeadlineExceeded(JobError):
+    """The job was not started before its deadline: it is dropped rather than run late."""
+
+    kind = DEADLINE_EXCEEDED
 
 
 def error_result(item_id: Any, kind: str, message: str, meta: Any = None) -> ItemResult:

@@ -214,7 +214,7 @@ def test_a_late_second_completion_does_not_resurrect_a_consumed_run(conn, engine
     from producer.results import record_job
 
     with conn.pipeline() as pipe:
-        record_job(conn, pipe, run_id, job_id, results, 60)
+        record_job(conn, pipe, run_id, job_id, results)
         pipe.execute()
     assert Client(conn).run_progress(run_id)["done"] == 1 and not conn.exists(keys.run_stream(run_id))
 

@@ -53,7 +53,7 @@ def test_redelivered_job_is_counted_once(conn, redis_server, engines):
     run_burst(conn, engines["bert"])
     job_id = conn.lrange(f"qb:run:{{{run.id}}}:jobs", 0, -1)[0].decode()
     with conn.pipeline() as pipe:
-        record_job(conn, pipe, run.id, job_id, [{"id": "0", "label": "x", "score": 1.0, "scores": {}}], 60)
+        record_job(conn, pipe, run.id, job_id, [{"id": "0", "label": "x", "score": 1.0, "scores": {}}])
         pipe.execute()
     assert [r["id"] for r in client.subscribe(run.id, timeout=5)] == ["0", "1"]
     assert run.progress()["done"] == 2

@@ -34,7 +34,6 @@ import redis
 import structlog
 from rq import Queue, worker_registration
 from rq.exceptions import DeserializationError
-from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.timeouts import TimerDeathPenalty
@@ -42,18 +41,18 @@ from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from producer import keys
-from producer.results import encode_results, record_job
 from producer.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, is_error, parse_job
 from producer.job import QueuebertJob
 from producer.serializer import JSONSerializer
-from producer.settings import DEFAULT_RESULT_TTL, WorkerSettings
+from producer.settings import WorkerSettings
 
+from . import rq_completion
 from .engine import BatchStats, Engine
-from .job_store import Completion, JobStore, TakenJob
+from .job_store import JobStore, TakenJob
 from .metrics import WorkerMetrics
 from .outage import Outage
 from .scheduler import BatchScheduler, Entry
-from .tasks import deadline_message, job_error_results, split_items
+from .tasks import deadline_message, split_items
 
 log = structlog.get_logger(__name__)
 
@@ -438,6 +437,10 @@ class BatchWorker(SimpleWorker):
                     # finish. What the worker holds stays bounded by its pool.
                     self._stop.wait(0.1)
                     continue
+                # Looked at before the take: a job still held may be queued again as it completes
+                # (a retry, a repeat, a released dependent), so a burst ends only after a take that
+                # began with nothing held found nothing.
+                held = self._busy()
                 try:
                     slots = self._take(want, block)
                     self.outages["take"].recovered()
@@ -446,7 +449,7 @@ class BatchWorker(SimpleWorker):
                     continue
                 if not slots:
                     scheduler.expect(0, queued=False)  # nothing queued (another worker may have taken it)
-                    if burst and not self._busy():
+                    if burst and not held:
                         return
                     time.sleep(pause if burst or len(self.queues) > 1 else 0)
                     pause = min(pause * 2, 0.02)
@@ -511,31 +514,13 @@ class BatchWorker(SimpleWorker):
         todo = [s for s in slots if not s.written]
         ok = [s for s in todo if s.error is None]
         failed = [s for s in todo if s.error is not None]
-        fast: list[Completion] = []
-        fast_slots: list[Slot] = []
-        slow: list[Slot] = []
         item_errors = items = 0
         for slot in ok:
-            errors = sum(1 for r in slot.results if is_error(r))  # type: ignore[arg-type]
-            item_errors += errors
+            item_errors += sum(1 for r in slot.results if is_error(r))  # type: ignore[arg-type]
             items += len(slot.results)
-            if store.fast_path(slot.job, self.default_result_ttl):
-                run = slot.request.run if slot.request is not None else None
-                fast.append(Completion(slot.job, encode_results(slot.results), run,  # type: ignore[arg-type]
-                                       len(slot.results), errors))
-                fast_slots.append(slot)
-            else:
-                slow.append(slot)
-        with_dependents = set(store.complete(fast, self.default_result_ttl))
-        for slot in fast_slots:
-            slot.written = True
-            if slot.job.id in with_dependents:
-                self._enqueue_dependents(slot.queue, slot.job.id)
-        for slot in slow:
-            self._complete_without_keeping(slot)
-            slot.written = True
+        rq_completion.complete(self, store, ok)
         for slot in failed:
-            self._fail(slot)
+            rq_completion.fail(self, store, slot, slot.error or "job failed", slot.error_kind)
             slot.written = True
         with self._lock:
             for slot in slots:
@@ -550,59 +535,6 @@ class BatchWorker(SimpleWorker):
         self.completed_items += items
         if self.metrics is not None:
             self.metrics.count(items - item_errors, item_errors, len(ok), len(failed))
-
-    def _enqueue_dependents(self, queue: Queue, job_id: str) -> None:
-        try:
-            job = QueuebertJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
-        except NoSuchJobError:
-            return
-        queue.enqueue_dependents(job)
-
-    def _complete_without_keeping(self, slot: Slot) -> None:
-        """A job with result_ttl 0: RQ deletes it on success (``job.cleanup(0)``); its results
-        still reach its run's stream, which is where queuebert's readers look."""
-        try:
-            job = QueuebertJob.fetch(slot.job.id, connection=self.connection, serializer=JSONSerializer)
-        except NoSuchJobError:
-            job = None
-        if job is not None:
-            slot.queue.enqueue_dependents(job)
-        with self.connection.pipeline(transaction=False) as pipe:
-            assert self._store is not None
-            self._store.delete_executions([slot.job], pipe)
-            if slot.request is not None and slot.request.run:
-                record_job(self.connection, pipe, slot.request.run, slot.job.id, slot.results,  # type: ignore[arg-type]
-                           DEFAULT_RESULT_TTL)
-            if job is not None:
-                job.cleanup(0, pipeline=pipe, remove_from_queue=False)
-            pipe.hincrby(self.key, "qb_items", len(slot.results))
-            pipe.hincrby(self.key, "successful_job_count", 1)
-            pipe.execute()
-
-    def _fail(self, slot: Slot) -> None:
-        """A job that cannot run at all fails in RQ with the reason; retrying would not help."""
-        execution = slot.job.execution(self.connection, self.name)
-        try:
-            job = QueuebertJob.fetch(slot.job.id, connection=self.connection, serializer=JSONSerializer)
-        except NoSuchJobError:  # deleted while it ran: nothing left to fail but its execution
-            with self.connection.pipeline(transaction=False) as pipe:
-                assert self._store is not None
-                self._store.delete_executions([slot.job], pipe)
-                pipe.execute()
-            return
-        job.retries_left = 0
-        job.ended_at = now()
-        log.warning("job failed", job=job.id, error=slot.error)
-        self.handle_job_failure(job, slot.queue, exc_string=slot.error or "", execution=execution)
-        try:
-            kwargs = slot.job.decode()[2]
-        except Exception:
-            return
-        run, results = job_error_results(kwargs, slot.error or "job failed", slot.error_kind)
-        if run:
-            with self.connection.pipeline(transaction=False) as pipe:
-                record_job(self.connection, pipe, run, job.id, results, DEFAULT_RESULT_TTL)
-                pipe.execute()
 
     def _return_unstarted(self) -> None:
         """At a stop, jobs with items still in the pool go back to the front of their queue, as if
@@ -707,4 +639,5 @@ class BatchWorker(SimpleWorker):
                 q.intermediate_queue.cleanup(self, q)
             finally:
                 q.release_maintenance_lock()
+        self.clean_group_registries()
         self.last_cleaned_at = now()

@@ -14,9 +14,9 @@ from typing import Any
 import structlog
 
 from producer.results import record_job
-from producer.schema import (DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobRequest, check_item, error_result,
-                             parse_job)
-from producer.settings import ClientSettings, WorkerSettings
+from producer.schema import (INVALID_JOB, DeadlineExceeded, Item, ItemResult, JobError, JobRequest, check_item,
+                             error_result, parse_job)
+from producer.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
@@ -68,18 +68,17 @@ def classify(items: Any = None, run: str | None = None, top_k: int | None = None
                              **({"top_k": top_k} if top_k is not None else {}),
                              **({"deadline": deadline} if deadline is not None else {})}, settings.max_items_per_job)
     if request.deadline is not None and time.time() > request.deadline:
-        final = job_error_results({"items": items, "run": run}, deadline_message(request.deadline),
-                                  DEADLINE_EXCEEDED)[1]
-    else:
-        engine = get_engine()
-        valid, positions, results = split_items(request, settings.max_text_chars)
-        for pos, result in zip(positions, engine.classify(valid, request.top_k)):
-            results[pos] = result
-        final = results  # type: ignore[assignment]
+        # Failed, as the batching worker fails it: on_job_failed tells the run's subscribers.
+        raise DeadlineExceeded(deadline_message(request.deadline))
+    engine = get_engine()
+    valid, positions, results = split_items(request, settings.max_text_chars)
+    for pos, result in zip(positions, engine.classify(valid, request.top_k)):
+        results[pos] = result
+    final: list[ItemResult] = results  # type: ignore[assignment]
     job = get_current_job()
     if run and job is not None:
         with job.connection.pipeline(transaction=False) as pipe:
-            record_job(job.connection, pipe, run, job.id, final, ClientSettings.from_env().result_ttl)
+            record_job(job.connection, pipe, run, job.id, final)
             pipe.execute()
     return final
 
@@ -106,8 +105,13 @@ def on_job_failed(job: Any, connection: Any, exc_type: Any = None, exc_value: An
         kwargs = job.kwargs
     except Exception:
         return  # not our payload: nothing to close
-    run, results = job_error_results(kwargs, f"job failed: {exc_type.__name__ if exc_type else 'error'}: {exc_value}")
+    if isinstance(exc_value, JobError):
+        # Why queuebert refused the job, worded as the batching worker words it.
+        message, kind = str(exc_value), exc_value.kind
+    else:
+        message, kind = f"job failed: {exc_type.__name__ if exc_type else 'error'}: {exc_value}", INVALID_JOB
+    run, results = job_error_results(kwargs, message, kind)
     if run:
         with connection.pipeline(transaction=False) as pipe:
-            record_job(connection, pipe, run, job.id, results, ClientSettings.from_env().result_ttl)
+            record_job(connection, pipe, run, job.id, results)
             pipe.execute()

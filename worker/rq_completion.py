@@ -1,0 +1,195 @@
+"""Which finished jobs the fast path completes, and completing the others with RQ's own handlers.
+
+The fast path (:class:`worker.job_store.JobStore`, one Lua call per round of jobs) writes what
+RQ's ``handle_job_success`` writes for a plain job. For jobs that use RQ features it does not
+implement, RQ's handlers are called instead, so those jobs behave exactly as under RQ's own worker
+(``tests/test_rq_parity.py`` compares both, key by key). The batching still computes every job;
+only the bookkeeping of these is RQ's:
+
+- **repeats** (``Repeat``): RQ schedules the next run;
+- **rate limits** (``RateLimit``): RQ releases the job's slot and promotes a waiting job;
+- **result TTL 0**: RQ deletes the job at once;
+- **every job**, when the installed RQ writes job fields this module does not know (a newer RQ's
+  features: :func:`unknown_job_fields`);
+- **dependents** (``depends_on``): RQ moves them to its ready registry in the same transaction as
+  the completion, so a worker that dies in between leaves them where maintenance finds them. The
+  dependents set can appear while a job runs, so ``complete.lua`` decides this one, atomically,
+  and leaves such a job to :func:`complete`.
+
+Failures always go through ``handle_job_failure``: RQ's retries, failure TTL, failed registry and
+dependents' release.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import JobStatus
+from rq.utils import now
+
+from producer.results import encode_results, record_job
+from producer.schema import INVALID_JOB, ItemResult, JobRequest, is_error
+
+from .tasks import job_error_results
+
+if TYPE_CHECKING:
+    from .job_store import JobStore, TakenJob
+
+log = structlog.get_logger(__name__)
+
+#: Job hash fields whose meaning the fast path implements: RQ 3's ``Job.to_dict`` without the
+#: fields of :data:`RQ_FEATURES` (a job with those completes through RQ's handlers).
+FAST_PATH_FIELDS = frozenset({
+    "created_at", "data", "origin", "description", "enqueued_at", "started_at", "ended_at", "last_heartbeat",
+    "worker_name", "status", "timeout", "result_ttl", "failure_ttl", "ttl", "meta", "group_id",
+    # Callbacks: queuebert's job class refuses any but its failure callback, which runs on failure only.
+    "success_callback_name", "failure_callback_name", "stopped_callback_name",
+    "success_callback_timeout", "failure_callback_timeout", "stopped_callback_timeout",
+    # Only read on failure (handle_job_failure) or by RQ's job class; a success changes none of them.
+    "retries_left", "retry_intervals", "number_of_retries", "enqueue_at_front_on_retry", "exc_info", "result",
+    "webhooks",  # queuebert's job class sends none (producer.job)
+    # Dependencies of this job (the fast path expires their key as job.cleanup does) and enqueue options.
+    "dependency_id", "dependency_ids", "allow_dependency_failures", "enqueue_at_front",
+})
+
+#: RQ features whose jobs complete through RQ's handlers: the job hash field that marks a job as
+#: using one (``take.lua`` reads it; non-empty means used), and the fields that come with it.
+RQ_FEATURES: dict[str, tuple[str, ...]] = {
+    "repeats_left": ("repeat_intervals",),  # Repeat
+    "rate_limit_key": ("rate_limit_concurrency",),  # RateLimit
+}
+
+
+def unknown_job_fields() -> frozenset[str]:
+    """Fields the installed RQ's ``Job.to_dict`` can write that this module does not know: a newer
+    RQ's features, whose meaning the fast path cannot know. Read from RQ's source once per
+    process; empty if the source is not available (then the parity test is the guard)."""
+    import inspect
+    import re
+
+    from rq.job import Job
+
+    try:
+        source = inspect.getsource(Job.to_dict)
+    except (OSError, TypeError):
+        return frozenset()
+    written = set(re.findall(r"""['"]([a-z_]+)['"]\s*:""", source))  # {'field': ...}
+    written |= set(re.findall(r"""\w+\[['"]([a-z_]+)['"]\]\s*=""", source))  # obj['field'] = ...
+    known = FAST_PATH_FIELDS | set(RQ_FEATURES) | {f for extra in RQ_FEATURES.values() for f in extra}
+    return frozenset(written - known)
+
+
+@functools.cache
+def _fast_path_usable() -> bool:
+    unknown = unknown_job_fields()
+    if unknown:
+        log.warning("this RQ writes job fields the fast path does not know: every job completes through "
+                    "RQ's own handlers", fields=sorted(unknown))
+    return not unknown
+
+
+class Finished(Protocol):
+    """A job the worker has computed (``worker.batch_worker.Slot``)."""
+
+    job: TakenJob
+    queue: Queue
+    request: JobRequest | None
+    results: list[ItemResult | None]
+    written: bool
+
+
+def needs_rq(job: TakenJob, default_result_ttl: int) -> bool:
+    """Whether ``job`` must complete through RQ's handlers rather than the fast path."""
+    if job.rq_features or not _fast_path_usable():
+        return True
+    return (job.result_ttl if job.result_ttl is not None else default_result_ttl) == 0
+
+
+def complete(worker: Any, store: JobStore, finished: Sequence[Finished]) -> None:
+    """Write the success of every job in ``finished``: the fast path for the jobs it implements, in
+    one script call, RQ's ``handle_job_success`` for the others. Marks each ``written`` once it
+    is, so a caller retrying after a Redis error writes nothing twice."""
+    from .job_store import Completion
+
+    fast: list[Completion] = []
+    by_id: dict[str, Finished] = {}
+    to_rq: list[Finished] = []
+    for f in finished:
+        if needs_rq(f.job, worker.default_result_ttl):
+            to_rq.append(f)
+            continue
+        results = f.results
+        fast.append(Completion(f.job, encode_results(results), f.request.run if f.request else None,  # type: ignore[arg-type]
+                               len(results), sum(1 for r in results if is_error(r))))  # type: ignore[arg-type]
+        by_id[f.job.id] = f
+    left = set(store.complete(fast, worker.default_result_ttl))
+    for job_id, f in by_id.items():
+        if job_id in left:
+            to_rq.append(f)
+        else:
+            f.written = True
+    for f in to_rq:
+        complete_with_rq(worker, store, f)
+        f.written = True
+
+
+def complete_with_rq(worker: Any, store: JobStore, f: Finished) -> None:
+    """What RQ's worker does once ``job.perform()`` has returned ``f.results``: the run record
+    (as ``worker.tasks.classify`` writes it), then ``handle_job_success``."""
+    connection = worker.connection
+    job = _fetch(worker, store, f.job)
+    if job is None:
+        return
+    job.ended_at = now()
+    job._result = f.results
+    job._status = JobStatus.FINISHED
+    run = f.request.run if f.request is not None else None
+    with connection.pipeline(transaction=False) as pipe:
+        if run:
+            record_job(connection, pipe, run, job.id, f.results)  # type: ignore[arg-type]
+        pipe.hincrby(worker.key, "qb_items", len(f.results))
+        pipe.execute()
+    log.debug("completing with RQ's handlers", job=job.id, features=f.job.rq_features)
+    worker.handle_job_success(job, f.queue, f.queue.started_job_registry, f.job.execution(connection, worker.name))
+
+
+def fail(worker: Any, store: JobStore, f: Finished, error: str, kind: str = INVALID_JOB) -> None:
+    """A job that cannot run: RQ's ``handle_job_failure`` with ``error`` as its reason (retried while
+    it has retries left, as RQ's worker retries a job whose function raised); once it is failed
+    for good, its items reach the run as error results, as ``worker.tasks.on_job_failed`` writes
+    them."""
+    job = _fetch(worker, store, f.job)
+    if job is None:
+        return
+    final = not job.should_retry
+    job.ended_at = now()
+    log.warning("job failed", job=job.id, error=error, **({} if final else {"retries_left": job.retries_left}))
+    worker.handle_job_failure(job, f.queue, exc_string=error, execution=f.job.execution(worker.connection, worker.name))
+    if not final:
+        return
+    try:
+        kwargs = f.job.decode()[2]
+    except Exception:
+        return  # not our payload: no run to tell
+    run, results = job_error_results(kwargs, error, kind)
+    if run:
+        with worker.connection.pipeline(transaction=False) as pipe:
+            record_job(worker.connection, pipe, run, job.id, results)
+            pipe.execute()
+
+
+def _fetch(worker: Any, store: JobStore, taken: TakenJob) -> Any:
+    """The RQ job, or None if its hash is gone (a reader consumed it after another worker
+    finished it): then only this worker's execution is removed."""
+    try:
+        return worker.job_class.fetch(taken.id, connection=worker.connection, serializer=worker.serializer)
+    except NoSuchJobError:
+        with worker.connection.pipeline(transaction=False) as pipe:
+            store.delete_executions([taken], pipe)
+            pipe.execute()
+        return None
