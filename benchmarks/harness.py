@@ -218,7 +218,7 @@ def wait_run(client: Any, run_id: str, procs: Procs, timeout: float = 1800.0, po
     wake a core a hundred times a second beside a worker that needs both), counting items until
     the run's total is reached.
     """
-    from producer import keys
+    from queuebert import keys
 
     deadline = time.monotonic() + timeout
     stream = keys.run_stream(run_id)
@@ -238,7 +238,7 @@ def wait_run(client: Any, run_id: str, procs: Procs, timeout: float = 1800.0, po
 
 def batch_worker_cmd(url: str, model: Path, dtype: str, queues: list[str] | None = None,
                      name: str | None = None, burst: bool = False) -> list[str]:
-    cmd = [PY, "-m", "producer.cli", "worker", "--redis-url", url, "--model", str(model), "--dtype", dtype,
+    cmd = [PY, "-m", "queuebert.cli", "worker", "--redis-url", url, "--model", str(model), "--dtype", dtype,
            "--device", "cpu", "--log-format", "json", "--log-level", "info"]
     for q in queues or ["default"]:
         cmd += ["--queue", q]
@@ -256,7 +256,7 @@ def noop_worker_cmd(url: str, model: Path, queue: str, name: str, no_tokenizer: 
 
 
 def stock_worker_cmd(url: str, queue: str, name: str, burst: bool = False,
-                     serializer: str = "producer.serializer.JSONSerializer") -> list[str]:
+                     serializer: str = "queuebert.serializer.JSONSerializer") -> list[str]:
     cmd = [PY, "-m", "rq.cli", "worker", "-w", "rq.worker.SimpleWorker", "-S", serializer,
            "-u", url, "-P", str(BENCH_DIR), "-n", name, queue]
     if burst:

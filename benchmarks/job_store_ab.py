@@ -14,7 +14,6 @@ import importlib
 import statistics
 import sys
 import time
-
 from types import ModuleType
 from typing import Any
 
@@ -22,13 +21,13 @@ import redis
 
 
 def load_tree(path: str) -> tuple[ModuleType, ModuleType, dict[str, ModuleType]]:
-    """``worker.job_store`` and ``producer.results`` of the checkout at ``path``, and every module
+    """``worker.job_store`` and ``queuebert.results`` of the checkout at ``path``, and every module
     of it that they imported (kept apart from the other checkout's)."""
     sys.path.insert(0, path)
     for m in [m for m in list(sys.modules) if m.split(".")[0] in ("producer", "worker")]:
         del sys.modules[m]
     js = importlib.import_module("worker.job_store")
-    res = importlib.import_module("producer.results")
+    res = importlib.import_module("queuebert.results")
     mods = {m: sys.modules[m] for m in list(sys.modules) if m.split(".")[0] in ("producer", "worker")}
     sys.path.remove(path)
     return js, res, mods
@@ -40,11 +39,12 @@ old_js, old_res, old_mods = load_tree(OLD)
 new_js, new_res, new_mods = load_tree(NEW)
 for m, mod in new_mods.items():
     sys.modules[m] = mod  # the new checkout's producer enqueues for both (the job contract is shared)
-from producer import Client  # noqa: E402
-from producer.embedded_redis import RedisServer  # noqa: E402
-from producer.serializer import JSONSerializer  # noqa: E402
 from rq import Queue  # noqa: E402
 from rq.worker import SimpleWorker  # noqa: E402
+
+from producer import Client  # noqa: E402
+from producer.embedded_redis import RedisServer  # noqa: E402
+from queuebert.serializer import JSONSerializer  # noqa: E402
 
 
 def usec(conn: redis.Redis) -> int:

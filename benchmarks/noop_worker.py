@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also skip tokenization (ids from word counts): the queue's cost alone")
     args = parser.parse_args(argv)
 
-    from producer import logs
-    from producer.connection import connect
-    from producer.settings import WorkerSettings
+    from queuebert import logs
+    from queuebert.connection import connect
+    from queuebert.settings import WorkerSettings
     from worker.batch_worker import BatchWorker
     from worker.engine import Engine
     from worker.model import load_model

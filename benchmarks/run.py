@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.texts is None:
         args.texts = 300 if args.quick else 2000
 
-    from producer import logs
+    from queuebert import logs
 
     logs.configure("console", "warning")
     bench = Bench(args)

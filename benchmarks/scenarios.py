@@ -28,9 +28,26 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.corpus import Corpus, generate, read_jsonl
-from benchmarks.harness import (Procs, batch_stats, batch_worker_cmd, check_results, loadavg, log_mark,
-                                machine_info, new_redis, noop_worker_cmd, perf, prepare_model, say,
-                                stock_worker_cmd, summary_ms, wait_exit, wait_registered, wait_run, worker_name)
+from benchmarks.harness import (
+    Procs,
+    batch_stats,
+    batch_worker_cmd,
+    check_results,
+    loadavg,
+    log_mark,
+    machine_info,
+    new_redis,
+    noop_worker_cmd,
+    perf,
+    prepare_model,
+    say,
+    stock_worker_cmd,
+    summary_ms,
+    wait_exit,
+    wait_registered,
+    wait_run,
+    worker_name,
+)
 
 
 class Bench:
@@ -80,11 +97,10 @@ class Bench:
 
     def setup(self) -> None:
         import torch
-
-        from producer.settings import WorkerSettings
-        from worker.model import resolve_dtype
-
         from transformers import AutoTokenizer
+
+        from queuebert.settings import WorkerSettings
+        from worker.model import resolve_dtype
 
         a = self.args
         self.results["machine"] = machine_info()

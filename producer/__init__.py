@@ -1,10 +1,12 @@
-"""queuebert's client side and the contract: key names, schemas, serializer. No torch here."""
+"""queuebert's client side: submit texts, read results. No torch here; the contract it shares with
+the worker (keys, schemas, serializer, settings) is in :mod:`queuebert`."""
 
 from __future__ import annotations
 
-from . import logs
+from queuebert import logs
+from queuebert.settings import ClientSettings, WorkerSettings
+
 from .client import Client, Handle, JobFailed, RedisFull, ResumeError, Run, Subscription
-from .settings import ClientSettings, WorkerSettings
 
 # A library logs through the application's `logging`, not on its stdout. Module loggers are lazy,
 # so setting this after the imports above still precedes their first event.

@@ -17,12 +17,12 @@ from rq.job import Job
 from rq.registry import FinishedJobRegistry
 from rq.results import Result
 
-from . import keys
-from .connection import connect, resolve_url
-from .results import decode_entry, decode_rq_failure, decode_rq_return_value, finish_consumed
-from .schema import Item, ItemResult, job_kwargs, normalize_item
-from .serializer import JSONSerializer
-from .settings import ClientSettings
+from queuebert import keys
+from queuebert.connection import connect, resolve_url
+from queuebert.results import decode_entry, decode_rq_failure, decode_rq_return_value, finish_consumed
+from queuebert.schema import Item, ItemResult, job_kwargs, normalize_item
+from queuebert.serializer import JSONSerializer
+from queuebert.settings import ClientSettings
 
 log = structlog.get_logger(__name__)
 

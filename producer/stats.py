@@ -2,7 +2,7 @@
 
 Everything here comes from RQ's own keys plus the fields the BatchWorker adds to its RQ worker hash
 (``qb_model``, ``qb_device``, ``qb_items``, ``qb_redis``) and the run bookkeeping in
-:mod:`producer.keys`, so it works from any machine with the light install. Redis's own ``INFO`` says
+:mod:`queuebert.keys`, so it works from any machine with the light install. Redis's own ``INFO`` says
 whether it is full (``maxmemory``) or read-only: the states in which workers and producers wait.
 """
 
@@ -15,8 +15,8 @@ import redis
 from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from . import keys
-from .serializer import JSONSerializer
+from queuebert import keys
+from queuebert.serializer import JSONSerializer
 
 
 def queue_stats(conn: redis.Redis) -> list[dict[str, Any]]:

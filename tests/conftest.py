@@ -99,8 +99,15 @@ MODEL_KINDS = ["bert", "distilbert", "roberta", "multilabel", "twenty", "regress
 
 def build_tiny_model(kind: str, out: Path, hidden: int = 32, layers: int = 2) -> Path:
     import torch
-    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, DistilBertConfig,
-                              DistilBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     torch.manual_seed(1234)
     tiny = dict(num_hidden_layers=layers, num_attention_heads=2, hidden_size=hidden, intermediate_size=2 * hidden)

@@ -10,8 +10,8 @@ from typing import Any
 
 import redis
 
-from producer.settings import WorkerSettings
 from queuebert.procs import LoggedProcess, start_process
+from queuebert.settings import WorkerSettings
 
 
 def run_burst(conn: redis.Redis, engine: Any, queues: list[str] | None = None, **settings: Any) -> Any:
@@ -43,6 +43,6 @@ def start_worker(url: str, model: Path, name: str, **env: str) -> LoggedProcess:
     settings = {"QUEUEBERT_MODEL": str(model), "QUEUEBERT_DTYPE": "float32", "QUEUEBERT_DEVICE": "cpu",
                 "QUEUEBERT_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1", **env}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    return start_process([PYTHON, "-m", "producer.cli", "worker", "--name", name, "--log-format", "json"],
+    return start_process([PYTHON, "-m", "queuebert.cli", "worker", "--name", name, "--log-format", "json"],
                          env=subprocess_env(url, **settings), cwd=REPO,
                          log_path=LOG_DIR / f"{name}-{time.time():.0f}.log")

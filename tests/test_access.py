@@ -7,11 +7,11 @@ import subprocess
 
 import pytest
 import redis
-
 from helpers import run_burst
+
 from producer import Client
-from producer.connection import RedisUnavailable, connect
 from producer.embedded_redis import RedisServer
+from queuebert.connection import RedisUnavailable, connect
 
 
 def _roundtrip(url: str, engine) -> None:

@@ -6,10 +6,11 @@ import pickle
 import zlib
 
 from helpers import run_burst
-from producer import Client
-from producer.serializer import JSONSerializer
 from rq import Queue
 from rq.job import Job
+
+from producer import Client
+from queuebert.serializer import JSONSerializer
 
 
 def test_bad_items_fail_alone(conn, redis_server, engines):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from helpers import run_burst
+
 from producer import Client
 from worker.engine import OutOfMemory, plan_batches
 

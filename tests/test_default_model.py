@@ -220,7 +220,7 @@ def test_heldout_accuracy_meets_target(built_model: Path) -> None:
 
 def test_settings_default_is_the_built_model_name() -> None:
     from modelbuild import DEFAULT_MODEL_NAME
-    from producer.settings import WorkerSettings
+    from queuebert.settings import WorkerSettings
 
     assert WorkerSettings().model == DEFAULT_MODEL_NAME
 

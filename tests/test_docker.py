@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from producer.settings import ClientSettings, WorkerSettings, env_name
+from queuebert.settings import ClientSettings, WorkerSettings, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import start_worker
 from structlog.testing import capture_logs
 
-from helpers import start_worker
 from producer import Client
 
 MAXMEMORY = 3 * 2**20

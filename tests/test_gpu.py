@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import PYTHON, REPO, _bert_tokenizer_dir, subprocess_env  # noqa: E402
+
 from producer import Client  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -78,7 +79,7 @@ def test_devices_cuda0_supervises_a_worker_on_the_gpu(conn, redis_server, tiny_m
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32")
     log_path = tmp_path / "supervisor.log"
     with open(log_path, "wb") as log:
-        sup = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--devices", "cuda:0", "--name", "gpu",
+        sup = subprocess.Popen([PYTHON, "-m", "queuebert.cli", "worker", "--devices", "cuda:0", "--name", "gpu",
                                 "--log-format", "json"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 120

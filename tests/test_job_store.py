@@ -13,16 +13,17 @@ import redis
 from rq import Queue, Repeat, Retry
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
+from rq.rate_limit import RateLimit
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.results import Result
-from rq.rate_limit import RateLimit
 from rq.utils import current_timestamp, now
 from rq.worker import SimpleWorker
 
-from producer import Client, keys
-from producer.results import encode_results, record_job
-from producer.schema import error_result
-from producer.serializer import JSONSerializer
+from producer import Client
+from queuebert import keys
+from queuebert.results import encode_results, record_job
+from queuebert.schema import error_result
+from queuebert.serializer import JSONSerializer
 from worker import rq_completion
 from worker.job_store import CompleteArgs, CompleteJobArgs, Completion, JobStore, TakenJob
 

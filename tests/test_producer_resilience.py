@@ -16,16 +16,17 @@ from typing import Any
 
 import pytest
 import redis
-from structlog.testing import capture_logs
-
 from conftest import PYTHON, REPO, subprocess_env
 from helpers import run_burst
-from producer import Client, keys
-from producer.embedded_redis import RedisServer
-from producer.serializer import JSONSerializer
 from rq.job import Job
+from structlog.testing import capture_logs
 
-QB = [PYTHON, "-m", "producer.cli"]
+from producer import Client
+from producer.embedded_redis import RedisServer
+from queuebert import keys
+from queuebert.serializer import JSONSerializer
+
+QB = [PYTHON, "-m", "queuebert.cli"]
 
 
 def _enqueued_items(conn: redis.Redis, run_id: str, queue: str = "default") -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.schema import check_item, parse_job, JobError
+from queuebert.schema import JobError, check_item, parse_job
 from worker.tasks import split_items
 
 json_values = st.recursive(

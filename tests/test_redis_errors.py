@@ -13,20 +13,20 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import PYTHON, REPO, subprocess_env
+from helpers import start_worker
 from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.utils import current_timestamp
 
-from conftest import PYTHON, REPO, subprocess_env
-from helpers import start_worker
-from producer import Client, keys
-from producer.connection import connect
+from producer import Client
 from producer.embedded_redis import RedisServer
-from producer.serializer import JSONSerializer
-from producer.settings import WorkerSettings
+from queuebert import keys
+from queuebert.connection import connect
 from queuebert.procs import free_port
-
+from queuebert.serializer import JSONSerializer
+from queuebert.settings import WorkerSettings
 
 
 def _texts(n: int) -> list[dict[str, str]]:
@@ -107,7 +107,7 @@ def bug(self, *args):
     raise RuntimeError("bug in {broken}")
 
 bw.BatchWorker.{broken} = bug
-from producer.cli import main
+from queuebert.cli import main
 sys.exit(main(["worker", "--name", "buggy", "--log-format", "json"]))
 """
 
@@ -210,8 +210,8 @@ def test_a_late_second_completion_does_not_resurrect_a_consumed_run(conn, engine
     assert {k: conn.type(k) for k in conn.keys("qb:run:*")} == before
     assert not conn.exists(Job.key_for(job_id)), "a partial job hash was written"
     assert list(Client(conn).subscribe(run_id, timeout=2)) == []
-    # The stock-RQ and failure paths record runs through producer.results' script: same rule.
-    from producer.results import record_job
+    # The stock-RQ and failure paths record runs through queuebert.results' script: same rule.
+    from queuebert.results import record_job
 
     with conn.pipeline() as pipe:
         record_job(conn, pipe, run_id, job_id, results)

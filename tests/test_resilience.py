@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from conftest import build_tiny_model
 from helpers import start_worker
+from rq import Queue
+from rq.registry import StartedJobRegistry
+
 from producer import Client
 from producer.embedded_redis import RedisServer
 from queuebert.procs import LoggedProcess
-from rq import Queue
-from rq.registry import StartedJobRegistry
 
 # Seconds: executions expire after 3 heartbeats, so recovery is quick in tests. QB_HEARTBEAT=10
 # measures recovery with the worker's default.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from helpers import run_burst
+
 from producer import Client
 
 
@@ -46,7 +47,7 @@ def test_handle_result_timeout_zero_returns_nothing_yet(conn, redis_server, engi
 
 def test_redelivered_job_is_counted_once(conn, redis_server, engines):
     """A job that ran twice (its first worker died after computing) appears once in the run."""
-    from producer.results import record_job
+    from queuebert.results import record_job
 
     client = Client.from_url(redis_server.url)
     run = client.enqueue_stream(["a", "b"], chunk_size=2)

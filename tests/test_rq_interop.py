@@ -9,10 +9,11 @@ import time
 
 from conftest import PYTHON, REPO, subprocess_env
 from helpers import run_burst
-from producer import Client
-from producer.job import JOB_CLASS_PATH
-from producer.serializer import SERIALIZER_PATH
 from rq.job import Job
+
+from producer import Client
+from queuebert.job import JOB_CLASS_PATH
+from queuebert.serializer import SERIALIZER_PATH
 
 RQ = [PYTHON, "-m", "rq.cli"]
 
@@ -25,7 +26,7 @@ def test_rq_info_shows_queue_and_worker(conn, redis_server, tiny_models):
     client = Client.from_url(redis_server.url)
     client.submit("waiting for a worker")
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32")
-    worker = subprocess.Popen([PYTHON, "-m", "producer.cli", "worker", "--queue", "default", "--name", "qb-info-test",
+    worker = subprocess.Popen([PYTHON, "-m", "queuebert.cli", "worker", "--queue", "default", "--name", "qb-info-test",
                                "--log-format", "json"], env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -79,7 +80,7 @@ def test_stock_rq_worker_runs_a_job_correctly(conn, redis_server, tiny_models, e
 
 
 def test_producer_does_not_import_torch():
-    code = "import sys, producer, producer.cli, producer.client; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','transformers'))))"
+    code = "import sys, producer, queuebert.cli, producer.client; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','transformers'))))"
     out = subprocess.run([sys.executable, "-c", "import json;" + code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []

@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import run_burst
 from rq import Callback, Queue, Repeat, Retry
 from rq.group import Group
 from rq.job import JobStatus
@@ -43,11 +44,11 @@ from rq.worker import SimpleWorker
 
 import producer.client
 import worker.tasks
-from helpers import run_burst
-from producer import Client, keys
-from producer.job import QueuebertJob
-from producer.schema import job_kwargs
-from producer.serializer import JSONSerializer
+from producer import Client
+from queuebert import keys
+from queuebert.job import QueuebertJob
+from queuebert.schema import job_kwargs
+from queuebert.serializer import JSONSerializer
 
 WORKER = "qb-parity"
 QUEUE = "default"

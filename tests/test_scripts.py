@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from producer import scripts
-from producer.scripts import ArgLayout
+from queuebert import scripts
+from queuebert.scripts import ArgLayout
 
 
 @pytest.fixture()

@@ -18,15 +18,15 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import PYTHON, REPO, subprocess_env
 from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer as RQJSONSerializer
 from rq.webhook import Webhook
 
-from conftest import PYTHON, REPO, subprocess_env
-from producer import keys
-from producer.job import JOB_CLASS_PATH, QueuebertJob
-from producer.serializer import SERIALIZER_PATH, ForeignJobError, JSONSerializer
+from queuebert import keys
+from queuebert.job import JOB_CLASS_PATH, QueuebertJob
+from queuebert.serializer import SERIALIZER_PATH, ForeignJobError, JSONSerializer
 
 EVIL_MODULE = '''
 import os, pathlib
@@ -187,7 +187,7 @@ def test_batch_worker_refuses_a_foreign_function_with_the_reason(conn, evil, eng
 
 
 def test_batch_worker_recovery_refuses_a_foreign_failure_callback(conn, evil):
-    from producer.settings import WorkerSettings
+    from queuebert.settings import WorkerSettings
     from worker.batch_worker import BatchWorker
 
     job = _plant_abandoned(conn, "qb_evil.hook")

@@ -16,16 +16,17 @@ from typing import Any
 
 import pytest
 import redis
-
 from conftest import build_tiny_model
 from helpers import run_burst, start_worker
-from producer import Client, keys
+
+from producer import Client
 from producer.client import LostWrites
-from producer.connection import ReplicaAckTimeout, connect
 from producer.embedded_redis import RedisServer, find_redis_server
-from producer.results import decode_entry
-from producer.settings import ClientSettings
+from queuebert import keys
+from queuebert.connection import ReplicaAckTimeout, connect
 from queuebert.procs import LoggedProcess, free_port
+from queuebert.results import decode_entry
+from queuebert.settings import ClientSettings
 
 
 def test_sentinel_url_reaches_the_master(engines, tmp_path: Path):

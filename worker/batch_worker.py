@@ -40,11 +40,11 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from producer import keys
-from producer.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, is_error, parse_job
-from producer.job import QueuebertJob
-from producer.serializer import JSONSerializer
-from producer.settings import WorkerSettings
+from queuebert import keys
+from queuebert.job import QueuebertJob
+from queuebert.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, is_error, parse_job
+from queuebert.serializer import JSONSerializer
+from queuebert.settings import WorkerSettings
 
 from . import rq_completion
 from .engine import BatchStats, Engine
@@ -125,7 +125,7 @@ class BatchWorker(SimpleWorker):
         self.settings = settings or WorkerSettings.from_env()
         kwargs["serializer"] = JSONSerializer
         # `rq worker -w` passes rq.job.Job; ours refuses callbacks and webhooks a job hash names
-        # (see producer.job), including in the abandoned-job recovery every worker runs.
+        # (see queuebert.job), including in the abandoned-job recovery every worker runs.
         kwargs["job_class"] = QueuebertJob
         kwargs.setdefault("maintenance_interval", self.settings.heartbeat_interval)
         if self.settings.name and not kwargs.get("name") and not (args and args[0]):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import structlog
 
-from producer.connection import connect
-from producer.settings import WorkerSettings
+from queuebert.connection import connect
+from queuebert.settings import WorkerSettings
 
 from .model import ModelError
 

@@ -15,7 +15,7 @@ import numpy as np
 import structlog
 import torch
 
-from producer.schema import INFERENCE_ERROR, Item, ItemResult, error_result
+from queuebert.schema import INFERENCE_ERROR, Item, ItemResult, error_result
 
 from .model import LoadedModel, apply_scoring
 

@@ -20,7 +20,7 @@ value follows RQ's conventions:
 
 These are computed once per call in Python and passed as ARGV, by name (:class:`ArgLayout`). The
 scripts (``worker/lua/*.lua``) hard-code no key name: key prefixes, derived from RQ's classes, are
-constants set when a script is loaded, and queuebert's run keys come from :mod:`producer.keys`.
+constants set when a script is loaded, and queuebert's run keys come from :mod:`queuebert.keys`.
 
 Not handled here: jobs that use RQ features this module does not implement, and failures. The
 completer sends those to RQ's own ``handle_job_success`` / ``handle_job_failure``
@@ -54,10 +54,10 @@ from rq.results import Result
 from rq.utils import utcformat, utcparse
 from rq.worker import WorkerStatus
 
-from producer import keys, scripts
-from producer.results import RUN_RECORD_CONSTANTS
-from producer.scripts import ArgLayout
-from producer.serializer import ForeignJobError, JSONSerializer
+from queuebert import keys, scripts
+from queuebert.results import RUN_RECORD_CONSTANTS
+from queuebert.scripts import ArgLayout
+from queuebert.serializer import ForeignJobError, JSONSerializer
 
 from .rq_completion import RQ_FEATURES
 
@@ -178,7 +178,7 @@ class TakenJob:
 
         Raises :class:`rq.exceptions.DeserializationError` for a payload that is not JSON (a pickled
         job, say), as RQ's ``Job`` does, so callers keep one error path, and
-        :class:`producer.serializer.ForeignJobError` (a ``JobError``) for one that names a function
+        :class:`queuebert.serializer.ForeignJobError` (a ``JobError``) for one that names a function
         other than queuebert's, so the job fails with that reason.
         """
         try:
@@ -205,7 +205,7 @@ class Completion:
     """A successfully finished job and what it produced."""
 
     job: TakenJob
-    results: str  # the results JSON, encoded once with producer.results.encode_results
+    results: str  # the results JSON, encoded once with queuebert.results.encode_results
     run_id: str | None
     items: int
     errors: int  # items whose result is an error
@@ -365,7 +365,7 @@ class JobStore:
     def complete(self, done: Sequence[Completion], default_result_ttl: int) -> list[str]:
         """Record successfully finished jobs as RQ's ``handle_job_success`` does: job hash FINISHED
         and ``ended_at``; RQ's result entry (``rq:results:<id>``, MAXLEN ~10, with
-        ``producer.results.rq_success_fields``' fields) and its TTL; the finished registry;
+        ``queuebert.results.rq_success_fields``' fields) and its TTL; the finished registry;
         ``job.cleanup``'s EXPIREs; ``Execution.delete``; the worker's ``successful_job_count`` and
         ``total_working_time`` (and queuebert's ``qb_items``); and each job's run record
         (``run_record.lua``: a job's entry and counts once, however often it completes).

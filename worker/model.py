@@ -125,8 +125,8 @@ def load_model(
     import time
 
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a worker's stderr is for log lines, not bars
     started = time.perf_counter()

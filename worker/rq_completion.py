@@ -32,8 +32,8 @@ from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 from rq.utils import now
 
-from producer.results import encode_results, record_job
-from producer.schema import INVALID_JOB, ItemResult, JobRequest, is_error
+from queuebert.results import encode_results, record_job
+from queuebert.schema import INVALID_JOB, ItemResult, JobRequest, is_error
 
 from .tasks import job_error_results
 
@@ -52,7 +52,7 @@ FAST_PATH_FIELDS = frozenset({
     "success_callback_timeout", "failure_callback_timeout", "stopped_callback_timeout",
     # Only read on failure (handle_job_failure) or by RQ's job class; a success changes none of them.
     "retries_left", "retry_intervals", "number_of_retries", "enqueue_at_front_on_retry", "exc_info", "result",
-    "webhooks",  # queuebert's job class sends none (producer.job)
+    "webhooks",  # queuebert's job class sends none (queuebert.job)
     # Dependencies of this job (the fast path expires their key as job.cleanup does) and enqueue options.
     "dependency_id", "dependency_ids", "allow_dependency_failures", "enqueue_at_front",
 })

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from producer.settings import WorkerSettings, env_name
 from queuebert.procs import LoggedProcess, kill_processes, start_process, stop_processes
+from queuebert.settings import WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +77,7 @@ class Supervisor:
         # Output is inherited: the children's log lines are the supervisor's, as in a container. Their
         # own session keeps a terminal's Ctrl-C away from them: the supervisor's SIGTERM is their
         # one stop signal (a worker takes a second one as "exit at once").
-        child.proc = start_process([sys.executable, "-m", "producer.cli", "worker"], env=env, stdout="inherit",
+        child.proc = start_process([sys.executable, "-m", "queuebert.cli", "worker"], env=env, stdout="inherit",
                                    new_session=True)
         child.started = time.monotonic()
         log.info("worker process started", device=child.device, pid=child.proc.pid, index=child.index)

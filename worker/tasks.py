@@ -13,10 +13,19 @@ from typing import Any
 
 import structlog
 
-from producer.results import record_job
-from producer.schema import (INVALID_JOB, DeadlineExceeded, Item, ItemResult, JobError, JobRequest, check_item,
-                             error_result, parse_job)
-from producer.settings import WorkerSettings
+from queuebert.results import record_job
+from queuebert.schema import (
+    INVALID_JOB,
+    DeadlineExceeded,
+    Item,
+    ItemResult,
+    JobError,
+    JobRequest,
+    check_item,
+    error_result,
+    parse_job,
+)
+from queuebert.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 

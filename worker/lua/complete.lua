@@ -15,7 +15,7 @@
 -- KEYS[1]  worker hash                KEYS[2]  worker executions set
 -- for queue q (1-based), at k = 2q + 1: KEYS[k] started registry, KEYS[k+1] finished registry
 -- for run r (1-based), at k = 2 + 2 * ARG.queues + 4(r-1): KEYS[k+1..k+4] the run's keys
---          (producer.keys.run_keys order)
+--          (queuebert.keys.run_keys order)
 -- ARGV[ARG.queues]              number of queues
 -- ARGV[ARG.ended_at]            job ended_at (utcformat)
 -- ARGV[ARG.execution_ended_at]  the result's execution_ended_at (float timestamp)
@@ -42,7 +42,7 @@
 -- above and their sizes).
 -- Returns the ids of jobs left to the caller.
 
---#include producer/run_record.lua
+--#include queuebert/run_record.lua
 
 local nqueues = tonumber(ARGV[ARG.queues])
 local ended_utc, ended_ts, now_ts = ARGV[ARG.ended_at], ARGV[ARG.execution_ended_at], tonumber(ARGV[ARG.now_ts])

@@ -15,7 +15,7 @@ PREFIX = "qb"
 JOB_FUNC = "worker.tasks.classify"
 
 #: RQ failure callback of every job, named by path for the same reason. With ``JOB_FUNC`` it is the
-#: only thing a job hash may name for a worker to import (see ``producer.job.QueuebertJob``).
+#: only thing a job hash may name for a worker to import (see ``queuebert.job.QueuebertJob``).
 ON_FAILURE = "worker.tasks.on_job_failed"
 
 

@@ -1,20 +1,20 @@
 """The RQ job class for queuebert's queues: a job hash can make a worker call queuebert's code only.
 
 RQ imports and calls what a job hash in Redis names: the job function (in the serialized payload,
-which :mod:`producer.serializer` checks as it loads it) and the success, failure and stopped
+which :mod:`queuebert.serializer` checks as it loads it) and the success, failure and stopped
 callbacks, which are plain strings in the hash (``success_callback_name`` ...) that no serializer
 ever sees. RQ imports them in ``Job.success_callback`` / ``failure_callback`` / ``stopped_callback``,
 from the worker's job path, its failure path and its abandoned-job recovery
 (``StartedJobRegistry.cleanup``, run by every worker's maintenance). This class checks the name at
-exactly those points, before anything is imported: only :data:`producer.keys.ON_FAILURE` may be a
+exactly those points, before anything is imported: only :data:`queuebert.keys.ON_FAILURE` may be a
 failure callback, and queuebert sets no other callback.
 
 It also sends no webhooks: RQ 3 sends an HTTP request to every URL listed in a job hash's
 ``webhooks`` field when the job ends, and queuebert never registers one, so a URL there was written
 by someone else.
 
-Start a stock worker with it: ``rq worker --serializer producer.serializer.JSONSerializer
---job-class producer.job.QueuebertJob QUEUE``.
+Start a stock worker with it: ``rq worker --serializer queuebert.serializer.JSONSerializer
+--job-class queuebert.job.QueuebertJob QUEUE``.
 """
 
 from __future__ import annotations

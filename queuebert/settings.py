@@ -123,7 +123,8 @@ class WorkerSettings(_FromEnv):
     #: Jobs with more items than this fail as a whole with a clear message.
     max_items_per_job: int = 10_000
     #: Seconds: how often executions are heartbeated and abandoned jobs looked for; a killed
-    #: worker's jobs are recovered within about twice this.
+    #: worker's jobs are recovered within 3-4 times this (its executions live 3 intervals; the
+    #: next maintenance pass, at most one interval later, requeues them).
     heartbeat_interval: int = 10
     #: Durability (as ClientSettings): each write waits (``WAIT``) until this many replicas acknowledge it; a write
     #: they do not acknowledge within ``replica_ack_timeout_ms`` counts as not written and is

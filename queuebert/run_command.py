@@ -20,13 +20,12 @@ from pathlib import Path
 
 import structlog
 
+from producer.client import Client
+from producer.outputs import safe_point
+from producer.readers import InputError, guess_format, open_input, read_records
+from queuebert.connection import connect
 from queuebert.procs import LoggedProcess, start_process, stop_processes
-
-from .client import Client
-from .connection import connect
-from .outputs import safe_point
-from .readers import InputError, guess_format, open_input, read_records
-from .settings import WorkerSettings, env_name
+from queuebert.settings import WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +39,7 @@ class RunFailed(RuntimeError):
 
 
 def _worker_command(args: argparse.Namespace, url: str, index: int) -> list[str]:
-    cmd = [sys.executable, "-m", "producer.cli", "worker", "--redis-url", url, "--log-format", "json",
+    cmd = [sys.executable, "-m", "queuebert.cli", "worker", "--redis-url", url, "--log-format", "json",
            "--log-level", args.log_level or "warning"]
     for flag in ("model", "revision", "device", "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms"):
         value = getattr(args, flag, None)
@@ -105,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         stream = stack.enter_context(open_input(args.input))  # a missing file fails before anything starts
         if url is None:
-            from .embedded_redis import RedisServer
+            from producer.embedded_redis import RedisServer
 
             server = stack.enter_context(RedisServer().start())
             url = server.url

@@ -1,7 +1,7 @@
 """The ``queuebert`` command: enqueue, results, worker (and more as they land).
 
 Plain argparse, flags named after the settings they set; every default comes from
-:mod:`producer.settings`, so an environment variable and its flag can never disagree.
+:mod:`queuebert.settings`, so an environment variable and its flag can never disagree.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 import structlog
 
+from producer.outputs import open_output, safe_point
+
 from . import logs
 from .connection import RedisUnavailable
-from .outputs import open_output, safe_point
 from .settings import ClientSettings, WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
@@ -147,8 +148,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     import redis
     from tqdm import tqdm
 
-    from .client import Client, RedisFull, ResumeError, new_id
-    from .readers import InputError, guess_format, open_input, read_records
+    from producer.client import Client, RedisFull, ResumeError, new_id
+    from producer.readers import InputError, guess_format, open_input, read_records
 
     client = Client.from_url(args.redis_url, queue=args.queue, redis_full_timeout=args.redis_full_timeout)
     fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
@@ -194,7 +195,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from .client import Client
+    from producer.client import Client
 
     client = Client.from_url(args.redis_url)
     progress = client.run_progress(args.run_id)
@@ -240,8 +241,9 @@ def _done_in_order(client: Any, run_id: str) -> Any:
 def cmd_stats(args: argparse.Namespace) -> int:
     import time
 
+    from producer.stats import gather, render
+
     from .connection import connect
-    from .stats import gather, render
 
     conn = connect(args.redis_url)
     while True:
@@ -272,10 +274,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .client import RedisFull, ResumeError
-    from .embedded_redis import NoRedisBinary
-    from .readers import InputError
-    from .run_command import RunFailed, run
+    from producer.client import RedisFull, ResumeError
+    from producer.embedded_redis import NoRedisBinary
+    from producer.readers import InputError
+    from queuebert.run_command import RunFailed, run
 
     try:
         return run(args)

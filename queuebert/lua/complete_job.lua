@@ -2,13 +2,13 @@
 -- time: worker.tasks.classify under a stock RQ worker, the failure callback, and the jobs the
 -- batching worker completes with RQ's own handlers.
 --
--- KEYS: the run's keys in producer.keys.run_keys order (meta hash, done-jobs set, stream, jobs list)
+-- KEYS: the run's keys in queuebert.keys.run_keys order (meta hash, done-jobs set, stream, jobs list)
 -- ARGV[ARG.job]      job id
 -- ARGV[ARG.items]    items in the job           ARGV[ARG.errors]  items whose result is an error
 -- ARGV[ARG.results]  the results JSON           ARGV[ARG.now]     time of completion ("%.3f" seconds)
 -- Returns 1 if the job was recorded, 0 if it already was (or the run is consumed).
 
---#include producer/run_record.lua
+--#include queuebert/run_record.lua
 
 local run = {KEYS[1], KEYS[2], KEYS[3], KEYS[4]}
 if not run_is_open(run) or not run_add(run, ARGV[ARG.job], ARGV[ARG.results]) then

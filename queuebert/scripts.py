@@ -5,7 +5,7 @@ its KEYS and ARGV at the top. Two things are added at load time, so that no valu
 two places:
 
 - ``--#include <package>/<file>.lua`` lines are replaced by that file: the run record
-  (``producer/lua/run_record.lua``) is one file, included by every script that completes a job;
+  (``queuebert/lua/run_record.lua``) is one file, included by every script that completes a job;
 - constants are prepended as ``local NAME = ...``: numbers, strings, tuples (a Lua list), sets of
   strings (a table of ``true``) and argument layouts (:class:`ArgLayout`: a table of named ARGV
   offsets, generated from the same names the Python side builds its arguments from).

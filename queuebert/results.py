@@ -3,7 +3,7 @@
 A job's results live in two places:
 - RQ's own result (``rq:results:<job>``), so ``job.latest_result()`` and RQ's tools see it;
 - one entry in the run's stream, with the run's progress counters: the run record
-  (``producer/lua/run_record.lua``, included by every script that completes a job). It is added
+  (``queuebert/lua/run_record.lua``, included by every script that completes a job). It is added
   only the first time a job id completes, so a job that was redelivered after its worker died (and
   ran twice) appears once and is counted once, and never once a consuming reader has finished
   with the run (``consumed`` in its meta hash).
@@ -28,7 +28,7 @@ from .settings import DEFAULT_RESULT_TTL
 #: Named arguments of complete_job.lua (``ARGV[ARG.<name>]``).
 COMPLETE_JOB_ARGS = ArgLayout(("job", "items", "errors", "results", "now"))
 
-#: What producer/lua/run_record.lua needs from Python, for every script that includes it.
+#: What queuebert/lua/run_record.lua needs from Python, for every script that includes it.
 RUN_RECORD_CONSTANTS = {"DEFAULT_RUN_TTL": DEFAULT_RESULT_TTL}
 
 _CONSTANTS: dict[str, dict[str, Any]] = {
@@ -40,7 +40,7 @@ _scripts: dict[tuple[int, str], Any] = {}
 
 @functools.cache
 def _source(name: str) -> str:
-    return scripts.load("producer", name, _CONSTANTS[name])
+    return scripts.load("queuebert", name, _CONSTANTS[name])
 
 
 def _script(connection: redis.Redis, name: str) -> Any:

@@ -5,10 +5,10 @@ With pickle, anyone who can write to Redis can run code in the worker. A payload
 
 JSON alone stops pickle gadgets, not a job that names another function: RQ imports and calls
 whatever name the payload carries. So a job payload (RQ's ``[func_name, instance, args, kwargs]``)
-that names anything but :data:`producer.keys.JOB_FUNC`, or carries an instance, is refused here,
+that names anything but :data:`queuebert.keys.JOB_FUNC`, or carries an instance, is refused here,
 before RQ sees the name. Every worker that loads jobs through this serializer (the batching worker,
-a stock ``rq worker --serializer producer.serializer.JSONSerializer``) refuses it the same way.
-Callbacks are plain strings in the job hash that no serializer sees; ``producer.job.QueuebertJob``
+a stock ``rq worker --serializer queuebert.serializer.JSONSerializer``) refuses it the same way.
+Callbacks are plain strings in the job hash that no serializer sees; ``queuebert.job.QueuebertJob``
 guards those.
 """
 

@@ -1,5 +1,5 @@
 -- The run record of a finished job: its entry in the run's stream and the run's counters. Every
--- script that completes jobs includes this file (producer/lua/complete_job.lua for one job,
+-- script that completes jobs includes this file (queuebert/lua/complete_job.lua for one job,
 -- worker/lua/complete.lua for many at once), so there is one rule for all of them:
 --
 -- - a job's entry and counts are written once per job id, however often the job completes (a job
@@ -9,8 +9,8 @@
 -- - the run's keys then live the run's `ttl` (a meta field: the producer's result TTL, written at
 --   enqueue), or DEFAULT_RUN_TTL for a run whose meta names none (jobs of another producer).
 --
--- A run's keys, in producer.keys.run_keys order, as a table: {meta, done-jobs set, stream, jobs list}.
--- Constant: DEFAULT_RUN_TTL (producer.settings.DEFAULT_RESULT_TTL).
+-- A run's keys, in queuebert.keys.run_keys order, as a table: {meta, done-jobs set, stream, jobs list}.
+-- Constant: DEFAULT_RUN_TTL (queuebert.settings.DEFAULT_RESULT_TTL).
 
 local RUN_META, RUN_DONE, RUN_STREAM, RUN_JOBS = 1, 2, 3, 4
 
