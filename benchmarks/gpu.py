@@ -201,7 +201,6 @@ class Bench:
             row[f"pipeline_bs{bs}"] = {"texts_per_s": round(len(texts) / seconds, 1), "texts": len(texts),
                                        "gpu_busy": BusySampler.fraction(samples)}
             say(f"    pipeline batch_size={bs}: {len(texts) / seconds:,.1f} texts/s ({len(texts)} texts)")
-        del pipe
 
     def precision(self, model: Path, row: dict[str, Any]) -> None:
         """Labels and probabilities of each dtype against float32 pipeline (top_k=None)."""

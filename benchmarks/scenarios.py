@@ -102,7 +102,6 @@ class Bench:
         from queuebert.settings import WorkerSettings
         from worker.model import resolve_dtype
 
-        a = self.args
         self.results["machine"] = machine_info()
         self.corpus = self.load_corpus()
         self.texts = self.corpus.texts

@@ -101,18 +101,18 @@ def _burst_worker(conn: redis.Redis, engine: Any, **settings: Any) -> Any:
 # A worker process with one method replaced by a bug, started the way `queuebert worker` starts.
 _BUGGY_WORKER = """
 import sys
-import worker.batch_worker as bw
+from {module} import {cls}
 
 def bug(self, *args):
-    raise RuntimeError("bug in {broken}")
+    raise RuntimeError("bug in {method}")
 
-bw.BatchWorker.{broken} = bug
+{cls}.{method} = bug
 from queuebert.cli import main
 sys.exit(main(["worker", "--name", "buggy", "--log-format", "json"]))
 """
 
 
-@pytest.mark.parametrize("broken", ["_prepare", "_complete"])
+@pytest.mark.parametrize("broken", ["worker.taker.Taker.prepare", "worker.completer.Completer.complete"])
 def test_a_thread_that_dies_stops_the_worker_with_an_error(conn, redis_server, tiny_models, broken):
     """A bug in the taker (or the completer) used to leave a half-alive worker: with the completer
     dead the rest went on taking the whole queue; with the taker dead `queuebert worker` exited 0,
@@ -121,8 +121,9 @@ def test_a_thread_that_dies_stops_the_worker_with_an_error(conn, redis_server, t
     run = client.enqueue_stream(_texts(40), chunk_size=4, max_pending=0)
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32",
                          QUEUEBERT_DEVICE="cpu", QUEUEBERT_HEARTBEAT_INTERVAL="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([PYTHON, "-c", _BUGGY_WORKER.format(broken=broken)], env=env, cwd=REPO,
-                          capture_output=True, timeout=120)
+    module, cls, method = broken.rsplit(".", 2)
+    script = _BUGGY_WORKER.format(module=module, cls=cls, method=method)
+    proc = subprocess.run([PYTHON, "-c", script], env=env, cwd=REPO, capture_output=True, timeout=120)
     stderr = proc.stderr.decode(errors="replace")
     assert proc.returncode == 1, stderr[-3000:]
     assert "worker thread died" in stderr
@@ -174,14 +175,13 @@ def _take_complete_consume(conn: redis.Redis, engine: Any) -> tuple[Any, Any, st
     """One job taken by worker A, which then freezes; RQ's maintenance requeues it; worker B takes
     and completes it; a consuming reader reads and deletes the whole run. Returns A, A's slot, the
     job id and the run id."""
-    from worker.batch_worker import Slot
-    from worker.job_store import JobStore
+    from worker.slots import Slot
 
     client = Client(conn)
     handle = client.submit_many(["a frozen worker thaws"], chunk_size=1)[0]
     a = _burst_worker(conn, engine, name="frozen-a")
-    a._store = JobStore.for_worker(a, a._ordered_queues)
-    (slot,) = a._take(1, 0)
+    a.assemble()
+    (slot,) = a.taker.take(1, 0)
     assert isinstance(slot, Slot)
     StartedJobRegistry("default", connection=conn).cleanup(timestamp=current_timestamp() + 3600)  # A looks dead
     assert Queue("default", connection=conn).get_job_ids() == [handle.job_id]
@@ -203,7 +203,7 @@ def test_a_late_second_completion_does_not_resurrect_a_consumed_run(conn, engine
     a, slot, job_id, run_id = _take_complete_consume(conn, engines["bert"])
     before = {k: conn.type(k) for k in conn.keys("qb:run:*")}
     results = [{"id": "0", "label": "x", "score": 1.0}]
-    a._store.complete([Completion(slot.job, json.dumps(results), run_id, 1, 0)], 86400)
+    a.store.complete([Completion(slot.job, json.dumps(results), run_id, 1, 0)], 86400)
     progress = Client(conn).run_progress(run_id)
     assert progress["done"] == 1 and progress["total"] == 1
     assert not conn.exists(keys.run_stream(run_id)) and not conn.exists(keys.run_done_jobs(run_id))
@@ -223,7 +223,7 @@ def test_giving_back_a_job_finished_elsewhere_writes_nothing(conn, engines):
     """A graceful stop of the thawed worker gives back the job it still thinks it holds: today that
     wrote a job hash with no TTL (status only) and queued the finished job a third time."""
     a, slot, job_id, _run_id = _take_complete_consume(conn, engines["bert"])
-    a._give_back([slot], "not started")
+    a.taker.give_back([slot], "not started")
     assert not conn.exists(Job.key_for(job_id))
     assert Queue("default", connection=conn).count == 0
     leftovers = [k for k in conn.keys("*") if conn.ttl(k) == -1 and not k.startswith((b"rq:workers", b"rq:queues"))]
@@ -234,13 +234,12 @@ def test_stats_show_a_full_redis_and_what_each_worker_waits_for(engines):
     """At maxmemory, `queuebert stats` says Redis is full, and a worker whose completions are
     refused says so in its row (written even at maxmemory)."""
     from producer.stats import gather, render
-    from worker.job_store import JobStore
 
     with RedisServer(extra_args=["--maxmemory", str(2 * 2**20), "--maxmemory-policy", "noeviction"]) as server:
         conn = redis.Redis.from_url(server.url)
         worker = _burst_worker(conn, engines["bert"], name="waiting-w")
         worker.register_birth()
-        worker._store = JobStore.for_worker(worker, worker._ordered_queues)
+        worker.assemble()
         with pytest.raises(redis.exceptions.OutOfMemoryError) as refused:
             for i in range(10_000):
                 conn.set(f"ballast:{i}", "x" * 10_000)

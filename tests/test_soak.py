@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 
 from conftest import PYTHON, REPO, subprocess_env
 

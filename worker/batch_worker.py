@@ -1,14 +1,17 @@
 """The batching worker: an RQ worker that pools many jobs' items into micro-batches in-process.
 
-Three threads, so the device never waits on Redis:
-- taker: takes many jobs per round trip and registers them as started the way RQ does, atomically
-  in one script (:class:`~worker.job_store.JobStore`), validates items, tokenizes them and adds
-  them to the length-sorted item pool
-  (:class:`~worker.scheduler.BatchScheduler`) while compute runs;
-- compute (the main thread): cuts each token-bounded batch from the pool around its oldest item,
-  runs it, and hands every job whose items are all done to the completer;
-- completer: writes RQ results, registries, run-stream entries for all finished jobs in one script.
-A heartbeat thread keeps executions alive and runs RQ's registry maintenance, which is also what
+:class:`BatchWorker` is RQ's ``SimpleWorker`` with RQ's hooks filled in (heartbeat TTL, stop
+signals, registration, maintenance, recovery of abandoned jobs) and three parts wired together,
+so the device never waits on Redis:
+- the taker (:mod:`worker.taker`, its own thread) takes many jobs per round trip, registered as
+  started the way RQ does, and tokenizes their items into the length-sorted pool
+  (:mod:`worker.scheduler`);
+- compute (:mod:`worker.compute`, the main thread) sweeps batches from the pool through the model
+  and hands each job on as soon as its last item is done;
+- the completer (:mod:`worker.completer`, its own thread) writes results, registries and
+  run-stream entries for all finished jobs in one script call.
+Which thread may touch a taken job when is written in one place, :mod:`worker.slots`. A heartbeat
+thread, here, keeps executions alive and runs RQ's registry maintenance, which is also what
 recovers the jobs of a worker that was killed.
 
 A Redis error in any thread is weather (:mod:`worker.outage`): the thread backs off and retries, and
@@ -20,20 +23,15 @@ restarts it; it never goes on half-alive.
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
-import queue as queue_mod
 import signal
 import threading
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import redis
 import structlog
 from rq import Queue, worker_registration
-from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.timeouts import TimerDeathPenalty
@@ -42,71 +40,20 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from queuebert import keys
 from queuebert.job import QueuebertJob
-from queuebert.schema import DEADLINE_EXCEEDED, INVALID_JOB, Item, ItemResult, JobError, JobRequest, is_error, parse_job
 from queuebert.serializer import JSONSerializer
 from queuebert.settings import WorkerSettings
 
-from . import rq_completion
-from .engine import BatchStats, Engine
-from .job_store import JobStore, TakenJob
+from .completer import Completer
+from .compute import Compute
+from .engine import Engine
+from .job_store import JobStore
 from .metrics import WorkerMetrics
 from .outage import Outage
-from .scheduler import BatchScheduler, Entry
-from .tasks import deadline_message, split_items
+from .scheduler import BatchScheduler
+from .slots import Finished, Inflight
+from .taker import Taker
 
 log = structlog.get_logger(__name__)
-
-_END = object()
-
-
-@dataclass
-class Slot:
-    """One taken job: where its items sit in the pool and what comes back."""
-
-    job: TakenJob
-    queue: Queue
-    request: JobRequest | None = None
-    priority: int = 0  # index of its queue: 0 is the most urgent
-    results: list[ItemResult | None] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)  # where each valid item's result goes
-    remaining: int = 0  # valid items not computed yet
-    computing: bool = False  # some item is in (or past) a forward batch
-    error: str | None = None
-    error_kind: str = INVALID_JOB
-    written: bool = False  # its completion (or failure) is in Redis; what is left is releasing dependents
-
-
-class _StatsWindow:
-    """Batch figures summed over about a second, for one log line (a line per batch would be
-    a dozen a second)."""
-
-    def __init__(self, every: float = 1.0):
-        self.every = every
-        self.stats = BatchStats()
-        self.jobs = 0
-        self.max_wait = 0.0
-        self.since = time.monotonic()
-
-    def add(self, stats: BatchStats, jobs: int, waits: list[float]) -> None:
-        s = self.stats
-        s.batches += stats.batches
-        s.texts += stats.texts
-        s.real_tokens += stats.real_tokens
-        s.padded_tokens += stats.padded_tokens
-        s.forward_seconds += stats.forward_seconds
-        self.jobs += jobs
-        self.max_wait = max([self.max_wait, *waits])
-
-    def due(self) -> bool:
-        return time.monotonic() - self.since >= self.every
-
-    def flush(self) -> dict[str, Any]:
-        s = self.stats
-        out = {"jobs": self.jobs, "texts": s.texts, "batches": s.batches, "padded_tokens": s.padded_tokens,
-               "padding_ratio": round(s.padding_ratio, 3), "forward_ms": round(1000 * s.forward_seconds, 1),
-               "queue_wait_ms": round(1000 * self.max_wait, 1)}
-        self.__init__(self.every)  # type: ignore[misc]
-        return out
 
 
 class BatchWorker(SimpleWorker):
@@ -115,10 +62,6 @@ class BatchWorker(SimpleWorker):
     Start it with ``queuebert worker ...`` or ``rq worker -w worker.BatchWorker`` (settings from
     ``QUEUEBERT_*`` variables). It always uses JSON: a pickled job is refused, never executed.
     """
-
-    #: Texts per tokenizer call in the taker: large enough to amortise the call, small enough that
-    #: a burst reaches the pool in steps of a few milliseconds.
-    TOKENIZE_CHUNK = 256
 
     def __init__(self, queues: Any, *args: Any, settings: WorkerSettings | None = None,
                  engine: Engine | None = None, **kwargs: Any):
@@ -138,23 +81,30 @@ class BatchWorker(SimpleWorker):
         self.engine = engine
         self._stop = threading.Event()
         self._signals = 0  # counted: a burst ending sets _stop too, which is not a first signal
-        self.scheduler: BatchScheduler | None = None
-        self._taker_done = threading.Event()
-        self._done: queue_mod.Queue[Any] = queue_mod.Queue()
-        #: Held jobs by ``<job id>:<execution id>``: the same job can be held twice (RQ requeued it
-        #: after its execution expired while Redis refused heartbeats, and this worker took it again).
-        self._inflight: dict[str, Slot] = {}
-        self._lock = threading.Lock()
-        self.completed_jobs = 0
-        self.completed_items = 0
+        self.inflight = Inflight()
+        self.finished = Finished()
+        # Built by assemble(), once the engine is loaded. The pool is not RQ's `self.scheduler`
+        # (RQ's scheduler process, which RQ's teardown stops if set).
+        self.pool: BatchScheduler | None = None
+        self.store: JobStore | None = None
         self.metrics: WorkerMetrics | None = None
-        self._store: JobStore | None = None
+        self.taker: Taker | None = None
+        self.compute: Compute | None = None
+        self.completer: Completer | None = None
         #: Set when a thread died of a bug: the worker stops and the process exits non-zero.
         self.fatal: BaseException | None = None
         #: Set when shutdown can wait no longer for the completer (Redis refusing writes).
         self._abandon = threading.Event()
         self.outages = {name: Outage(name, on_change=self._on_outage)
                         for name in ("take", "complete", "heartbeat", "maintenance")}
+
+    @property
+    def completed_jobs(self) -> int:
+        return self.completer.completed_jobs if self.completer is not None else 0
+
+    @property
+    def completed_items(self) -> int:
+        return self.completer.completed_items if self.completer is not None else 0
 
     # -- RQ hooks ---------------------------------------------------------------------------
 
@@ -187,46 +137,67 @@ class BatchWorker(SimpleWorker):
             self.engine = get_engine(self.settings)
         return self.engine
 
+    def assemble(self) -> None:
+        """Load the engine and build the pool, the job store and the three parts around them.
+        Nothing here talks to Redis; :meth:`work` calls it, tests may call it alone."""
+        engine = self.load_engine()
+        s = self.settings
+        self.pool = pool = BatchScheduler(engine.max_batch_size, engine.max_batch_tokens)
+        self.metrics = WorkerMetrics(model=engine.m.name, device=str(engine.m.device))
+        self.metrics.load.labels(**self.metrics.labels).set(engine.m.load_seconds)
+        self.store = store = JobStore.for_worker(self, self._ordered_queues)
+        self.taker = Taker(connection=self.connection, store=store, queues=self._ordered_queues, engine=engine,
+                           pool=pool, settings=s, inflight=self.inflight, finished=self.finished,
+                           outages=self.outages, execution_ttl=self.get_heartbeat_ttl(None),  # type: ignore[arg-type]
+                           stop=self._stop)
+        self.compute = Compute(engine=engine, pool=pool, inflight=self.inflight, finished=self.finished,
+                               max_wait=s.max_wait_ms / 1000, metrics=self.metrics, stop=self._stop,
+                               taker_done=self.taker.done)
+        self.completer = Completer(worker=self, store=store, inflight=self.inflight, finished=self.finished,
+                                   outage=self.outages["complete"], metrics=self.metrics, abandon=self._abandon)
+
     def work(self, burst: bool = False, logging_level: str | None = None, *args: Any, **kwargs: Any) -> bool:
         """Load the model, then take, batch, run and complete jobs until stopped (or, in burst
         mode, until the queues are empty)."""
         burst = burst or self.settings.burst
-        engine = self.load_engine()
-        self.scheduler = BatchScheduler(engine.max_batch_size, engine.max_batch_tokens)
-        self.metrics = WorkerMetrics(model=engine.m.name, device=str(engine.m.device))
-        self.metrics.load.labels(**self.metrics.labels).set(engine.m.load_seconds)
+        self.assemble()
+        pool, taker, compute, completer, metrics = self.pool, self.taker, self.compute, self.completer, self.metrics
+        assert pool is not None and taker is not None and compute is not None and completer is not None
+        assert metrics is not None
         if self.settings.metrics_port:
-            self.metrics.serve(self.settings.metrics_port)
+            metrics.serve(self.settings.metrics_port)
             log.info("serving metrics", port=self.settings.metrics_port)
         self._install_signal_handlers()
         if not self._register(logging_level or "WARNING"):
             self._teardown()
             return False
-        self._store = JobStore.for_worker(self, self._ordered_queues)
-        threads = [
-            threading.Thread(target=self._guarded, args=(self._take_loop, burst), name="qb-take", daemon=True),
-            threading.Thread(target=self._guarded, args=(self._complete_loop,), name="qb-complete", daemon=True),
-            threading.Thread(target=self._guarded, args=(self._heartbeat_loop,), name="qb-heartbeat", daemon=True),
-        ]
-        for t in threads:
-            t.start()
+        taking = self._thread(lambda: taker.run(burst), "qb-take")
+        completing = self._thread(completer.run, "qb-complete")
+        self._thread(self._heartbeat_loop, "qb-heartbeat")
         try:
-            self._guarded(self._compute_loop)
+            self._guarded(compute.run)
         finally:
             self._stop.set()
-            self.scheduler.close()
-            threads[0].join(timeout=30)
-            self._return_unstarted()
-            self._done.put(_END)
-            threads[1].join(timeout=60)
-            if threads[1].is_alive():  # still retrying a Redis that refuses writes: stop waiting
+            pool.close()
+            taking.join(timeout=30)
+            taker.return_unstarted()
+            self.finished.close()
+            completing.join(timeout=60)
+            if completing.is_alive():  # still retrying a Redis that refuses writes: stop waiting
                 self._abandon.set()
-                threads[1].join(timeout=10)
-            self._give_back_held()
+                completing.join(timeout=10)
+            # Whatever is still held (a completion Redis kept refusing, jobs a dying thread left
+            # behind) goes back to its queue.
+            taker.give_back(self.inflight.held(), "not completed")
             self._teardown()
             log.info("worker stopped", worker=self.name, jobs=self.completed_jobs, items=self.completed_items,
                      **({"fatal": repr(self.fatal)} if self.fatal is not None else {}))
         return self.completed_jobs > 0
+
+    def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(target=self._guarded, args=(target,), name=name, daemon=True)
+        thread.start()
+        return thread
 
     def _register(self, logging_level: str) -> bool:
         """RQ's ``bootstrap`` (register the worker, subscribe to its commands), then queuebert's
@@ -260,19 +231,19 @@ class BatchWorker(SimpleWorker):
         log.info("worker started", worker=self.name, queues=self.queue_names())
         return True
 
-    def _guarded(self, target: Any, *args: Any) -> None:
+    def _guarded(self, target: Callable[[], None]) -> None:
         """Run a thread's loop; an exception that is not Redis weather (each loop rides those out
         itself) is a bug: stop the worker rather than leave it running without this thread."""
         try:
-            target(*args)
+            target()
         except Exception as exc:
             if self.fatal is None:
                 self.fatal = exc
             log.exception("worker thread died: stopping the worker", thread=threading.current_thread().name,
                           error=repr(exc))
             self._stop.set()
-            if self.scheduler is not None:
-                self.scheduler.close()
+            if self.pool is not None:
+                self.pool.close()
 
     def _teardown(self) -> None:
         """RQ's ``register_death``, tolerating a Redis that refuses writes: the worker key then
@@ -287,288 +258,6 @@ class BatchWorker(SimpleWorker):
             self.metrics.redis_down.labels(**self.metrics.labels, component=outage.component).set(
                 1 if outage.down else 0)
 
-    def _compute_loop(self) -> None:
-        """Run batches from the pool until stopped (or the taker ended a burst); every job whose
-        items are all done goes to the completer right after its last batch."""
-        engine, scheduler = self.engine, self.scheduler
-        assert engine is not None and scheduler is not None
-        max_wait = self.settings.max_wait_ms / 1000
-        window = _StatsWindow()
-        while not self._stop.is_set():
-            batch = scheduler.next_batch(max_wait)
-            if batch is None:
-                if self._taker_done.is_set():
-                    break
-                continue
-            stats = BatchStats()
-            results = engine.run_batch([e.item for e in batch], [e.top_k for e in batch], [e.ids for e in batch], stats)
-            finished: list[Slot] = []
-            waits: list[float] = []
-            wall = time.time()
-            with self._lock:  # the taker may be settling other items of these jobs (tokenizer errors)
-                for e, result in zip(batch, results):
-                    slot: Slot = e.owner
-                    if not slot.computing:
-                        slot.computing = True
-                        if slot.job.enqueued_at:
-                            waits.append(wall - slot.job.enqueued_at)
-                    slot.results[slot.positions[e.index]] = result
-                    slot.remaining -= 1
-                    if slot.remaining == 0:
-                        finished.append(slot)
-            if finished:
-                self._done.put(finished)
-            if self.metrics is not None:
-                self.metrics.observe_batches(stats.per_batch, waits)
-            window.add(stats, len(finished), waits)
-            if window.due():
-                log.info("batch", pool=len(scheduler), **window.flush())
-        if window.stats.batches:
-            log.info("batch", pool=len(scheduler), **window.flush())
-
-    # -- taking -----------------------------------------------------------------------------
-
-    def _take(self, want: int, block: float) -> list[Slot]:
-        """Up to ``want`` jobs, registered as started; with none queued, wait up to ``block``
-        seconds on the most urgent queue (only one list can be waited on: with several queues the
-        caller blocks briefly and comes back to look at the others)."""
-        store = self._store
-        assert store is not None
-        ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
-        taken, gone = store.take(want, ttl)
-        if not taken and not gone and block:
-            first = self._ordered_queues[0]
-            # Into RQ's intermediate list, so a worker killed right here leaves the job where
-            # RQ's maintenance finds it; the take script moves it on from there.
-            job_id = self.connection.blmove(first.key, first.intermediate_queue_key, block, "LEFT", "RIGHT")
-            if job_id is None:
-                return []
-            taken, gone = store.take(want, ttl, first=(0, job_id.decode()))
-        slots = [Slot(job=tj, queue=self._ordered_queues[tj.queue_index], priority=tj.queue_index) for tj in taken]
-        with self._lock:
-            for sl in slots:
-                self._inflight[sl.job.composite_key] = sl
-        return slots
-
-    def _prepare(self, slots: list[Slot]) -> None:
-        """Decode and check each job, tokenize all their items in one call, add them to the pool.
-        A job that cannot run, or whose items all failed before the forward, completes at once."""
-        engine, scheduler = self.engine, self.scheduler
-        assert engine is not None and scheduler is not None
-        s = self.settings
-        new_items: list[Item] = []
-        new_top_k: list[int | None] = []
-        owners: list[tuple[Slot, int]] = []
-        ready: list[Slot] = []
-        for slot in slots:
-            try:
-                func_name, args, kwargs = slot.job.decode()
-                if func_name != keys.JOB_FUNC:
-                    raise JobError(f"BatchWorker runs only {keys.JOB_FUNC}, not {func_name}")
-                slot.request = parse_job(args, kwargs, s.max_items_per_job)
-                if slot.request.deadline is not None and time.time() > slot.request.deadline:
-                    slot.error, slot.error_kind = deadline_message(slot.request.deadline), DEADLINE_EXCEEDED
-            except DeserializationError:
-                slot.error = "job payload is not JSON (a pickled job?); refused without executing it"
-            except JobError as exc:
-                slot.error = str(exc)
-            except Exception as exc:
-                slot.error = f"unreadable job: {type(exc).__name__}: {exc}"
-            if slot.error is not None:
-                ready.append(slot)
-                continue
-            valid, positions, results = split_items(slot.request, s.max_text_chars)
-            slot.results, slot.positions, slot.remaining = results, positions, len(valid)
-            new_items.extend(valid)
-            new_top_k.extend([slot.request.top_k] * len(valid))
-            owners.extend(zip(itertools.repeat(slot, len(valid)), range(len(valid))))
-            if not valid:
-                ready.append(slot)
-        if ready:
-            self._done.put(ready)
-        # Tokenize and add in chunks, so a burst fills the pool progressively and compute can
-        # start on a few hundred texts instead of waiting for all of them (or starting on a few).
-        assert self._store is not None
-        scheduler.expect(len(new_items), queued=self._store.left > 0)
-        for start in range(0, len(new_items), self.TOKENIZE_CHUNK):
-            end = min(start + self.TOKENIZE_CHUNK, len(new_items))
-            enc, errors = engine.encode(new_items[start:end], new_top_k[start:end])
-            failed = dict(errors)
-            done: list[Slot] = []
-            entries = [Entry(owners[i][0], owners[i][1], new_items[i], new_top_k[i], enc.ids[i - start],
-                             owners[i][0].priority) for i in range(start, end) if i - start not in failed]
-            if failed:
-                # The tokenizer refused these texts: the error is their result. Compute may be
-                # finishing other items of the same jobs right now, hence the lock.
-                with self._lock:
-                    for i, err in failed.items():
-                        slot, n = owners[start + i]
-                        slot.results[slot.positions[n]] = err
-                        slot.remaining -= 1
-                        if slot.remaining == 0:
-                            done.append(slot)
-            if done:
-                self._done.put(done)
-            scheduler.add(entries, settled=end - start)
-
-    def _take_loop(self, burst: bool) -> None:
-        """Keep the pool filled up to ``max_pool_items`` while compute runs. With nothing queued,
-        block on the queue (Redis wakes us when a job arrives); with the pool full, back off so the
-        poll does not steal the cores the forward needs."""
-        s = self.settings
-        scheduler = self.scheduler
-        assert scheduler is not None
-        pause = 0.0005
-        items_per_job = 1.0  # running estimate, to ask for about as many jobs as the pool has room for
-        sized = False
-        try:
-            while not self._stop.is_set():
-                room = s.max_pool_items - len(scheduler)
-                if room <= 0:
-                    time.sleep(pause)
-                    pause = min(pause * 2, 0.02)
-                    continue
-                # Until the first jobs show how many items a job holds, take one: 256 jobs of
-                # 64 texts would overshoot the pool sixteenfold.
-                want = max(1, min(s.take_jobs, math.ceil(room / items_per_job))) if sized else 1
-                block = 0.0 if burst else (1.0 if len(self.queues) == 1 else 0.05)
-                if self.outages["complete"].down:
-                    # Results cannot be written: taking more would only pile up work that cannot
-                    # finish. What the worker holds stays bounded by its pool.
-                    self._stop.wait(0.1)
-                    continue
-                # Looked at before the take: a job still held may be queued again as it completes
-                # (a retry, a repeat, a released dependent), so a burst ends only after a take that
-                # began with nothing held found nothing.
-                held = self._busy()
-                try:
-                    slots = self._take(want, block)
-                    self.outages["take"].recovered()
-                except redis.RedisError as exc:
-                    self._stop.wait(self.outages["take"].failed(exc))
-                    continue
-                if not slots:
-                    scheduler.expect(0, queued=False)  # nothing queued (another worker may have taken it)
-                    if burst and not held:
-                        return
-                    time.sleep(pause if burst or len(self.queues) > 1 else 0)
-                    pause = min(pause * 2, 0.02)
-                    continue
-                pause = 0.0005
-                self._prepare(slots)
-                taken = sum(len(sl.positions) for sl in slots) / len(slots)
-                if taken:
-                    items_per_job = taken if not sized else max(1.0, 0.8 * items_per_job + 0.2 * taken)
-                    sized = True
-        finally:
-            self._taker_done.set()
-            if self._stop.is_set():
-                scheduler.close()
-
-    def _busy(self) -> bool:
-        with self._lock:
-            return bool(self._inflight)
-
-    # -- completing -------------------------------------------------------------------------
-
-    def _complete_loop(self) -> None:
-        while True:
-            slots = self._done.get()
-            if slots is _END:
-                return
-            slots = self._gather(slots)  # one script call for all that finished meanwhile
-            outage = self.outages["complete"]
-            while True:
-                try:
-                    self._complete(slots)
-                    outage.recovered()
-                    break
-                except redis.RedisError as exc:
-                    # Results are keyed by job, the run record is once per job, and each slot
-                    # remembers what is already written: retrying is safe. The results stay here
-                    # (the taker takes nothing new meanwhile) until Redis accepts them.
-                    delay = outage.failed(exc)
-                    if self._abandon.wait(delay):
-                        log.warning("stopping with jobs not completed: RQ recovers them when their "
-                                    "executions expire", jobs=len([s for s in slots if not s.written]))
-                        return
-                    slots = self._gather(slots)
-
-    def _gather(self, slots: list[Slot]) -> list[Slot]:
-        """``slots`` and whatever else finished since, without waiting (the end marker stays queued)."""
-        while True:
-            try:
-                more = self._done.get_nowait()
-            except queue_mod.Empty:
-                return slots
-            if more is _END:
-                self._done.put(_END)
-                return slots
-            slots = slots + more
-
-    def _complete(self, slots: list[Slot]) -> None:
-        """Write every slot's outcome; on a Redis error the caller retries with the same slots, and
-        those already written (``slot.written``) are not written again."""
-        store = self._store
-        assert store is not None
-        todo = [s for s in slots if not s.written]
-        ok = [s for s in todo if s.error is None]
-        failed = [s for s in todo if s.error is not None]
-        item_errors = items = 0
-        for slot in ok:
-            item_errors += sum(1 for r in slot.results if is_error(r))  # type: ignore[arg-type]
-            items += len(slot.results)
-        rq_completion.complete(self, store, ok)
-        for slot in failed:
-            rq_completion.fail(self, store, slot, slot.error or "job failed", slot.error_kind)
-            slot.written = True
-        with self._lock:
-            for slot in slots:
-                self._inflight.pop(slot.job.composite_key, None)
-            idle = not self._inflight
-        if idle:
-            try:
-                self.set_state(WorkerStatus.IDLE)
-            except redis.RedisError:
-                pass  # cosmetic (`rq info`); the next take or heartbeat sets it again
-        self.completed_jobs += len(ok)
-        self.completed_items += items
-        if self.metrics is not None:
-            self.metrics.count(items - item_errors, item_errors, len(ok), len(failed))
-
-    def _return_unstarted(self) -> None:
-        """At a stop, jobs with items still in the pool go back to the front of their queue, as if
-        never taken (results of a partly computed job are dropped: whoever takes it next computes
-        them all)."""
-        assert self.scheduler is not None
-        owners = {id(e.owner): e.owner for e in self.scheduler.drain()}
-        self._give_back([o for o in owners.values() if o.error is None and o.remaining > 0], "not started")
-
-    def _give_back_held(self) -> None:
-        """After the completer is done: whatever the worker still holds (a completion Redis kept
-        refusing, jobs a dying thread left behind) goes back to its queue."""
-        with self._lock:
-            held = [s for s in self._inflight.values() if not s.written]
-        self._give_back(held, "not completed")
-
-    def _give_back(self, slots: list[Slot], what: str) -> None:
-        if not slots:
-            return
-        assert self._store is not None
-        try:
-            given = self._store.give_back([slot.job for slot in slots])
-        except redis.RedisError as exc:
-            # Left in the started registry: RQ's maintenance (any worker's) requeues them once
-            # their executions expire, within about three heartbeat intervals.
-            log.warning(f"could not give back jobs {what}; they are recovered when their executions expire",
-                        jobs=len(slots), error=str(exc))
-            return
-        with self._lock:
-            for slot in slots:
-                self._inflight.pop(slot.job.composite_key, None)
-        log.info(f"gave back jobs {what}", jobs=given, **({"no_longer_held": len(slots) - given}
-                                                          if given < len(slots) else {}))
-
     # -- liveness -----------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
@@ -579,11 +268,10 @@ class BatchWorker(SimpleWorker):
         beat, upkeep = self.outages["heartbeat"], self.outages["maintenance"]
         while not self._stop.wait(interval):
             ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
-            with self._lock:
-                jobs = [slot.job for slot in self._inflight.values()]
+            jobs = self.inflight.jobs()
             try:
-                assert self._store is not None
-                self._store.heartbeat(jobs, ttl)
+                assert self.store is not None
+                self.store.heartbeat(jobs, ttl)
                 self._publish_redis_state()
                 self.heartbeat(ttl + 60)
                 beat.recovered()
@@ -601,9 +289,9 @@ class BatchWorker(SimpleWorker):
         """``qb_redis`` in the worker hash: ``ok``, or what Redis refuses and since when, for
         ``queuebert stats`` (written even at maxmemory; a read-only Redis takes no write at all, and
         stats reads its role from INFO instead)."""
-        assert self._store is not None
+        assert self.store is not None
         problems = [d for d in (o.describe() for o in self.outages.values()) if d]
-        self._store.publish_state("; ".join(problems) if problems else "ok")
+        self.store.publish_state("; ".join(problems) if problems else "ok")
 
     def recover_abandoned(self) -> None:
         """Requeue (or fail, once out of retries) jobs whose worker stopped heartbeating.

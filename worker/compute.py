@@ -1,0 +1,105 @@
+"""The compute loop: batches from the pool through the model, each job handed on as soon as its
+last item is done.
+
+It runs in the worker's main thread. The pool (:class:`~worker.scheduler.BatchScheduler`) decides
+which items make the next batch; the engine runs it; :meth:`worker.slots.Inflight.settle` records
+the results (the taker may be settling other items of the same jobs) and names the jobs this batch
+finished, which go to the completer at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import structlog
+
+from .engine import BatchStats, Engine
+from .metrics import WorkerMetrics
+from .scheduler import BatchScheduler
+from .slots import Finished, Inflight, Slot
+
+log = structlog.get_logger(__name__)
+
+
+class StatsWindow:
+    """Batch figures summed over about a second, for one log line (a line per batch would be
+    a dozen a second)."""
+
+    def __init__(self, every: float = 1.0):
+        self.every = every
+        self._reset()
+
+    def _reset(self) -> None:
+        self.stats = BatchStats()
+        self.jobs = 0
+        self.max_wait = 0.0
+        self.since = time.monotonic()
+
+    def add(self, stats: BatchStats, jobs: int, waits: list[float]) -> None:
+        s = self.stats
+        s.batches += stats.batches
+        s.texts += stats.texts
+        s.real_tokens += stats.real_tokens
+        s.padded_tokens += stats.padded_tokens
+        s.forward_seconds += stats.forward_seconds
+        self.jobs += jobs
+        self.max_wait = max([self.max_wait, *waits])
+
+    def due(self) -> bool:
+        return time.monotonic() - self.since >= self.every
+
+    def flush(self) -> dict[str, Any]:
+        """The window's figures as log fields; the next window starts empty."""
+        s = self.stats
+        out = {"jobs": self.jobs, "texts": s.texts, "batches": s.batches, "padded_tokens": s.padded_tokens,
+               "padding_ratio": round(s.padding_ratio, 3), "forward_ms": round(1000 * s.forward_seconds, 1),
+               "queue_wait_ms": round(1000 * self.max_wait, 1)}
+        self._reset()
+        return out
+
+
+class Compute:
+    """Runs batches until stopped, or until the pool is empty and the taker has ended a burst."""
+
+    def __init__(self, *, engine: Engine, pool: BatchScheduler, inflight: Inflight, finished: Finished,
+                 max_wait: float, metrics: WorkerMetrics | None, stop: threading.Event,
+                 taker_done: threading.Event):
+        self.engine = engine
+        self.pool = pool
+        self.inflight = inflight
+        self.finished = finished
+        self.max_wait = max_wait  # seconds a batch that could still grow waits for company
+        self.metrics = metrics
+        self._stop = stop
+        self._taker_done = taker_done
+
+    def run(self) -> None:
+        engine, pool = self.engine, self.pool
+        window = StatsWindow()
+        while not self._stop.is_set():
+            batch = pool.next_batch(self.max_wait)
+            if batch is None:
+                if self._taker_done.is_set():
+                    break
+                continue
+            stats = BatchStats()
+            results = engine.run_batch([e.item for e in batch], [e.top_k for e in batch], [e.ids for e in batch], stats)
+            waits: list[float] = []
+            wall = time.time()
+            for e in batch:
+                slot: Slot = e.owner
+                if not slot.computing:  # the job's first forward: how long it queued
+                    slot.computing = True
+                    if slot.job.enqueued_at:
+                        waits.append(wall - slot.job.enqueued_at)
+            finished = self.inflight.settle((e.owner, e.index, result) for e, result in zip(batch, results))
+            self.finished.put(finished)
+            if self.metrics is not None:
+                self.metrics.observe_batches(stats.per_batch, waits)
+            window.add(stats, len(finished), waits)
+            if window.due():
+                log.info("batch", pool=len(pool), **window.flush())
+        if window.stats.batches:
+            log.info("batch", pool=len(pool), **window.flush())
