@@ -53,9 +53,9 @@ def _exactly_once(client: Client, run_id: str, n: int, timeout: float = 120) -> 
 
 
 def test_worker_rides_out_a_redis_that_refuses_writes(tiny_models):
-    """READONLY (a master demoted by a failover) for 2 s mid-run: today the completer thread died on
-    the error reply and the run stalled for good. Now every thread waits and resumes, the worker
-    stays up, logs a line per interval (not per attempt), and every item arrives exactly once."""
+    """READONLY (a master demoted by a failover) for 2 s mid-run: every thread waits and resumes,
+    the worker stays up, logs a line per interval (not per attempt), and every item arrives exactly
+    once (a completer that died on the error reply would stall the run for good)."""
     n = 4000
     with RedisServer() as server:
         client = Client.from_url(server.url)
@@ -114,9 +114,9 @@ sys.exit(main(["worker", "--name", "buggy", "--log-format", "json"]))
 
 @pytest.mark.parametrize("broken", ["worker.taker.Taker.prepare", "worker.completer.Completer.complete"])
 def test_a_thread_that_dies_stops_the_worker_with_an_error(conn, redis_server, tiny_models, broken):
-    """A bug in the taker (or the completer) used to leave a half-alive worker: with the completer
-    dead the rest went on taking the whole queue; with the taker dead `queuebert worker` exited 0,
-    which a supervisor reads as done. Now the worker stops, exits 1, and gives back what it held."""
+    """A bug in the taker (or the completer) stops the worker: it exits 1 and gives back what it
+    held. Half-alive is the danger: with the completer dead the rest would take the whole queue;
+    with the taker dead an exit 0 reads as done to a supervisor."""
     client = Client(conn)
     run = client.enqueue_stream(_texts(40), chunk_size=4, max_pending=0)
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32",
@@ -136,10 +136,10 @@ def test_a_thread_that_dies_stops_the_worker_with_an_error(conn, redis_server, t
 
 
 def test_a_lost_take_reply_strands_no_job(conn, redis_server):
-    """redis-py re-sends a command whose reply was lost. The take script used to run again and take
-    other jobs, so the first delivery's jobs stayed started for a worker that did not know it held
-    them (recovered only after their executions expired, each burning an RQ retry). A redelivered
-    take now answers with the jobs the first delivery registered."""
+    """redis-py re-sends a command whose reply was lost. A redelivered take answers with the jobs
+    the first delivery registered; running again would take other jobs and leave the first
+    delivery's started for a worker that does not know it holds them (recovered only after their
+    executions expire, each burning an RQ retry)."""
     from rq import SimpleWorker
 
     from worker.job_store import JobStore

@@ -10,8 +10,8 @@ at the longest it wraps around to the shortest. So:
   only moves up, and items at its current length that arrived after it began wait for the next);
 - an item from a more urgent queue does not wait for the sweep: the next batch is cut around it;
 - a job completes as soon as its own items are done, not when a whole pool of other jobs' is.
-(Sweeping in the order of the oldest item instead leaves the remaining items ever sparser along
-the length axis, and padding grew to 1.3-1.45x at the end of a stream.)
+Batches cut around the oldest item instead would leave the remaining items ever sparser along the
+length axis (measured: padding 1.3-1.45x at the end of a stream, against ~1.04x here).
 """
 
 from __future__ import annotations
