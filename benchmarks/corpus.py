@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import hashlib
 import itertools
 import json
@@ -88,9 +89,11 @@ def generate(n: int, seed: int = 0) -> Corpus:
 
 
 def read_jsonl(path: Path, n: int) -> Corpus:
-    """The first ``n`` texts of a JSONL file of ``{"id", "text"}`` (fewer if it has fewer)."""
+    """The first ``n`` texts of a JSONL file of ``{"id", "text"}`` (fewer if it has fewer); a
+    ``.gz`` file is read compressed (how a corpus travels to a machine without this disk)."""
     texts: list[str] = []
-    with path.open(encoding="utf-8") as f:
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for line in f:
             if len(texts) >= n:
                 break

@@ -18,7 +18,6 @@ Everything is written to ``--out`` (results.json, results.md); the console shows
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -40,18 +39,6 @@ perf = time.perf_counter
 
 def say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def read_texts(path: Path, n: int) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    texts: list[str] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                texts.append(json.loads(line)["text"])
-            if len(texts) >= n:
-                break
-    return texts
 
 
 def device_info() -> dict[str, Any]:
@@ -140,13 +127,17 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.device = args.device
-        self.texts = read_texts(Path(args.data), args.texts)
+        from benchmarks.corpus import generate, read_jsonl
+
+        self.corpus = read_jsonl(Path(args.data), args.texts) if args.data else generate(args.texts, args.seed)
+        self.texts = self.corpus.texts
         self.n = len(self.texts)
         self.items = [{"id": str(i), "text": t} for i, t in enumerate(self.texts)]
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.sampler = BusySampler()
-        self.results: dict[str, Any] = {"info": device_info(), "texts": self.n, "data": str(args.data),
+        self.results: dict[str, Any] = {"info": device_info(), "texts": self.n, "data": self.corpus.source,
+                                        "corpus": self.corpus.describe(),
                                         "models": {}}
 
     def sync(self) -> None:
@@ -352,8 +343,9 @@ class Bench:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "texts-mixed.jsonl"),
-                   help="JSONL (or .jsonl.gz) of {id, text} (default ../shared/data/texts-mixed.jsonl)")
+    p.add_argument("--data", default=None,
+                   help="JSONL (or .jsonl.gz) of {id, text} (default: the corpus benchmarks/corpus.py generates)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated corpus (default 0; not with --data)")
     p.add_argument("--texts", type=int, default=10_000)
     p.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
                    help="a model to measure (repeatable); default: the default model and a BERT-base-size one")
@@ -370,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="models whose dtypes are compared with float32 pipeline (default: the first)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu"))
     args = p.parse_args(argv)
-    if not Path(args.data).is_file():
-        p.error(f"data file not found: {args.data} (pass --data PATH)")
+    if args.data and not Path(args.data).is_file():
+        p.error(f"data file not found: {args.data}")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging

@@ -84,23 +84,6 @@ def decode_entry(fields: dict[bytes, bytes]) -> tuple[str, list[ItemResult]]:
     return fields[b"job"].decode(), json.loads(fields[b"results"])
 
 
-def rq_success_fields(encoded: str, worker_name: str, execution_id: str, started: float, ended: float) -> dict[str, Any]:
-    """An ``rq:results:<job>`` entry of type SUCCESSFUL, as RQ's ``Result.serialize`` writes it,
-    from results already JSON-encoded (so a job's results are encoded once, not once per copy)."""
-    from base64 import b64encode
-
-    from rq.results import Result
-
-    return {
-        "type": Result.Type.SUCCESSFUL.value,
-        "worker_name": worker_name,
-        "return_value": b64encode(encoded.encode()).decode(),
-        "execution_id": execution_id,
-        "execution_started_at": started,
-        "execution_ended_at": ended,
-    }
-
-
 def decode_rq_return_value(payload: dict[bytes, bytes]) -> Any:
     """The return value stored in an ``rq:results:<job>`` stream entry (base64 of our JSON)."""
     raw = payload.get(b"return_value")

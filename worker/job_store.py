@@ -364,8 +364,8 @@ class JobStore:
 
     def complete(self, done: Sequence[Completion], default_result_ttl: int) -> list[str]:
         """Record successfully finished jobs as RQ's ``handle_job_success`` does: job hash FINISHED
-        and ``ended_at``; RQ's result entry (``rq:results:<id>``, MAXLEN ~10, with
-        ``queuebert.results.rq_success_fields``' fields) and its TTL; the finished registry;
+        and ``ended_at``; RQ's result entry (``rq:results:<id>``, MAXLEN ~10, the fields of RQ's
+        ``Result.serialize``) and its TTL; the finished registry;
         ``job.cleanup``'s EXPIREs; ``Execution.delete``; the worker's ``successful_job_count`` and
         ``total_working_time`` (and queuebert's ``qb_items``); and each job's run record
         (``run_record.lua``: a job's entry and counts once, however often it completes).
