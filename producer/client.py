@@ -6,7 +6,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +20,11 @@ from rq.results import Result
 from queuebert import keys
 from queuebert.connection import connect, resolve_url
 from queuebert.results import decode_entry, decode_rq_failure, decode_rq_return_value, finish_consumed
-from queuebert.schema import Item, ItemResult, job_kwargs, normalize_item
+from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, Item, ItemResult, job_kwargs, normalize_item
 from queuebert.serializer import JSONSerializer
 from queuebert.settings import ClientSettings
+
+from . import pairs
 
 log = structlog.get_logger(__name__)
 
@@ -355,14 +357,57 @@ class Client:
         return total
 
     def submit(
-        self, text_or_item: str | dict[str, Any], *, top_k: int | None = None, queue: str | None = None
+        self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, top_k: int | None = None,
+        queue: str | None = None,
     ) -> Handle:
-        """One text (or ``{"id", "text", "meta"?}``) as one job; the handle polls its result."""
+        """One text (or ``{"id", "text", "text_pair"?, "meta"?}``) as one job; the handle polls its
+        result. ``text_pair`` makes it a pair, as the pipeline's ``{"text", "text_pair"}``."""
         item = normalize_item(text_or_item, new_id())
+        if text_pair is not None:
+            item["text_pair"] = text_pair
         run_id = new_id()
         (job_id,), _ = self._enqueue_chunks([[item]], run_id, top_k, queue)
         self.seal(run_id, 1)
         return Handle(self, job_id, item["id"], run_id)
+
+    def rerank(
+        self, query: str, passages: Sequence[str], *, top_n: int | None = None, return_text: bool = False,
+        label: str | None = None, timeout: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Passages ranked by a cross-encoder's score for ``(query, passage)``, best first:
+        ``[{"index", "score", "text"?}]`` as text-embeddings-inference's ``/rerank`` returns.
+        ``label`` names the relevance label of a model with several (else it must have one)."""
+        (answer,) = self.rerank_many([{"query": query, "passages": list(passages)}], top_n=top_n,
+                                     return_text=return_text, label=label, timeout=timeout)
+        return answer["results"]
+
+    def rerank_many(
+        self, queries: Iterable[dict[str, Any]], *, top_n: int | None = None, return_text: bool = False,
+        label: str | None = None, timeout: float | None = None, run_id: str | None = None,
+        chunk_size: int | None = None, max_pending: int | None = None,
+        on_enqueued: Callable[[int], None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """``{"id", "results": [{"index", "score", "text"?}], "meta"?}`` per ``{"id"?, "query",
+        "passages"}``, in input order. All pairs go out as one run (``enqueue_stream``, with its
+        backpressure) while answers come back, and each query's results leave Redis once read."""
+        return pairs.rerank_stream(self, queries, run_id=run_id or new_id(), top_n=top_n, return_text=return_text,
+                                   label=label, chunk_size=chunk_size, max_pending=max_pending, timeout=timeout,
+                                   on_enqueued=on_enqueued)
+
+    def zero_shot(
+        self, texts: str | Iterable[str | dict[str, Any]], candidate_labels: Sequence[str] | str, *,
+        hypothesis_template: str = DEFAULT_HYPOTHESIS_TEMPLATE, multi_label: bool = False,
+        timeout: float | None = None, run_id: str | None = None, chunk_size: int | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """``pipeline("zero-shot-classification")`` through the queue: ``{"id", "labels",
+        "scores"}`` per text, labels best first (one dict for one text, as the pipeline). The
+        pairs of all texts are batched together by the workers."""
+        single = isinstance(texts, str)
+        items = (pairs.zero_shot_item(t, candidate_labels, hypothesis_template, multi_label)
+                 for t in ([texts] if single else texts))
+        results = list(pairs.stream_through(self, items, run_id=run_id or new_id(), chunk_size=chunk_size,
+                                            max_pending=0, timeout=timeout))
+        return results[0] if single else results  # type: ignore[return-value]
 
     def submit_many(
         self,

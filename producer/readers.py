@@ -43,24 +43,30 @@ def open_input(path: str) -> IO[str]:
     return open(path, encoding="utf-8", errors="surrogateescape", newline="")
 
 
-def _record(obj: dict[str, Any], line: int, text_field: str, id_field: str) -> dict[str, Any]:
+def _record(obj: dict[str, Any], line: int, text_field: str, id_field: str,
+            text_pair_field: str | None = None) -> dict[str, Any]:
     text = obj.get(text_field)
     if not isinstance(text, str):
         raise InputError(line, f"field {text_field!r} missing or not a string")
     item: dict[str, Any] = {"text": text}
+    if text_pair_field is not None:
+        pair = obj.get(text_pair_field)
+        if not isinstance(pair, str):
+            raise InputError(line, f"field {text_pair_field!r} missing or not a string")
+        item["text_pair"] = pair
     if obj.get(id_field) not in (None, ""):
         item["id"] = str(obj[id_field])
-    extra = {k: v for k, v in obj.items() if k not in (text_field, id_field)}
+    extra = {k: v for k, v in obj.items() if k not in (text_field, id_field, text_pair_field)}
     if extra:
         item["meta"] = extra
     return item
 
 
 def read_records(
-    stream: IO[str], fmt: str, *, text_field: str = "text", id_field: str = "id", on_error: str = "skip",
-    errors: list[InputError] | None = None,
+    stream: IO[str], fmt: str, *, text_field: str = "text", id_field: str = "id", text_pair_field: str | None = None,
+    on_error: str = "skip", errors: list[InputError] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Items ``{"text", "id"?, "meta"?}``; items without an id get one from the producer."""
+    """Items ``{"text", "text_pair"?, "id"?, "meta"?}``; items without an id get one from the producer."""
 
     def rows() -> Iterator[tuple[int, Any]]:
         if fmt == "csv":
@@ -84,11 +90,33 @@ def read_records(
                     obj = {text_field: obj}
                 if not isinstance(obj, dict):
                     raise InputError(line_no, "a JSON line must be an object or a string")
-                yield _record(obj, line_no, text_field, id_field)
+                yield _record(obj, line_no, text_field, id_field, text_pair_field)
             elif fmt == "csv":
-                yield _record(raw, line_no, text_field, id_field)
+                yield _record(raw, line_no, text_field, id_field, text_pair_field)
             else:
                 yield {"text": raw.rstrip("\r\n")}
+        except InputError as exc:
+            if on_error == "fail":
+                raise
+            log.warning("skipped unreadable input", line=exc.line, error=str(exc))
+            if errors is not None:
+                errors.append(exc)
+
+
+def read_objects(stream: IO[str], *, on_error: str = "skip", errors: list[InputError] | None = None,
+                 ) -> Iterator[dict[str, Any]]:
+    """JSON objects, one per line, as they are (``queuebert rerank``'s queries)."""
+    for n, line in enumerate(stream, 1):
+        if line.strip() == "":
+            continue
+        try:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(n, f"not valid JSON: {exc.msg}") from None
+            if not isinstance(obj, dict):
+                raise InputError(n, "a JSON line must be an object")
+            yield obj
         except InputError as exc:
             if on_error == "fail":
                 raise

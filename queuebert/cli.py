@@ -18,6 +18,7 @@ from producer.outputs import open_output, safe_point
 
 from . import logs
 from .connection import RedisUnavailable
+from .schema import DEFAULT_HYPOTHESIS_TEMPLATE
 from .settings import ClientSettings, WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
@@ -35,24 +36,43 @@ def _log_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _input_flags(p: argparse.ArgumentParser) -> None:
-    d = ClientSettings()
     p.add_argument("input", nargs="?", default="-", help="input file, or - for stdin (default: -)")
     p.add_argument("--format", choices=["jsonl", "csv", "txt"], default=None,
                    help="input format (default: from the file extension, else txt)")
     p.add_argument("--text-field", default="text", help="JSONL/CSV field holding the text (default: text)")
     p.add_argument("--id-field", default="id", help="JSONL/CSV field holding the id (default: id; generated if absent)")
+    p.add_argument("--text-pair-field", default=None,
+                   help="JSONL/CSV field holding a second text: each item is a pair (cross-encoders, NLI)")
+    p.add_argument("--top-k", type=int, default=None, help="labels per result (default: all)")
+    _stream_flags(p)
+
+
+def _stream_flags(p: argparse.ArgumentParser) -> None:
+    d = ClientSettings()
     p.add_argument("--chunk-size", type=int, default=None, help=f"items per job (default: {d.chunk_size})")
     p.add_argument("--max-pending", type=int, default=None,
                    help=f"wait while more than this many items are queued and unfinished (default: {d.max_pending})")
     p.add_argument("--queue", default=None, help=f"queue name (default: {d.queue})")
     p.add_argument("--run-id", default=None, help="run id (default: generated)")
-    p.add_argument("--top-k", type=int, default=None, help="labels per result (default: all)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="an unreadable input line is reported and skipped, or stops the run (default: skip)")
     p.add_argument("--redis-full-timeout", type=float, default=None,
                    help="seconds to wait for room while Redis is full (OOM at maxmemory) before giving up "
                         f"(default: {d.redis_full_timeout:g})")
     _redis_flag(p)
+
+
+def _run_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """What ``run``, ``rerank`` and ``zero-shot`` share: workers, output, progress."""
+    _worker_flags(p)
+    p.add_argument("-o", "--output", default="-", help=f"{what}, JSONL in input order (default: stdout)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes to start (default: 1; 0 uses workers already attached to --redis-url)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--verbose", action="store_true", help="show the workers' logs")
+    p.add_argument("--keep-results", action="store_true",
+                   help="leave results in Redis after writing them (default: delete them as they are written)")
+    _log_flags(p)
 
 
 def _worker_flags(p: argparse.ArgumentParser) -> None:
@@ -105,15 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="classify a file end to end: embedded Redis, workers, results, summary")
     _input_flags(p)
-    _worker_flags(p)
-    p.add_argument("-o", "--output", default="-", help="results file, JSONL in input order (default: stdout)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes to start (default: 1; 0 uses workers already attached to --redis-url)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--verbose", action="store_true", help="show the workers' logs")
-    p.add_argument("--keep-results", action="store_true",
-                   help="leave results in Redis after writing them (default: delete them as they are written)")
-    _log_flags(p)
+    _run_flags(p, "results file")
+
+    p = sub.add_parser("rerank", help="rank passages for queries with a cross-encoder, end to end like run",
+                       description="Each JSONL input line {\"id\", \"query\", \"passages\": [...]} becomes one "
+                                   "output line {\"id\", \"results\": [{\"index\", \"score\"}, ...]}, best "
+                                   "first (text-embeddings-inference's /rerank shape). Modes and flags as in run.")
+    p.add_argument("input", nargs="?", default="-", help="JSONL queries, or - for stdin (default: -)")
+    p.add_argument("--top-n", type=int, default=None, help="passages per query in the output (default: all)")
+    p.add_argument("--return-text", action="store_true", help="include each passage's text in its entry")
+    p.add_argument("--relevance-label", default=None,
+                   help="for a model with several labels: the label whose score is relevance "
+                        "(default: the model must have one)")
+    _stream_flags(p)
+    _run_flags(p, "rankings file")
+
+    p = sub.add_parser("zero-shot", help="zero-shot classification of a file against candidate labels, like run",
+                       description="Each text is classified against --labels as the zero-shot-classification "
+                                   "pipeline does (an NLI model, one pair per label); each output line is "
+                                   "{\"id\", \"labels\": [...], \"scores\": [...]}, best first.")
+    _input_flags(p)
+    p.add_argument("--labels", required=True, help="candidate labels, comma-separated")
+    p.add_argument("--multi-label", action="store_true", help="score each label on its own (several may be true)")
+    p.add_argument("--hypothesis-template", default=DEFAULT_HYPOTHESIS_TEMPLATE,
+                   help=f"the hypothesis each label is put into (default: {DEFAULT_HYPOTHESIS_TEMPLATE!r})")
+    _run_flags(p, "answers file")
 
     p = sub.add_parser("model", help="manage the built-in default model")
     model_sub = p.add_subparsers(dest="model_command", required=True)
@@ -165,7 +201,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     try:
         with open_input(args.input) as stream:
             records = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field,
-                                   on_error=args.on_error)
+                                   text_pair_field=args.text_pair_field, on_error=args.on_error)
             with tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr) as bar:
 
                 def progress(n: int) -> None:
@@ -301,7 +337,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker, "run": cmd_run, "model": cmd_model,
-            "stats": cmd_stats}
+            "stats": cmd_stats, "rerank": cmd_run, "zero-shot": cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
-"""``queuebert run INPUT``: the whole path in one command.
+"""``queuebert run INPUT`` (and ``rerank``, ``zero-shot``): the whole path in one command.
 
 Starts a private Redis when no URL is given, starts N worker processes, enqueues INPUT as a run
-(progress bar), streams results in input order to OUT or stdout, and ends with a summary. Every
-process it started is stopped on every exit path (normal end, Ctrl-C, an exception).
+(progress bar), streams answers in input order to OUT or stdout, and ends with a summary. Every
+process it started is stopped on every exit path (normal end, Ctrl-C, an exception). The three
+commands differ only in what a line of input becomes (:func:`answers`).
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from producer import pairs
 from producer.client import Client
 from producer.outputs import safe_point
-from producer.readers import InputError, guess_format, open_input, read_records
+from producer.readers import InputError, guess_format, open_input, read_objects, read_records
 from queuebert.connection import connect
 from queuebert.procs import LoggedProcess, start_process, stop_processes
 from queuebert.settings import WorkerSettings, env_name
@@ -96,6 +99,32 @@ def _ensure_model(args: argparse.Namespace) -> None:
         ensure_default_model(progress=not args.no_progress)
 
 
+def answers(args: argparse.Namespace, client: Client, stream: Any, run_id: str, errors: list[InputError],
+            **streaming: Any) -> Iterator[dict[str, Any]]:
+    """The command's output lines, in input order: a result per text (``run``), an answer per
+    text (``zero-shot``), a ranking per query (``rerank``)."""
+    if args.command == "rerank":
+        queries = read_objects(stream, on_error=args.on_error, errors=errors)
+        return pairs.rerank_stream(client, queries, run_id=run_id, top_n=args.top_n, return_text=args.return_text,
+                                   label=args.relevance_label, **streaming)
+    fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
+    items: Iterable[Any] = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field,
+                                        text_pair_field=getattr(args, "text_pair_field", None),
+                                        on_error=args.on_error, errors=errors)
+    if args.command == "zero-shot":
+        items = (pairs.zero_shot_item(it, args.labels, args.hypothesis_template, args.multi_label) for it in items)
+    return pairs.stream_through(client, items, run_id=run_id, **streaming)
+
+
+def _label(answer: dict[str, Any]) -> str | None:
+    """What the summary counts: a result's label, a zero-shot answer's best label."""
+    if "label" in answer:
+        return str(answer["label"])
+    if answer.get("labels"):
+        return str(answer["labels"][0])
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -119,55 +148,44 @@ def run(args: argparse.Namespace) -> int:
         procs = _start_workers(args, url, stack) if args.workers else []
         enqueue_started = time.perf_counter()  # texts/s excludes a first-use model build
 
-        fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
         input_errors: list[InputError] = []
-        records = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field,
-                               on_error=args.on_error, errors=input_errors)
         bar = stack.enter_context(tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr))
         run_id = args.run_id or f"run-{int(time.time())}-{os.getpid()}"
-        producer_error: list[BaseException] = []
-
-        def produce() -> None:
-            try:
-                client.enqueue_stream(records, chunk_size=args.chunk_size, max_pending=args.max_pending,
-                                      run_id=run_id, top_k=args.top_k, on_progress=bar.update)
-            except BaseException as exc:  # surfaced in the main thread
-                producer_error.append(exc)
-                client.seal(run_id)
-
-        producer = threading.Thread(target=produce, name="qb-enqueue", daemon=True)
-        producer.start()
-
         out = sys.stdout if args.output in (None, "-") else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        # Results are deleted from Redis as they are written (unless --keep-results); the output is
+        # flushed (and a file fsynced) before each deletion so none exists only in a buffer.
+        enqueued = 0  # model inputs (texts, pairs), whatever the command
+
+        def on_enqueued(n: int) -> None:
+            nonlocal enqueued
+            enqueued += n
+            bar.update(n)
+
+        lines = answers(args, client, stream, run_id, input_errors, chunk_size=args.chunk_size,
+                        max_pending=args.max_pending, on_enqueued=on_enqueued, on_idle=lambda: _check_workers(procs),
+                        consume=not args.keep_results, before_delete=safe_point(out))
         labels: Counter[str] = Counter()
         items = errors = 0
         last_check = time.monotonic()
-        # Results are deleted from Redis as they are written (unless --keep-results); the output is
-        # flushed (and a file fsynced) before each deletion so none exists only in a buffer.
-        results = client.ordered_results(run_id, on_idle=lambda: _check_workers(procs),
-                                         consume=not args.keep_results, before_delete=safe_point(out))
-        for result in results:
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+        for answer in lines:
+            out.write(json.dumps(answer, ensure_ascii=False) + "\n")
             items += 1
-            if "error" in result:
+            if "error" in answer or answer.get("errors"):
                 errors += 1
-            else:
-                labels[result["label"]] += 1
+            elif (label := _label(answer)) is not None:
+                labels[label] += 1
             if time.monotonic() - last_check > 1:
                 last_check = time.monotonic()
                 _check_workers(procs)
-            if producer_error:
-                break
-        producer.join()
-        if producer_error:
-            raise producer_error[0]
         elapsed = time.perf_counter() - started
         classifying = time.perf_counter() - enqueue_started
         summary = {"run": run_id, "items": items, "labels": dict(labels.most_common()), "errors": errors,
                    "unreadable_lines": len(input_errors),
-                   "texts_per_s": round(items / classifying, 1) if classifying else None,
+                   "texts_per_s": round(enqueued / classifying, 1) if classifying else None,
                    "elapsed_s": round(elapsed, 2)}
+        if args.command == "rerank":
+            summary["pairs"] = enqueued
+            del summary["labels"]
         out.flush()
         print(json.dumps(summary), file=sys.stderr)
     return 0
-

@@ -2,13 +2,26 @@
 
 Job (RQ kwargs of ``worker.tasks.classify``)::
 
-    {"items": [{"id": str, "text": str, "meta"?: any}, ...], "run"?: str, "top_k"?: int, "deadline"?: float}
+    {"items": [item, ...], "run"?: str, "top_k"?: int, "deadline"?: float}
 
 ``deadline`` is a Unix time: a job not started by then is dropped, never run late.
 
-Item result::
+An item is one of three kinds, told apart by its fields:
+
+- a text: ``{"id": str, "text": str, "meta"?: any}``;
+- a pair (cross-encoders, NLI): the same with ``"text_pair": str``, tokenized as the
+  text-classification pipeline tokenizes ``{"text", "text_pair"}``;
+- a zero-shot text: ``{"id", "text", "candidate_labels": [str, ...], "hypothesis_template"?: str,
+  "multi_label"?: bool, "meta"?}``, run as one (text, hypothesis) pair per label, as
+  ``pipeline("zero-shot-classification")`` runs it.
+
+Item result (text or pair)::
 
     {"id": str, "label": str, "score": float, "scores": {label: probability, ...}, "meta"?: any}
+
+Zero-shot item result (labels best first, as the pipeline orders them)::
+
+    {"id": str, "labels": [str, ...], "scores": [float, ...], "meta"?: any}
 
 Item error (the other items of its job and batch are unaffected)::
 
@@ -29,6 +42,10 @@ except ImportError:  # Python 3.10
 class Item(TypedDict):
     id: str
     text: str
+    text_pair: NotRequired[str]
+    candidate_labels: NotRequired[list[str]]
+    hypothesis_template: NotRequired[str]
+    multi_label: NotRequired[bool]
     meta: NotRequired[Any]
 
 
@@ -41,10 +58,16 @@ class ItemResult(TypedDict, total=False):
     id: str
     label: str
     score: float
-    scores: dict[str, float]
+    scores: dict[str, float] | list[float]  # a list, best first, for a zero-shot item
+    labels: list[str]  # zero-shot items only
     error: ItemError
     meta: Any
 
+
+#: The zero-shot pipeline's default hypothesis.
+DEFAULT_HYPOTHESIS_TEMPLATE = "This example is {}."
+#: Fields that make an item a zero-shot item, besides ``candidate_labels``.
+ZERO_SHOT_FIELDS = ("candidate_labels", "hypothesis_template", "multi_label")
 
 # Error types a client can branch on.
 INVALID_ITEM = "invalid_item"
@@ -129,6 +152,43 @@ def parse_job(args: Any, kwargs: Any, max_items: int) -> JobRequest:
     return JobRequest(items=items, run=run, top_k=top_k, deadline=deadline)
 
 
+def _text_error(value: Any, field: str, max_chars: int) -> tuple[str, str] | None:
+    """Why ``value`` cannot be the item's ``field``: ``(error type, message)``, or None if it can."""
+    if not isinstance(value, str):
+        kind = "missing" if value is None else type(value).__name__
+        return INVALID_TEXT, f"item {field!r} must be a string, got {kind}"
+    if len(value) > max_chars:
+        return TEXT_TOO_LONG, f"{field} has {len(value)} characters, more than the limit of {max_chars}"
+    if not value.isascii():  # only non-ASCII text can hold a lone surrogate; isascii() copies nothing
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return INVALID_TEXT, f"{field} is not valid Unicode: {exc.reason} at {exc.start}"
+    return None
+
+
+def _zero_shot_error(raw: dict[str, Any], max_chars: int) -> str | None:
+    """Why a zero-shot item's options are unusable, in the pipeline's terms; None if they are fine."""
+    if "text_pair" in raw:
+        return "an item has either 'text_pair' or 'candidate_labels', not both"
+    labels = raw.get("candidate_labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        return "'candidate_labels' must be a non-empty list of non-empty strings"
+    if len(labels) != len(set(labels)):
+        return "'candidate_labels' has duplicates"
+    template = raw.get("hypothesis_template", DEFAULT_HYPOTHESIS_TEMPLATE)
+    if not isinstance(template, str) or len(template) > max_chars:
+        return "'hypothesis_template' must be a string"
+    try:
+        if template.format(labels[0]) == template:
+            return f"hypothesis_template {template!r} has no '{{}}' to put the label in"
+    except (IndexError, KeyError, ValueError) as exc:
+        return f"hypothesis_template {template!r} is not a format string with one '{{}}': {exc}"
+    if not isinstance(raw.get("multi_label", False), bool):
+        return "'multi_label' must be true or false"
+    return None
+
+
 def check_item(raw: Any, max_chars: int) -> tuple[Item | None, ItemResult | None]:
     """Return ``(item, None)`` for a valid item, else ``(None, error_result)``."""
     if not isinstance(raw, dict):
@@ -138,31 +198,38 @@ def check_item(raw: Any, max_chars: int) -> tuple[Item | None, ItemResult | None
     if not isinstance(item_id, str):
         return None, error_result(item_id if item_id is not None else "", INVALID_ITEM, "item 'id' must be a string", meta)
     text = raw.get("text")
-    if not isinstance(text, str):
-        kind = "missing" if text is None else type(text).__name__
-        return None, error_result(item_id, INVALID_TEXT, f"item 'text' must be a string, got {kind}", meta)
-    if len(text) > max_chars:
-        return None, error_result(
-            item_id, TEXT_TOO_LONG, f"text has {len(text)} characters, more than the limit of {max_chars}", meta
-        )
-    if not text.isascii():  # only non-ASCII text can hold a lone surrogate; isascii() copies nothing
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return None, error_result(item_id, INVALID_TEXT, f"text is not valid Unicode: {exc.reason} at {exc.start}", meta)
+    error = _text_error(text, "text", max_chars)
+    if error is not None:
+        return None, error_result(item_id, *error, meta)
     item: Item = {"id": item_id, "text": text}
+    if "text_pair" in raw:
+        error = _text_error(raw["text_pair"], "text_pair", max_chars)
+        if error is not None:
+            return None, error_result(item_id, *error, meta)
+        item["text_pair"] = raw["text_pair"]
+    if "candidate_labels" in raw or any(f in raw for f in ZERO_SHOT_FIELDS):
+        message = _zero_shot_error(raw, max_chars)
+        if message is not None:
+            return None, error_result(item_id, INVALID_ITEM, message, meta)
+        if not text:  # the zero-shot pipeline refuses an empty sequence
+            return None, error_result(item_id, INVALID_TEXT, "zero-shot classification needs a non-empty text", meta)
+        for f in ZERO_SHOT_FIELDS:
+            if f in raw:
+                item[f] = raw[f]  # type: ignore[literal-required]
     if "meta" in raw:
         item["meta"] = meta
     return item, None
 
 
 def normalize_item(value: Any, default_id: str) -> Item:
-    """Producer side: accept a bare string or a mapping; give items without an id one."""
+    """Producer side: accept a bare string or a mapping; give items without an id one. The fields
+    of a pair or zero-shot item are carried as given: the worker checks them, item by item."""
     if isinstance(value, str):
         return {"id": default_id, "text": value}
     if isinstance(value, dict):
         item: Item = {"id": str(value["id"]) if value.get("id") is not None else default_id, "text": value.get("text")}  # type: ignore[typeddict-item]
-        if "meta" in value:
-            item["meta"] = value["meta"]
+        for f in ("text_pair", *ZERO_SHOT_FIELDS, "meta"):
+            if f in value:
+                item[f] = value[f]  # type: ignore[literal-required]
         return item
     raise TypeError(f"an item is a str or a mapping with 'text', got {type(value).__name__}")

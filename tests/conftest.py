@@ -95,6 +95,10 @@ def _bpe_tokenizer(tmp: Path) -> Any:
 
 
 MODEL_KINDS = ["bert", "distilbert", "roberta", "multilabel", "twenty", "regression"]
+#: Models for sentence pairs: segment ids (bert), none (roberta), a 1-logit cross-encoder and a
+#: 3-label NLI model whose label names the zero-shot pipeline reads.
+PAIR_KINDS = ["bert", "roberta", "crossencoder", "nli"]
+NLI_LABELS = {0: "contradiction", 1: "neutral", 2: "entailment"}
 
 
 def build_tiny_model(kind: str, out: Path, hidden: int = 32, layers: int = 2) -> Path:
@@ -125,13 +129,13 @@ def build_tiny_model(kind: str, out: Path, hidden: int = 32, layers: int = 2) ->
                                       id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
             model = DistilBertForSequenceClassification(config)
         else:
-            labels = {"bert": 2, "multilabel": 5, "twenty": 20, "regression": 1}[kind]
+            labels = {"bert": 2, "multilabel": 5, "twenty": 20, "regression": 1, "crossencoder": 1, "nli": 3}[kind]
             extra: dict[str, Any] = {}
             if kind == "multilabel":
                 extra["problem_type"] = "multi_label_classification"
             if kind == "regression":
                 extra["problem_type"] = "regression"
-            id2label = {i: f"{kind}_label_{i}" for i in range(labels)}
+            id2label = NLI_LABELS if kind == "nli" else {i: f"{kind}_label_{i}" for i in range(labels)}
             config = BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, num_labels=labels,
                                 id2label=id2label, label2id={v: k for k, v in id2label.items()}, **tiny, **extra)
             model = BertForSequenceClassification(config)
@@ -145,7 +149,7 @@ def build_tiny_model(kind: str, out: Path, hidden: int = 32, layers: int = 2) ->
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {kind: build_tiny_model(kind, root / kind) for kind in MODEL_KINDS}
+    return {kind: build_tiny_model(kind, root / kind) for kind in dict.fromkeys(MODEL_KINDS + PAIR_KINDS)}
 
 
 @pytest.fixture(scope="session")

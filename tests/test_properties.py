@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from queuebert.schema import JobError, check_item, parse_job
-from worker.tasks import split_items
+from worker.job_rows import finish, split_items
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
@@ -17,9 +17,15 @@ json_values = st.recursive(
     max_leaves=10,
 )
 texts = st.text(max_size=300) | st.sampled_from(["", " ", "\x00", "\ud800", "🙂" * 50, "a" * 1000])
+labels = st.lists(st.text(max_size=6), max_size=4) | json_values
 items = st.one_of(
-    st.fixed_dictionaries({"id": st.text(max_size=10), "text": texts}, optional={"meta": json_values}),
-    st.dictionaries(st.sampled_from(["id", "text", "meta", "other"]), json_values | texts, max_size=4),
+    st.fixed_dictionaries({"id": st.text(max_size=10), "text": texts},
+                          optional={"meta": json_values, "text_pair": texts | json_values}),
+    st.fixed_dictionaries({"id": st.text(max_size=10), "text": texts, "candidate_labels": labels},
+                          optional={"hypothesis_template": st.sampled_from(["{}", "is {}.", "none", "{0}{1}", "{x}"])
+                                    | json_values, "multi_label": st.booleans() | json_values}),
+    st.dictionaries(st.sampled_from(["id", "text", "meta", "other", "text_pair", "candidate_labels", "multi_label"]),
+                    json_values | texts, max_size=4),
     json_values,
 )
 
@@ -32,9 +38,10 @@ def test_every_item_gets_exactly_one_answer(engines, raw_items):
     # What a job payload looks like after the JSON round trip through Redis.
     raw_items = json.loads(json.dumps(raw_items))
     request = parse_job((), {"items": raw_items}, max_items=100)
-    valid, positions, results = split_items(request, max_chars=500)
-    for pos, result in zip(positions, engine.classify(valid)):
-        results[pos] = result
+    rows = split_items(request, 500, engine.m.model.config.label2id)
+    for pos, result in zip(rows.positions, engine.classify(rows.rows, rows.top_k)):
+        rows.results[pos] = result
+    results = finish(rows.results, rows.groups, len(raw_items))
     assert len(results) == len(raw_items) and all(r is not None for r in results)
     for raw, result in zip(raw_items, results):
         item, error = check_item(raw, 500)
@@ -42,7 +49,12 @@ def test_every_item_gets_exactly_one_answer(engines, raw_items):
             assert result["error"]["type"] == error["error"]["type"]
         else:
             assert result["id"] == raw["id"]
-            assert ("label" in result and abs(sum(result["scores"].values()) - 1) < 1e-4) or "error" in result
+            if "error" in result:
+                continue
+            if "candidate_labels" in raw:  # a zero-shot answer: every label, once
+                assert sorted(result["labels"]) == sorted(raw["candidate_labels"])
+            else:
+                assert "label" in result and abs(sum(result["scores"].values()) - 1) < 1e-4
     json.dumps(results)  # results are always JSON-serializable
 
 

@@ -15,11 +15,29 @@ import numpy as np
 import structlog
 import torch
 
-from queuebert.schema import INFERENCE_ERROR, Item, ItemResult, error_result
+from queuebert.schema import INFERENCE_ERROR, INVALID_TEXT, Item, ItemResult, error_result
 
+from .job_rows import RAW_LOGITS
 from .model import LoadedModel, apply_scoring
 
 log = structlog.get_logger(__name__)
+
+
+class Row(list):  # type: ignore[type-arg]
+    """A tokenized row whose segment ids are not all zero (a text pair): its token ids, with the
+    tokenizer's ``token_type_ids`` alongside. Plain rows are plain lists; the batching code moves
+    both alike, and only :meth:`Engine._collate` looks at ``types``."""
+
+    __slots__ = ("types",)
+
+    def __init__(self, ids: list[int], types: list[int]):
+        super().__init__(ids)
+        self.types = types
+
+
+#: How a pair is truncated to the model's length when it has no ``truncation`` of its own: the
+#: tokenizer's default for ``truncation=True``, which the text-classification pipeline uses.
+PAIR_TRUNCATION = "longest_first"
 
 
 @dataclass
@@ -28,7 +46,7 @@ class Encoded:
 
     items: list[Item]
     top_k: list[int | None]
-    ids: list[list[int]]
+    ids: list[list[int]]  # a :class:`Row` where the segment ids matter
     #: Index into ``items`` of each valid row, sorted by token length.
     order: list[int] = field(default_factory=list)
 
@@ -99,7 +117,17 @@ class Engine:
         self.forward_calls = 0
         #: Batches split after running out of memory (a metric, and proof in the GPU tests).
         self.oom_splits = 0
+        tok = loaded.tokenizer
+        #: Segment ids go to models that take them, as the pipeline passes what the tokenizer gives.
+        self.send_types = loaded.accepts_token_type_ids and "token_type_ids" in getattr(tok, "model_input_names", ())
+        #: Whether a single text can have non-zero segment ids (XLNet's tokenizer gives its final
+        #: <cls> segment 2); if not, single-text rows stay plain lists.
+        try:
+            self.single_types = self.send_types and any(tok("hello world").get("token_type_ids") or [])
+        except Exception:  # a tokenizer that fails on plain text fails each item alone later
+            self.single_types = False
         self._backend = self._fast_backend()
+        self._pair_backend = self._fast_pair_backend() if self._backend is not None else None
 
     # -- tokenize ---------------------------------------------------------------------------
 
@@ -112,46 +140,110 @@ class Engine:
             return None
         probes = ["", " ", "Hello, World!", "naïve café 😀 東京", "word " * (self.m.max_length * 2), "a\tb\nc"]
         try:
-            expected = self.m.tokenizer(probes, truncation=True, max_length=self.m.max_length)["input_ids"]
+            expected = self.m.tokenizer(probes, truncation=True, max_length=self.m.max_length)
             self._backend = backend
-            got = self._encode_fast(probes)
+            got = self._encode_fast(probes, types=self.single_types)
         except Exception:
             return None
-        if got != expected:
+        same = [list(r) for r in got] == expected["input_ids"]
+        if same and self.single_types:
+            same = [r.types for r in got] == expected.get("token_type_ids")  # type: ignore[attr-defined]
+        if not same:
             log.info("tokenizer fast path differs from the HF call; using the HF call")
             return None
         return backend
 
-    def _encode_fast(self, texts: list[str]) -> list[list[int]]:
+    def _encode_fast(self, texts: list[Any], strategy: str = PAIR_TRUNCATION, types: bool = False) -> list[list[int]]:
+        """Token ids of texts, or of ``(text, text_pair)`` tuples; with ``types``, rows carry
+        their segment ids (:class:`Row`)."""
         backend = self._backend
         # The HF call resets these on every use; set them each time so both paths can coexist.
         backend.no_padding()
-        backend.enable_truncation(max_length=self.m.max_length)
+        backend.enable_truncation(max_length=self.m.max_length, strategy=strategy)
         # encode_batch_fast (tokenizers >= 0.21) skips character offsets we never use: 1.5x on short texts.
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        if types:
+            return [Row(e.ids, e.type_ids) for e in encode(texts, add_special_tokens=True)]
         return [e.ids for e in encode(texts, add_special_tokens=True)]
 
-    def encode(self, items: list[Item], top_k: list[int | None]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
-        """Tokenize all texts in one call; an item the tokenizer rejects becomes an error alone."""
-        texts = [it["text"] for it in items]
-        errors: list[tuple[int, ItemResult]] = []
+    def _fast_pair_backend(self) -> Any:
+        """The fast path for pairs too, if it gives the HF call's ids and segment ids under both
+        truncation rules the pipelines use."""
         tok = self.m.tokenizer
+        long = "word " * self.m.max_length
+        pairs = [("a question?", "an answer."), ("", "x"), (long, "short"), ("short", long), (long, long),
+                 ("naïve café 😀", "東京 a\tb")]
+        firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
         try:
+            for strategy in (PAIR_TRUNCATION, "only_first"):
+                keep = [i for i, (a, b) in enumerate(pairs) if strategy != "only_first" or b is not long]
+                want = tok([firsts[i] for i in keep], [seconds[i] for i in keep], truncation=strategy,
+                           max_length=self.m.max_length)
+                got = self._encode_fast([pairs[i] for i in keep], strategy, types=True)
+                if [list(r) for r in got] != want["input_ids"]:
+                    raise ValueError("ids differ")
+                if "token_type_ids" in want and [r.types for r in got] != want["token_type_ids"]:  # type: ignore[attr-defined]
+                    raise ValueError("segment ids differ")
+        except Exception as exc:
+            log.info("tokenizer fast path differs from the HF call for pairs; pairs use the HF call", reason=str(exc))
+            return None
+        return self._backend
+
+    def _encode_hf(self, texts: list[str], pairs: list[str] | None, strategy: str, types: bool) -> list[list[int]]:
+        """The HF call, for tokenizers without a usable fast path (one call for many texts)."""
+        kwargs: dict[str, Any] = {"truncation": strategy if pairs is not None else True, "max_length": self.m.max_length}
+        out = self.m.tokenizer(texts, pairs, **kwargs) if pairs is not None else self.m.tokenizer(texts, **kwargs)
+        if types and "token_type_ids" in out:
+            return [Row(i, t) for i, t in zip(out["input_ids"], out["token_type_ids"])]
+        return out["input_ids"]
+
+    def _encode_group(self, items: list[Item], strategy: str | None) -> list[list[int]]:
+        """Rows for items of one kind: single texts (``strategy`` None) or pairs truncated by ``strategy``."""
+        if strategy is None:
+            texts = [it["text"] for it in items]
             if self._backend is not None:
-                ids = self._encode_fast(texts)
-            else:
-                ids = tok(texts, truncation=True, max_length=self.m.max_length, add_special_tokens=True)["input_ids"]
-        except Exception:  # one bad text must not fail its neighbours: retry them one by one
-            ids = []
-            for i, text in enumerate(texts):
-                try:
-                    ids.append(tok(text, truncation=True, max_length=self.m.max_length)["input_ids"])
-                except Exception as exc:
-                    ids.append([])
-                    errors.append((i, error_result(items[i]["id"], INFERENCE_ERROR,
-                                                   f"tokenizer failed: {type(exc).__name__}: {exc}",
-                                                   items[i].get("meta"))))
+                return self._encode_fast(texts, types=self.single_types)
+            return self._encode_hf(texts, None, "", self.single_types)
+        if self._pair_backend is not None:
+            return self._encode_fast([(it["text"], it["text_pair"]) for it in items], strategy, types=self.send_types)
+        return self._encode_hf([it["text"] for it in items], [it["text_pair"] for it in items], strategy, self.send_types)
+
+    def encode(self, items: list[Item], top_k: list[int | None]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
+        """Tokenize the items, one call per kind (texts; pairs by truncation rule); an item the
+        tokenizer rejects, or that comes out with no tokens at all, becomes an error alone."""
+        errors: list[tuple[int, ItemResult]] = []
+        kinds: dict[str | None, list[int]] = {}
+        if any("text_pair" in it for it in items):
+            for i, it in enumerate(items):
+                # An empty text_pair is no pair, as the pipeline's tokenizer call treats it.
+                kinds.setdefault(it.get("truncation", PAIR_TRUNCATION) if it.get("text_pair") else None, []).append(i)  # type: ignore[misc]
+        else:
+            kinds[None] = list(range(len(items)))
+        ids: list[list[int]] = [[]] * len(items)
+        for strategy, idx in kinds.items():
+            group = [items[i] for i in idx]
+            try:
+                rows = self._encode_group(group, strategy)
+            except Exception:  # one bad text must not fail its neighbours: retry them one by one
+                rows = []
+                for n, it in enumerate(group):
+                    try:
+                        rows.extend(self._encode_group([it], strategy))
+                    except Exception as exc:
+                        rows.append([])
+                        errors.append((idx[n], error_result(it["id"], INFERENCE_ERROR,
+                                                            f"tokenizer failed: {type(exc).__name__}: {exc}",
+                                                            it.get("meta"))))
+            for i, row in zip(idx, rows):
+                ids[i] = row
         bad = {i for i, _ in errors}
+        for i, row in enumerate(ids):
+            if not row and i not in bad:
+                # A decoder tokenizer adds no special tokens, so an empty text has no tokens: the
+                # pipeline refuses it too, and a score computed on padding alone would mean nothing.
+                bad.add(i)
+                errors.append((i, error_result(items[i]["id"], INVALID_TEXT, "text has no tokens after tokenization",
+                                               items[i].get("meta"))))
         order = sorted((i for i in range(len(items)) if i not in bad), key=lambda i: len(ids[i]))
         return Encoded(items=items, top_k=top_k, ids=ids, order=order), errors
 
@@ -165,8 +257,12 @@ class Engine:
             input_ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
-        if self.m.accepts_token_type_ids and "token_type_ids" in self.m.tokenizer.model_input_names:
-            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        if self.send_types:
+            types = np.zeros((len(rows), width), dtype=np.int64)
+            for i, r in enumerate(rows):
+                if isinstance(r, Row):
+                    types[i, : len(r)] = r.types
+            batch["token_type_ids"] = torch.from_numpy(types)
         if self.pin:
             batch = {k: v.pin_memory().to(self.m.device, non_blocking=True) for k, v in batch.items()}
         return batch
@@ -244,6 +340,11 @@ class Engine:
             if not isinstance(o, np.ndarray):
                 it = items[n]
                 results[n] = error_result(it["id"], INFERENCE_ERROR, f"{type(o).__name__}: {o}", it.get("meta"))
+        raw = [n for n in good if top_k[n] == RAW_LOGITS]
+        if raw:
+            good = [n for n in good if top_k[n] != RAW_LOGITS]
+            for n in raw:
+                results[n] = {"id": items[n]["id"], "logits": outputs[n].tolist()}  # type: ignore[typeddict-unknown-key, union-attr]
         if good:
             scores = apply_scoring(np.stack([outputs[n] for n in good]), self.m.function)  # type: ignore[misc]
             for n, result in zip(good, self._results([items[n] for n in good], scores, [top_k[n] for n in good])):
@@ -267,9 +368,11 @@ class Engine:
             out.append(result)
         return out
 
-    def classify(self, items: list[Item], top_k: int | None = None, stats: BatchStats | None = None) -> list[ItemResult]:
-        """Convenience: encode and run valid items (errors merged back in item order)."""
-        enc, errors = self.encode(items, [top_k] * len(items))
+    def classify(self, items: list[Item], top_k: int | list[int | None] | None = None,
+                 stats: BatchStats | None = None) -> list[ItemResult]:
+        """Encode and run valid items (errors merged back in item order); ``top_k`` for all items,
+        or one per item."""
+        enc, errors = self.encode(items, top_k if isinstance(top_k, list) else [top_k] * len(items))
         results = self.run(enc, stats)
         for i, err in errors:
             results[i] = err

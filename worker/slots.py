@@ -38,6 +38,7 @@ from rq import Queue
 
 from queuebert.schema import INVALID_JOB, ItemResult, JobRequest
 
+from .job_rows import Group, finish
 from .job_store import TakenJob
 
 
@@ -53,9 +54,13 @@ class Slot:
     queue: Queue
     priority: int = 0  # index of its queue: 0 is the most urgent
     request: JobRequest | None = None
+    #: The job's item results, then one per zero-shot pair (:mod:`worker.job_rows`), until the
+    #: last row settles; then the item results alone.
     results: list[ItemResult | None] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)  # where each valid item's result goes
-    remaining: int = 0  # valid items not settled yet
+    positions: list[int] = field(default_factory=list)  # where each row's result goes
+    remaining: int = 0  # rows not settled yet
+    groups: list[Group] = field(default_factory=list)  # zero-shot items, assembled at the last settle
+    items: int = 0  # the job's item count
     error: str | None = None  # the job fails as a whole, with this reason
     error_kind: str = INVALID_JOB
     computing: bool = False  # compute's own: some item has been through a forward batch
@@ -99,8 +104,9 @@ class Inflight:
             return [slot.job for slot in self._slots.values()]
 
     def settle(self, outcomes: Iterable[tuple[Slot, int, ItemResult]]) -> list[Slot]:
-        """Record results, each as ``(slot, index among the slot's valid items, result)``; returns
-        the slots whose last item this settled, for the caller to hand to the completer."""
+        """Record results, each as ``(slot, index among the slot's rows, result)``; returns the
+        slots whose last row this settled, with their zero-shot answers assembled, for the caller
+        to hand to the completer."""
         finished: list[Slot] = []
         with self._lock:
             for slot, index, result in outcomes:
@@ -108,6 +114,9 @@ class Inflight:
                 slot.remaining -= 1
                 if slot.remaining == 0:
                     finished.append(slot)
+        for slot in finished:  # this thread's alone now (rule 3)
+            if slot.groups:
+                slot.results = finish(slot.results, slot.groups, slot.items)
         return finished
 
 

@@ -24,11 +24,12 @@ from queuebert.schema import DEADLINE_EXCEEDED, Item, JobError, parse_job
 from queuebert.settings import WorkerSettings
 
 from .engine import Engine
+from .job_rows import split_items
 from .job_store import JobStore
 from .outage import Outage
 from .scheduler import BatchScheduler, Entry
 from .slots import Finished, Inflight, Slot
-from .tasks import deadline_message, split_items
+from .tasks import deadline_message
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,7 @@ class Taker:
         self.outages = outages
         self.execution_ttl = execution_ttl
         self._stop = stop
+        self.label2id = engine.m.model.config.label2id  # for zero-shot items (worker.job_rows)
         #: Set when the taker has stopped taking (stopped, or a burst found the queues empty).
         self.done = threading.Event()
 
@@ -142,12 +144,13 @@ class Taker:
                 ready.append(slot)
                 continue
             assert slot.request is not None
-            valid, positions, results = split_items(slot.request, s.max_text_chars)
-            slot.results, slot.positions, slot.remaining = results, positions, len(valid)
-            new_items.extend(valid)
-            new_top_k.extend([slot.request.top_k] * len(valid))
-            owners.extend(zip(itertools.repeat(slot, len(valid)), range(len(valid))))
-            if not valid:
+            rows = split_items(slot.request, s.max_text_chars, self.label2id)
+            slot.results, slot.positions, slot.remaining = rows.results, rows.positions, len(rows.rows)
+            slot.groups, slot.items = rows.groups, len(slot.request.items)
+            new_items.extend(rows.rows)
+            new_top_k.extend(rows.top_k)
+            owners.extend(zip(itertools.repeat(slot, len(rows.rows)), range(len(rows.rows))))
+            if not rows.rows:
                 ready.append(slot)
         self.finished.put(ready)
         # Tokenize and add in chunks, so a burst fills the pool progressively and compute can

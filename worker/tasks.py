@@ -17,15 +17,14 @@ from queuebert.results import record_job
 from queuebert.schema import (
     INVALID_JOB,
     DeadlineExceeded,
-    Item,
     ItemResult,
     JobError,
-    JobRequest,
-    check_item,
     error_result,
     parse_job,
 )
 from queuebert.settings import WorkerSettings
+
+from .job_rows import finish, split_items
 
 log = structlog.get_logger(__name__)
 
@@ -48,21 +47,6 @@ def get_engine(settings: WorkerSettings | None = None) -> Any:
         return _engine
 
 
-def split_items(request: JobRequest, max_chars: int) -> tuple[list[Item], list[int], list[ItemResult | None]]:
-    """Valid items, their positions in the job, and the job-length result list with errors filled."""
-    results: list[ItemResult | None] = [None] * len(request.items)
-    valid: list[Item] = []
-    positions: list[int] = []
-    for pos, raw in enumerate(request.items):
-        item, error = check_item(raw, max_chars)
-        if item is None:
-            results[pos] = error
-        else:
-            valid.append(item)
-            positions.append(pos)
-    return valid, positions, results
-
-
 def deadline_message(deadline: float) -> str:
     return f"deadline exceeded: not started within its time-to-live (deadline {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(deadline))})"
 
@@ -80,10 +64,10 @@ def classify(items: Any = None, run: str | None = None, top_k: int | None = None
         # Failed, as the batching worker fails it: on_job_failed tells the run's subscribers.
         raise DeadlineExceeded(deadline_message(request.deadline))
     engine = get_engine()
-    valid, positions, results = split_items(request, settings.max_text_chars)
-    for pos, result in zip(positions, engine.classify(valid, request.top_k)):
-        results[pos] = result
-    final: list[ItemResult] = results  # type: ignore[assignment]
+    rows = split_items(request, settings.max_text_chars, engine.m.model.config.label2id)
+    for pos, result in zip(rows.positions, engine.classify(rows.rows, rows.top_k)):
+        rows.results[pos] = result
+    final = finish(rows.results, rows.groups, len(request.items))
     job = get_current_job()
     if run and job is not None:
         with job.connection.pipeline(transaction=False) as pipe:
