@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from producer.outputs import open_output, safe_point
+from producer.readers import DEFAULT_ID_FIELD, FORMATS
 
 from . import logs
 from .connection import RedisUnavailable
@@ -37,10 +38,11 @@ def _log_flags(p: argparse.ArgumentParser) -> None:
 def _input_flags(p: argparse.ArgumentParser) -> None:
     d = ClientSettings()
     p.add_argument("input", nargs="?", default="-", help="input file, or - for stdin (default: -)")
-    p.add_argument("--format", choices=["jsonl", "csv", "txt"], default=None,
+    p.add_argument("--format", choices=FORMATS, default=None,
                    help="input format (default: from the file extension, else txt)")
-    p.add_argument("--text-field", default="text", help="JSONL/CSV field holding the text (default: text)")
-    p.add_argument("--id-field", default="id", help="JSONL/CSV field holding the id (default: id; generated if absent)")
+    p.add_argument("--text-field", default="text", help="JSONL/CSV/TSV field holding the text (default: text)")
+    p.add_argument("--id-field", default=None,
+                   help=f"JSONL/CSV/TSV field holding the id (default: {DEFAULT_ID_FIELD} where present, else generated)")
     p.add_argument("--chunk-size", type=int, default=None, help=f"items per job (default: {d.chunk_size})")
     p.add_argument("--max-pending", type=int, default=None,
                    help=f"wait while more than this many items are queued and unfinished (default: {d.max_pending})")
@@ -149,7 +151,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from producer.client import Client, RedisFull, ResumeError, new_id
-    from producer.readers import InputError, guess_format, open_input, read_records
+    from producer.readers import InputError, InputShapeError, guess_format, open_input, read_records
 
     client = Client.from_url(args.redis_url, queue=args.queue, redis_full_timeout=args.redis_full_timeout)
     fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
@@ -178,7 +180,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     except RedisFull as exc:
         log.error(str(exc), run=run_id)
         return 3
-    except ResumeError as exc:
+    except (ResumeError, InputShapeError) as exc:  # nothing was sent
         log.error(str(exc), run=run_id)
         return 2
     except InputError as exc:

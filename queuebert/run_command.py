@@ -103,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
     url = args.redis_url or os.environ.get(env_name("redis_url"))
     with ExitStack() as stack:
         stream = stack.enter_context(open_input(args.input))  # a missing file fails before anything starts
+        fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
+        input_errors: list[InputError] = []
+        # Reads a CSV header now: a missing column fails before Redis and workers start.
+        records = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field,
+                               on_error=args.on_error, errors=input_errors)
         if url is None:
             from producer.embedded_redis import RedisServer
 
@@ -118,11 +123,6 @@ def run(args: argparse.Namespace) -> int:
             _ensure_model(args)
         procs = _start_workers(args, url, stack) if args.workers else []
         enqueue_started = time.perf_counter()  # texts/s excludes a first-use model build
-
-        fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
-        input_errors: list[InputError] = []
-        records = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field,
-                               on_error=args.on_error, errors=input_errors)
         bar = stack.enter_context(tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr))
         run_id = args.run_id or f"run-{int(time.time())}-{os.getpid()}"
         producer_error: list[BaseException] = []
