@@ -1,8 +1,9 @@
 """``queuebert run INPUT``: the whole path in one command.
 
-Starts a private Redis when no URL is given, starts N worker processes, enqueues INPUT as a run
-(progress bar), streams results in input order to OUT or stdout, and ends with a summary. Every
-process it started is stopped on every exit path (normal end, Ctrl-C, an exception).
+Starts a private Redis when no URL is given, starts N worker processes, enqueues INPUT as a run,
+streams results in input order to OUT or stdout (texts classified, out of a total, on a terminal's
+stderr), and ends with a summary. Every process it started is stopped on every exit path (normal
+end, Ctrl-C, an exception).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from producer.outputs import safe_point
 from producer.readers import InputError, guess_format, open_input, read_records
 from queuebert.connection import connect
 from queuebert.procs import LoggedProcess, start_process, stop_processes
+from queuebert.progress import Progress, estimate_records
 from queuebert.settings import WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
@@ -97,8 +99,6 @@ def _ensure_model(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     started = time.perf_counter()
     url = args.redis_url or os.environ.get(env_name("redis_url"))
     with ExitStack() as stack:
@@ -122,15 +122,18 @@ def run(args: argparse.Namespace) -> int:
         if args.workers:
             _ensure_model(args)
         procs = _start_workers(args, url, stack) if args.workers else []
+        # Counted while the workers load their model; the exact count replaces it once all is enqueued.
+        bar = stack.enter_context(Progress("classified", "texts", estimate_records(args.input, fmt),
+                                           enabled=False if args.no_progress else None))
         enqueue_started = time.perf_counter()  # texts/s excludes a first-use model build
-        bar = stack.enter_context(tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr))
         run_id = args.run_id or f"run-{int(time.time())}-{os.getpid()}"
         producer_error: list[BaseException] = []
 
         def produce() -> None:
             try:
-                client.enqueue_stream(records, chunk_size=args.chunk_size, max_pending=args.max_pending,
-                                      run_id=run_id, top_k=args.top_k, on_progress=bar.update)
+                sent = client.enqueue_stream(records, chunk_size=args.chunk_size, max_pending=args.max_pending,
+                                             run_id=run_id, top_k=args.top_k)
+                bar.set_total(sent.enqueued)
             except BaseException as exc:  # surfaced in the main thread
                 producer_error.append(exc)
                 client.seal(run_id)
@@ -149,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         for result in results:
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             items += 1
+            bar.update()
             if "error" in result:
                 errors += 1
             else:
@@ -168,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
                    "texts_per_s": round(items / classifying, 1) if classifying else None,
                    "elapsed_s": round(elapsed, 2)}
         out.flush()
+        bar.close()  # its last line before the summary, not over it
         print(json.dumps(summary), file=sys.stderr)
     return 0
 
