@@ -81,18 +81,21 @@ class Query:
 
 
 def stream_through(client: Client, items: Iterable[Any], *, run_id: str, chunk_size: int | None = None,
-                   max_pending: int | None = None, timeout: float | None = None,
-                   on_enqueued: Callable[[int], None] | None = None,
+                   max_pending: int | None = None, timeout: float | None = None, top_k: int | None = None,
+                   on_enqueued: Callable[[int], None] | None = None, on_sealed: Callable[[int], None] | None = None,
                    on_idle: Callable[[], None] | None = None, consume: bool = True,
                    before_delete: Callable[[], None] | None = None) -> Iterator[ItemResult]:
     """Enqueue ``items`` as one run in a background thread (with backpressure) while yielding
-    their results in input order; with ``consume`` each job's results leave Redis once read."""
+    their results in input order; with ``consume`` each job's results leave Redis once read.
+    ``on_sealed`` hears the run's item count once everything is enqueued."""
     failed: list[BaseException] = []
 
     def produce() -> None:
         try:
-            client.enqueue_stream(items, chunk_size=chunk_size, max_pending=max_pending, run_id=run_id,
-                                  on_progress=on_enqueued)
+            run = client.enqueue_stream(items, chunk_size=chunk_size, max_pending=max_pending, run_id=run_id,
+                                        top_k=top_k, on_progress=on_enqueued)
+            if on_sealed is not None:
+                on_sealed(run.enqueued)
         except BaseException as exc:  # surfaced in the reading thread
             failed.append(exc)
             client.seal(run_id)
@@ -110,15 +113,20 @@ def stream_through(client: Client, items: Iterable[Any], *, run_id: str, chunk_s
 
 
 def rerank_stream(client: Client, queries: Iterable[dict[str, Any]], *, run_id: str, top_n: int | None = None,
-                  return_text: bool = False, label: str | None = None, **stream: Any) -> Iterator[dict[str, Any]]:
+                  return_text: bool = False, label: str | None = None,
+                  on_sealed: Callable[[int], None] | None = None, **stream: Any) -> Iterator[dict[str, Any]]:
     """For each ``{"id"?, "query", "passages", ...}`` in order: ``{"id", "results": ranking, "meta"?}``.
 
     Every query's pairs go out as one run, enqueued while results are read; only the queries
-    between the one being answered and the enqueue front are held here."""
+    between the one being answered and the enqueue front are held here. ``on_sealed`` hears the
+    number of queries once all are enqueued."""
     waiting: deque[Query] = deque()
+    seen = 0
 
     def items() -> Iterator[Item]:
+        nonlocal seen
         for n, q in enumerate(queries):
+            seen = n + 1
             query_id = str(q["id"]) if q.get("id") is not None else str(n)
             passages = q.get("passages")
             meta = {k: v for k, v in q.items() if k not in ("id", "query", "passages")} or None
@@ -141,7 +149,8 @@ def rerank_stream(client: Client, queries: Iterable[dict[str, Any]], *, run_id: 
         return out
 
     results: list[ItemResult] = []
-    for result in stream_through(client, items(), run_id=run_id, **stream):
+    sealed = (lambda _pairs: on_sealed(seen)) if on_sealed is not None else None
+    for result in stream_through(client, items(), run_id=run_id, on_sealed=sealed, **stream):
         while waiting and not waiting[0].passages:  # a query without passages has no results to wait for
             yield answered(waiting.popleft(), [])
         results.append(result)

@@ -1,7 +1,9 @@
-"""Reading inputs: JSONL, CSV or plain text lines, from a file or stdin, one record at a time.
+"""Reading inputs: JSONL, CSV, TSV or plain text lines, from a file or stdin, one record at a time.
 
 A line that cannot be read is reported with its line number and skipped, or stops the read,
 depending on ``on_error``; everything else streams through lazily so any size of input works.
+Input is read the way spreadsheets and editors write it: a UTF-8 byte-order mark at the start (Excel's
+"CSV UTF-8") is dropped, CRLF line ends are accepted, and CSV fields may hold quoted newlines.
 """
 
 from __future__ import annotations
@@ -10,14 +12,20 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
-FORMATS = ("jsonl", "csv", "txt")
+FORMATS = ("jsonl", "csv", "tsv", "txt")
+#: The formats whose records have named fields (``text_field`` and friends choose among them).
+TABULAR = {"csv": ",", "tsv": "\t"}
+#: The id field used when the caller names none: taken when present, generated when absent.
+DEFAULT_ID_FIELD = "id"
+
+BOM = "\ufeff"
 
 
 class InputError(ValueError):
@@ -28,23 +36,55 @@ class InputError(ValueError):
         self.line = line
 
 
+class InputShapeError(InputError):
+    """The input as a whole does not fit the options (a CSV without the text column, say).
+
+    Raised once, before any record is read, whatever ``on_error`` says: skipping would skip every line.
+    """
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.line = 1
+
+
 def guess_format(path: str) -> str:
     lower = path.lower()
     if lower.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
-    if lower.endswith((".csv", ".tsv")):
+    if lower.endswith(".csv"):
         return "csv"
+    if lower.endswith(".tsv"):
+        return "tsv"
     return "txt"
 
 
 def open_input(path: str) -> IO[str]:
+    """A text stream over ``path`` or stdin (``-``) that keeps line ends as written (``newline=""``),
+    which the csv module needs for quoted newlines; bytes that are not UTF-8 survive as surrogates."""
     if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="")
     return open(path, encoding="utf-8", errors="surrogateescape", newline="")
 
 
+def _without_bom(lines: Iterable[str]) -> Iterator[str]:
+    """The lines of ``lines`` with a byte-order mark removed from the first.
+
+    Done here rather than by opening with ``utf-8-sig`` so that any text stream works, stdin and
+    streams a caller opened included.
+    """
+    it = iter(lines)
+    first = next(it, None)
+    if first is None:
+        return
+    if first.startswith(BOM):
+        first = first[1:]
+    if first:  # a file holding nothing but the mark is empty, not a blank header
+        yield first
+    yield from it
+
+
 def _record(obj: dict[str, Any], line: int, text_field: str, id_field: str,
-            text_pair_field: str | None = None) -> dict[str, Any]:
+            text_pair_field: str | None) -> dict[str, Any]:
     text = obj.get(text_field)
     if not isinstance(text, str):
         raise InputError(line, f"field {text_field!r} missing or not a string")
@@ -62,24 +102,53 @@ def _record(obj: dict[str, Any], line: int, text_field: str, id_field: str,
     return item
 
 
+def _check_columns(fmt: str, columns: list[str] | None, wanted: list[tuple[str, str]]) -> None:
+    """One clear error for a column the options name and the header lacks."""
+    if columns is None:  # an empty input: no header, no records
+        return
+    for name, flag in wanted:
+        if name not in columns:
+            found = ", ".join(columns) or "none"
+            raise InputShapeError(f"{fmt.upper()} has no column {name!r} (columns: {found}); choose one with {flag}")
+
+
 def read_records(
-    stream: IO[str], fmt: str, *, text_field: str = "text", id_field: str = "id", text_pair_field: str | None = None,
-    on_error: str = "skip", errors: list[InputError] | None = None,
+    stream: IO[str], fmt: str, *, text_field: str = "text", id_field: str | None = None,
+    text_pair_field: str | None = None, on_error: str = "skip", errors: list[InputError] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Items ``{"text", "text_pair"?, "id"?, "meta"?}``; items without an id get one from the producer."""
+    """Items ``{"text", "text_pair"?, "id"?, "meta"?}``; items without an id get one from the producer.
 
-    def rows() -> Iterator[tuple[int, Any]]:
-        if fmt == "csv":
-            reader = csv.DictReader(stream)
-            for row in reader:
-                yield reader.line_num, row
-        else:
-            for n, line in enumerate(stream, 1):
-                if line.strip() == "":
-                    continue
-                yield n, line
+    ``id_field=None`` takes ids from the ``id`` field where there is one. A CSV/TSV header is read
+    and checked here, before the first record is asked for: a column named by ``text_field``,
+    ``text_pair_field`` or an explicit ``id_field`` that the header lacks is an
+    :class:`InputShapeError`. JSONL has no header, so there a missing text is the line's error and a
+    missing id a generated one. Fields other than these go to ``meta``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown input format {fmt!r} (one of {', '.join(FORMATS)})")
+    if text_pair_field is not None and fmt == "txt":
+        raise InputShapeError("plain text lines have no fields: a text pair needs jsonl, csv or tsv input")
+    lines = _without_bom(stream)
+    rows: Iterator[tuple[int, Any]]
+    if fmt in TABULAR:
+        reader = csv.DictReader(lines, delimiter=TABULAR[fmt])
+        wanted = [(text_field, "--text-field")]
+        if text_pair_field is not None:
+            wanted.append((text_pair_field, "--text-pair-field"))
+        if id_field is not None:
+            wanted.append((id_field, "--id-field"))
+        _check_columns(fmt, reader.fieldnames, wanted)  # reads the header now
+        rows = ((reader.line_num, row) for row in reader)
+    else:
+        rows = ((n, line) for n, line in enumerate(lines, 1) if line.strip() != "")
+    return _records(rows, fmt, text_field, id_field or DEFAULT_ID_FIELD, text_pair_field, on_error, errors)
 
-    for line_no, raw in rows():
+
+def _records(
+    rows: Iterator[tuple[int, Any]], fmt: str, text_field: str, id_field: str, text_pair_field: str | None,
+    on_error: str, errors: list[InputError] | None,
+) -> Iterator[dict[str, Any]]:
+    for line_no, raw in rows:
         try:
             if fmt == "jsonl":
                 try:
@@ -91,7 +160,7 @@ def read_records(
                 if not isinstance(obj, dict):
                     raise InputError(line_no, "a JSON line must be an object or a string")
                 yield _record(obj, line_no, text_field, id_field, text_pair_field)
-            elif fmt == "csv":
+            elif fmt in TABULAR:
                 yield _record(raw, line_no, text_field, id_field, text_pair_field)
             else:
                 yield {"text": raw.rstrip("\r\n")}
@@ -106,7 +175,7 @@ def read_records(
 def read_objects(stream: IO[str], *, on_error: str = "skip", errors: list[InputError] | None = None,
                  ) -> Iterator[dict[str, Any]]:
     """JSON objects, one per line, as they are (``queuebert rerank``'s queries)."""
-    for n, line in enumerate(stream, 1):
+    for n, line in enumerate(_without_bom(stream), 1):
         if line.strip() == "":
             continue
         try:

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from producer.outputs import open_output, safe_point
+from producer.readers import DEFAULT_ID_FIELD, FORMATS
 
 from . import logs
 from .connection import RedisUnavailable
@@ -22,6 +23,9 @@ from .schema import DEFAULT_HYPOTHESIS_TEMPLATE
 from .settings import ClientSettings, WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
+
+#: Seconds between reads of a growing run's total for the ``results --follow`` progress bar.
+PROGRESS_TOTAL_EVERY = 1.0
 
 
 def _redis_flag(p: argparse.ArgumentParser) -> None:
@@ -37,12 +41,13 @@ def _log_flags(p: argparse.ArgumentParser) -> None:
 
 def _input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", default="-", help="input file, or - for stdin (default: -)")
-    p.add_argument("--format", choices=["jsonl", "csv", "txt"], default=None,
+    p.add_argument("--format", choices=FORMATS, default=None,
                    help="input format (default: from the file extension, else txt)")
-    p.add_argument("--text-field", default="text", help="JSONL/CSV field holding the text (default: text)")
-    p.add_argument("--id-field", default="id", help="JSONL/CSV field holding the id (default: id; generated if absent)")
+    p.add_argument("--text-field", default="text", help="JSONL/CSV/TSV field holding the text (default: text)")
+    p.add_argument("--id-field", default=None,
+                   help=f"JSONL/CSV/TSV field holding the id (default: {DEFAULT_ID_FIELD} where present, else generated)")
     p.add_argument("--text-pair-field", default=None,
-                   help="JSONL/CSV field holding a second text: each item is a pair (cross-encoders, NLI)")
+                   help="JSONL/CSV/TSV field holding a second text: each item is a pair (cross-encoders, NLI)")
     p.add_argument("--top-k", type=int, default=None, help="labels per result (default: all)")
     _stream_flags(p)
 
@@ -62,13 +67,23 @@ def _stream_flags(p: argparse.ArgumentParser) -> None:
     _redis_flag(p)
 
 
+def _progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (there is none anyway when stderr is not a terminal)")
+
+
+def _progress_enabled(args: argparse.Namespace) -> bool | None:
+    """Off with --no-progress, else on exactly when stderr is a terminal."""
+    return False if args.no_progress else None
+
+
 def _run_flags(p: argparse.ArgumentParser, what: str) -> None:
     """What ``run``, ``rerank`` and ``zero-shot`` share: workers, output, progress."""
     _worker_flags(p)
     p.add_argument("-o", "--output", default="-", help=f"{what}, JSONL in input order (default: stdout)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes to start (default: 1; 0 uses workers already attached to --redis-url)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _progress_flag(p)
     p.add_argument("--verbose", action="store_true", help="show the workers' logs")
     p.add_argument("--keep-results", action="store_true",
                    help="leave results in Redis after writing them (default: delete them as they are written)")
@@ -110,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "done, 2 error, 3 Redis stayed full, 130 interrupted.")
     _input_flags(p)
     _log_flags(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _progress_flag(p)
 
     p = sub.add_parser("results", help="print a run's results as JSONL (input order)")
     p.add_argument("run_id")
@@ -120,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unordered", action="store_true", help="completion order instead of input order")
     p.add_argument("--consume", action="store_true",
                    help="with --follow: delete results from Redis once written (bounded memory for long runs)")
+    _progress_flag(p)
     _redis_flag(p)
     _log_flags(p)
 
@@ -182,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     import redis
-    from tqdm import tqdm
 
     from producer.client import Client, RedisFull, ResumeError, new_id
-    from producer.readers import InputError, guess_format, open_input, read_records
+    from producer.readers import InputError, InputShapeError, guess_format, open_input, read_records
+
+    from .progress import Progress, estimate_records
 
     client = Client.from_url(args.redis_url, queue=args.queue, redis_full_timeout=args.redis_full_timeout)
     fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
@@ -202,7 +219,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         with open_input(args.input) as stream:
             records = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field,
                                    text_pair_field=args.text_pair_field, on_error=args.on_error)
-            with tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr) as bar:
+            with Progress("enqueued", "texts", estimate_records(args.input, fmt),
+                          enabled=_progress_enabled(args)) as bar:
 
                 def progress(n: int) -> None:
                     nonlocal sent
@@ -211,10 +229,11 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
                 run = client.enqueue_stream(records, chunk_size=args.chunk_size, max_pending=args.max_pending,
                                             run_id=run_id, top_k=args.top_k, on_progress=progress)
+                bar.set_total(run.enqueued)
     except RedisFull as exc:
         log.error(str(exc), run=run_id)
         return 3
-    except ResumeError as exc:
+    except (ResumeError, InputShapeError) as exc:  # nothing was sent
         log.error(str(exc), run=run_id)
         return 2
     except InputError as exc:
@@ -231,7 +250,11 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    import time
+
     from producer.client import Client
+
+    from .progress import Progress
 
     client = Client.from_url(args.redis_url)
     progress = client.run_progress(args.run_id)
@@ -239,6 +262,10 @@ def cmd_results(args: argparse.Namespace) -> int:
         log.error("no such run", run=args.run_id)
         return 2
     out = open_output(args.output)
+    # Results written out of the run's items; the total grows until the run is sealed.
+    bar = Progress("classified", "texts", progress["total"], enabled=_progress_enabled(args))
+    sealed = bool(progress["sealed"])
+    checked = time.monotonic()
     try:
         if args.follow or args.unordered:
             # Consuming deletes results from Redis: only once their lines are on disk (or passed on).
@@ -249,10 +276,17 @@ def cmd_results(args: argparse.Namespace) -> int:
             source = _done_in_order(client, args.run_id)
         for result in source:
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            bar.update()
+            if not sealed and time.monotonic() - checked > PROGRESS_TOTAL_EVERY:
+                checked = time.monotonic()
+                progress = client.run_progress(args.run_id)
+                sealed = bool(progress["sealed"])
+                bar.set_total(progress["total"])
     except TimeoutError as exc:
         log.error("timed out", error=str(exc))
         return 3
     finally:
+        bar.close()
         if out is not sys.stdout:
             out.close()
     progress = client.run_progress(args.run_id)

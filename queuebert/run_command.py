@@ -1,9 +1,10 @@
 """``queuebert run INPUT`` (and ``rerank``, ``zero-shot``): the whole path in one command.
 
-Starts a private Redis when no URL is given, starts N worker processes, enqueues INPUT as a run
-(progress bar), streams answers in input order to OUT or stdout, and ends with a summary. Every
-process it started is stopped on every exit path (normal end, Ctrl-C, an exception). The three
-commands differ only in what a line of input becomes (:func:`answers`).
+Starts a private Redis when no URL is given, starts N worker processes, enqueues INPUT as a run,
+streams answers in input order to OUT or stdout (answers received, out of a total, on a
+terminal's stderr), and ends with a summary. Every process it started is stopped on every exit
+path (normal end, Ctrl-C, an exception). The three commands differ only in what a line of input
+becomes (:func:`source`) and what comes back for it (:func:`answers`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from producer.outputs import safe_point
 from producer.readers import InputError, guess_format, open_input, read_objects, read_records
 from queuebert.connection import connect
 from queuebert.procs import LoggedProcess, start_process, stop_processes
+from queuebert.progress import Progress, estimate_records
 from queuebert.settings import WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
@@ -99,21 +101,32 @@ def _ensure_model(args: argparse.Namespace) -> None:
         ensure_default_model(progress=not args.no_progress)
 
 
-def answers(args: argparse.Namespace, client: Client, stream: Any, run_id: str, errors: list[InputError],
+def source(args: argparse.Namespace, stream: Any, errors: list[InputError]) -> Iterator[Any]:
+    """What the command enqueues: items (``run``, ``zero-shot``) or queries (``rerank``). A CSV
+    header is read here, so a missing column fails before Redis and workers start."""
+    if args.command == "rerank":
+        return read_objects(stream, on_error=args.on_error, errors=errors)
+    items: Iterator[Any] = read_records(stream, _format(args), text_field=args.text_field, id_field=args.id_field,
+                                        text_pair_field=args.text_pair_field, on_error=args.on_error, errors=errors)
+    if args.command == "zero-shot":
+        return (pairs.zero_shot_item(it, args.labels, args.hypothesis_template, args.multi_label) for it in items)
+    return items
+
+
+def _format(args: argparse.Namespace) -> str:
+    if args.command == "rerank":
+        return "jsonl"
+    return args.format or (guess_format(args.input) if args.input != "-" else "txt")
+
+
+def answers(args: argparse.Namespace, client: Client, inputs: Iterator[Any], run_id: str,
             **streaming: Any) -> Iterator[dict[str, Any]]:
     """The command's output lines, in input order: a result per text (``run``), an answer per
     text (``zero-shot``), a ranking per query (``rerank``)."""
     if args.command == "rerank":
-        queries = read_objects(stream, on_error=args.on_error, errors=errors)
-        return pairs.rerank_stream(client, queries, run_id=run_id, top_n=args.top_n, return_text=args.return_text,
+        return pairs.rerank_stream(client, inputs, run_id=run_id, top_n=args.top_n, return_text=args.return_text,
                                    label=args.relevance_label, **streaming)
-    fmt = args.format or (guess_format(args.input) if args.input != "-" else "txt")
-    items: Iterable[Any] = read_records(stream, fmt, text_field=args.text_field, id_field=args.id_field,
-                                        text_pair_field=getattr(args, "text_pair_field", None),
-                                        on_error=args.on_error, errors=errors)
-    if args.command == "zero-shot":
-        items = (pairs.zero_shot_item(it, args.labels, args.hypothesis_template, args.multi_label) for it in items)
-    return pairs.stream_through(client, items, run_id=run_id, **streaming)
+    return pairs.stream_through(client, inputs, run_id=run_id, top_k=args.top_k, **streaming)
 
 
 def _label(answer: dict[str, Any]) -> str | None:
@@ -126,12 +139,12 @@ def _label(answer: dict[str, Any]) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     started = time.perf_counter()
     url = args.redis_url or os.environ.get(env_name("redis_url"))
     with ExitStack() as stack:
         stream = stack.enter_context(open_input(args.input))  # a missing file fails before anything starts
+        input_errors: list[InputError] = []
+        inputs = source(args, stream, input_errors)
         if url is None:
             from producer.embedded_redis import RedisServer
 
@@ -146,23 +159,24 @@ def run(args: argparse.Namespace) -> int:
         if args.workers:
             _ensure_model(args)
         procs = _start_workers(args, url, stack) if args.workers else []
+        # Counted while the workers load their model; the exact count replaces it once all is enqueued.
+        unit = "queries" if args.command == "rerank" else "texts"
+        bar = stack.enter_context(Progress("ranked" if args.command == "rerank" else "classified", unit,
+                                           estimate_records(args.input, _format(args)),
+                                           enabled=False if args.no_progress else None))
         enqueue_started = time.perf_counter()  # texts/s excludes a first-use model build
-
-        input_errors: list[InputError] = []
-        bar = stack.enter_context(tqdm(desc="enqueued", unit=" texts", disable=args.no_progress, file=sys.stderr))
         run_id = args.run_id or f"run-{int(time.time())}-{os.getpid()}"
         out = sys.stdout if args.output in (None, "-") else stack.enter_context(open(args.output, "w", encoding="utf-8"))
-        # Results are deleted from Redis as they are written (unless --keep-results); the output is
-        # flushed (and a file fsynced) before each deletion so none exists only in a buffer.
         enqueued = 0  # model inputs (texts, pairs), whatever the command
 
         def on_enqueued(n: int) -> None:
             nonlocal enqueued
             enqueued += n
-            bar.update(n)
 
-        lines = answers(args, client, stream, run_id, input_errors, chunk_size=args.chunk_size,
-                        max_pending=args.max_pending, on_enqueued=on_enqueued, on_idle=lambda: _check_workers(procs),
+        # Results are deleted from Redis as they are written (unless --keep-results); the output is
+        # flushed (and a file fsynced) before each deletion so none exists only in a buffer.
+        lines = answers(args, client, inputs, run_id, chunk_size=args.chunk_size, max_pending=args.max_pending,
+                        on_enqueued=on_enqueued, on_sealed=bar.set_total, on_idle=lambda: _check_workers(procs),
                         consume=not args.keep_results, before_delete=safe_point(out))
         labels: Counter[str] = Counter()
         items = errors = 0
@@ -170,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         for answer in lines:
             out.write(json.dumps(answer, ensure_ascii=False) + "\n")
             items += 1
+            bar.update()
             if "error" in answer or answer.get("errors"):
                 errors += 1
             elif (label := _label(answer)) is not None:
@@ -187,5 +202,6 @@ def run(args: argparse.Namespace) -> int:
             summary["pairs"] = enqueued
             del summary["labels"]
         out.flush()
+        bar.close()  # its last line before the summary, not over it
         print(json.dumps(summary), file=sys.stderr)
     return 0
