@@ -174,8 +174,6 @@ def _zero_shot_error(raw: dict[str, Any], max_chars: int) -> str | None:
     labels = raw.get("candidate_labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
         return "'candidate_labels' must be a non-empty list of non-empty strings"
-    if len(labels) != len(set(labels)):
-        return "'candidate_labels' has duplicates"
     template = raw.get("hypothesis_template", DEFAULT_HYPOTHESIS_TEMPLATE)
     if not isinstance(template, str) or len(template) > max_chars:
         return "'hypothesis_template' must be a string"

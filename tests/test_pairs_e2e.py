@@ -15,7 +15,7 @@ from conftest import PYTHON, REPO, build_tiny_model, subprocess_env
 from helpers import start_worker
 
 from producer import Client
-from producer.pairs import zero_shot_item
+from producer.pairs import pair_items, ranking, zero_shot_item
 from queuebert import keys
 from queuebert.procs import LoggedProcess
 from queuebert.results import decode_entry
@@ -65,6 +65,11 @@ def test_zero_shot_subscribed_and_rerank_polled(conn, redis_server, tiny_models,
     reference = sorted(range(len(passages)), key=lambda i: -scores[i][0]["score"])[:4]
     assert [r["index"] for r in ranked] == reference
     assert [r["score"] for r in ranked] == pytest.approx([scores[i][0]["score"] for i in reference], abs=1e-5)
+    # The same pairs, read by a subscriber in completion order: their ids say where each belongs.
+    run = client.enqueue_stream(pair_items("q", "who won the football match?", passages), chunk_size=5)
+    by_index = {int(r["id"].split(":")[1]): r for r in client.subscribe(run.id, timeout=120)}
+    subscribed = ranking([by_index[i] for i in range(len(passages))], top_n=4)
+    assert [r["index"] for r in subscribed] == reference
 
 
 def test_rerank_and_zero_shot_commands(tmp_path, tiny_models, redis_server, workers):
