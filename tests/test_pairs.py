@@ -246,3 +246,31 @@ def test_text_without_tokens_is_refused(tmp_path):
     assert results[0]["error"]["type"] == "invalid_text" and "no tokens" in results[0]["error"]["message"]
     assert "label" in results[1]
     assert results[2]["error"]["type"] == "invalid_text"
+
+
+def test_out_of_memory_split_keeps_segment_ids(conn, redis_server, engines, tiny_models, device, tolerance):
+    """A batch of pairs that runs out of memory is split and retried: the halves keep their
+    segment ids, so each pair still equals the pipeline's answer."""
+    from worker.engine import OutOfMemory
+
+    engine = engines["bert"]
+    engine.max_batch_size = 16
+
+    def fault(rows: int, padded: int) -> None:
+        if rows > 2:
+            raise OutOfMemory("injected: CUDA out of memory")
+
+    client = Client.from_url(redis_server.url)
+    run = client.enqueue_stream([{"text": a, "text_pair": b} for a, b in PAIRS], chunk_size=len(PAIRS))
+    splits = engine.oom_splits
+    engine.fault = fault
+    try:
+        run_burst(conn, engine)
+    finally:
+        engine.fault = None
+    assert engine.oom_splits > splits
+    reference = pair_reference(str(tiny_models["bert"]), PAIRS, device)
+    for got, want in zip(run.results(timeout=10), reference):
+        assert "error" not in got, got
+        for label, score in want.items():
+            assert got["scores"][label] == pytest.approx(score, abs=tolerance)

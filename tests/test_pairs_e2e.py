@@ -115,6 +115,23 @@ def test_rerank_and_zero_shot_commands(tmp_path, tiny_models, redis_server, work
     for r, w in zip(rows, want):
         assert r["labels"] == w["labels"] and r["scores"] == pytest.approx(w["scores"], abs=1e-5)
 
+    # Pairs from a CSV column: `run --text-pair-field`, the input's ids kept.
+    qa = tmp_path / "qa.csv"
+    qa.write_text("id,question,answer\n" + "".join(f"a{i},is it {i}?,\"yes, it is {i}\"\n" for i in range(8)))
+    out = tmp_path / "pairs.jsonl"
+    proc = subprocess.run([*QB, "run", str(qa), "-o", str(out), "--text-field", "question", "--text-pair-field",
+                           "answer", "--redis-url", redis_server.url, "--workers", "0", "--no-progress",
+                           "--log-format", "json"],
+                          capture_output=True, text=True, env=subprocess_env(redis_server.url, HF_HUB_OFFLINE="1"),
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    want = _pipeline(tiny_models["nli"], "text-classification")(
+        [{"text": f"is it {i}?", "text_pair": f"yes, it is {i}"} for i in range(8)], top_k=None)
+    assert [r["id"] for r in rows] == [f"a{i}" for i in range(8)]
+    for r, w in zip(rows, want):
+        assert r["scores"] == pytest.approx({d["label"]: d["score"] for d in w}, abs=1e-5)
+
 
 @pytest.fixture(scope="module")
 def slower_nli(tmp_path_factory) -> Path:
