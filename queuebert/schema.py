@@ -2,9 +2,11 @@
 
 Job (RQ kwargs of ``worker.tasks.classify``)::
 
-    {"items": [item, ...], "run"?: str, "top_k"?: int, "deadline"?: float}
+    {"items": [item, ...], "run"?: str, "top_k"?: int, "function_to_apply"?: str, "deadline"?: float}
 
 ``deadline`` is a Unix time: a job not started by then is dropped, never run late.
+``function_to_apply`` is the text-classification pipeline's: ``default`` (the model's rule),
+``softmax``, ``sigmoid`` or ``none`` (raw logits, TEI's ``raw_scores``); zero-shot items ignore it.
 
 An item is one of three kinds, told apart by its fields:
 
@@ -111,14 +113,22 @@ class JobRequest:
     run: str | None
     top_k: int | None
     deadline: float | None = None
+    function_to_apply: str | None = None
 
 
-def job_kwargs(items: list[Item], run: str | None, top_k: int | None, deadline: float | None = None) -> dict[str, Any]:
+#: The text-classification pipeline's ``function_to_apply`` values.
+FUNCTIONS = ("default", "softmax", "sigmoid", "none")
+
+
+def job_kwargs(items: list[Item], run: str | None, top_k: int | None, deadline: float | None = None,
+               function_to_apply: str | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"items": items}
     if run is not None:
         kwargs["run"] = run
     if top_k is not None:
         kwargs["top_k"] = top_k
+    if function_to_apply is not None:
+        kwargs["function_to_apply"] = function_to_apply
     if deadline is not None:
         kwargs["deadline"] = deadline
     return kwargs
@@ -130,7 +140,7 @@ def parse_job(args: Any, kwargs: Any, max_items: int) -> JobRequest:
         raise JobError(f"classify takes keyword arguments only, got {len(args)} positional")
     if not isinstance(kwargs, dict):
         raise JobError(f"job kwargs must be an object, got {type(kwargs).__name__}")
-    unknown = set(kwargs) - {"items", "run", "top_k", "deadline"}
+    unknown = set(kwargs) - {"items", "run", "top_k", "deadline", "function_to_apply"}
     if unknown:
         raise JobError(f"unknown job fields: {sorted(unknown)}")
     items = kwargs.get("items")
@@ -149,7 +159,11 @@ def parse_job(args: Any, kwargs: Any, max_items: int) -> JobRequest:
     deadline = kwargs.get("deadline")
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
         raise JobError(f"deadline must be a Unix time, got {deadline!r}")
-    return JobRequest(items=items, run=run, top_k=top_k, deadline=deadline)
+    function = kwargs.get("function_to_apply")
+    if function is not None and function not in FUNCTIONS:
+        raise JobError(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
+    return JobRequest(items=items, run=run, top_k=top_k, deadline=deadline,
+                      function_to_apply=None if function == "default" else function)
 
 
 def _text_error(value: Any, field: str, max_chars: int) -> tuple[str, str] | None:

@@ -59,7 +59,7 @@ def test_every_item_gets_exactly_one_answer(engines, raw_items):
 
 
 MAX_ITEMS = 10
-JOB_FIELDS = ("items", "run", "top_k", "deadline")
+JOB_FIELDS = ("items", "run", "top_k", "deadline", "function_to_apply")
 #: Per job field: a fitting value and a wrong one (wrong type, out of range, or anything at all).
 FIELD_VALUES = {
     "items": (st.lists(json_values, min_size=1, max_size=MAX_ITEMS),
@@ -67,6 +67,8 @@ FIELD_VALUES = {
     "run": (st.text(max_size=8), json_values),
     "top_k": (st.integers(min_value=1, max_value=5), st.integers(max_value=0) | st.booleans() | json_values),
     "deadline": (st.floats(allow_nan=False) | st.integers(), st.booleans() | st.text(max_size=5) | json_values),
+    "function_to_apply": (st.sampled_from(["default", "softmax", "sigmoid", "none"]),
+                          st.text(max_size=8) | json_values),
 }
 
 
@@ -107,6 +109,9 @@ def refusal(args: tuple[object, ...], payload: object) -> str | None:
         return "top_k"
     if deadline is not None and type(deadline) not in (int, float):
         return "deadline"
+    function = payload.get("function_to_apply")
+    if function is not None and function not in ("default", "softmax", "sigmoid", "none"):
+        return "function_to_apply"
     return None
 
 
@@ -121,7 +126,9 @@ def test_job_payload_is_accepted_exactly_when_the_schema_allows_it(call):
     if expected is None:
         request = parse_job(args, payload, max_items=MAX_ITEMS)
         assert request.items == payload["items"]
-        assert (request.run, request.top_k, request.deadline) == tuple(payload.get(f) for f in JOB_FIELDS[1:])
+        assert (request.run, request.top_k, request.deadline) == tuple(payload.get(f) for f in JOB_FIELDS[1:4])
+        function = payload.get("function_to_apply")
+        assert request.function_to_apply == (None if function == "default" else function)
     else:
         with pytest.raises(JobError, match=expected):
             parse_job(args, payload, max_items=MAX_ITEMS)

@@ -345,9 +345,13 @@ class Engine:
             good = [n for n in good if top_k[n] != RAW_LOGITS]
             for n in raw:
                 results[n] = {"id": items[n]["id"], "logits": outputs[n].tolist()}  # type: ignore[typeddict-unknown-key, union-attr]
-        if good:
-            scores = apply_scoring(np.stack([outputs[n] for n in good]), self.m.function)  # type: ignore[misc]
-            for n, result in zip(good, self._results([items[n] for n in good], scores, [top_k[n] for n in good])):
+        # Rows score by the model's rule unless their job asked for another (function_to_apply).
+        by_function: dict[str, list[int]] = {}
+        for n in good:
+            by_function.setdefault(items[n].get("function_to_apply") or self.m.function, []).append(n)  # type: ignore[misc]
+        for function, idx in by_function.items():
+            scores = apply_scoring(np.stack([outputs[n] for n in idx]), function)  # type: ignore[misc]
+            for n, result in zip(idx, self._results([items[n] for n in idx], scores, [top_k[n] for n in idx])):
                 results[n] = result
         return results  # type: ignore[return-value]
 

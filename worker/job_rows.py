@@ -76,6 +76,8 @@ def split_items(request: JobRequest, max_chars: int, label2id: Mapping[str, int]
                 out.positions.append(len(out.results))
                 out.results.append(None)
         else:
+            if request.function_to_apply is not None:
+                item["function_to_apply"] = request.function_to_apply  # type: ignore[typeddict-unknown-key]
             out.rows.append(item)
             out.top_k.append(request.top_k)
             out.positions.append(pos)

@@ -52,14 +52,16 @@ def deadline_message(deadline: float) -> str:
 
 
 def classify(items: Any = None, run: str | None = None, top_k: int | None = None,
-             deadline: float | None = None) -> list[ItemResult]:
+             deadline: float | None = None, function_to_apply: str | None = None) -> list[ItemResult]:
     """Classify one job's items; bad items get error results, the others are unaffected."""
     from rq import get_current_job
 
     settings = WorkerSettings.from_env()
     request = parse_job((), {"items": items, **({"run": run} if run else {}),
                              **({"top_k": top_k} if top_k is not None else {}),
-                             **({"deadline": deadline} if deadline is not None else {})}, settings.max_items_per_job)
+                             **({"deadline": deadline} if deadline is not None else {}),
+                             **({"function_to_apply": function_to_apply} if function_to_apply is not None else {})},
+                        settings.max_items_per_job)
     if request.deadline is not None and time.time() > request.deadline:
         # Failed, as the batching worker fails it: on_job_failed tells the run's subscribers.
         raise DeadlineExceeded(deadline_message(request.deadline))
