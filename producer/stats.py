@@ -36,7 +36,7 @@ def worker_stats(conn: redis.Redis) -> list[dict[str, Any]]:
     workers = Worker.all(connection=conn)
     with conn.pipeline(transaction=False) as pipe:
         for w in workers:
-            pipe.hmget(w.key, "qb_model", "qb_device", "qb_dtype", "qb_items", "qb_redis")
+            pipe.hmget(w.key, *keys.WORKER_MODEL_FIELDS[:3], "qb_items", "qb_redis")
         extra = pipe.execute()
     out = []
     for w, (model, device, dtype, items, redis_state) in zip(workers, extra):

@@ -19,6 +19,11 @@ JOB_FUNC = "worker.tasks.classify"
 ON_FAILURE = "worker.tasks.on_job_failed"
 
 
+#: Fields queuebert adds to each RQ worker hash (``rq:worker:<name>``), beside RQ's: what the
+#: worker serves (model, device, dtype, labels as a JSON list, truncation length, scoring rule),
+#: for `queuebert stats` and the HTTP gateway's ``/info``.
+WORKER_MODEL_FIELDS = ("qb_model", "qb_device", "qb_dtype", "qb_labels", "qb_max_length", "qb_scoring")
+
 #: Sorted set of run ids by creation time, for `queuebert stats`.
 RUNS = f"{PREFIX}:runs"
 

@@ -23,6 +23,7 @@ restarts it; it never goes on half-alive.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -213,9 +214,9 @@ class BatchWorker(SimpleWorker):
             self.register_birth,
             self.subscribe,
             # Beside RQ's fields, so `queuebert stats` can say what each worker serves.
-            lambda: self.connection.hset(self.key, mapping={
-                "qb_model": engine.m.name, "qb_device": str(engine.m.device),
-                "qb_dtype": str(engine.m.dtype).removeprefix("torch.")}),
+            lambda: self.connection.hset(self.key, mapping=dict(zip(keys.WORKER_MODEL_FIELDS, (
+                engine.m.name, str(engine.m.device), str(engine.m.dtype).removeprefix("torch."),
+                json.dumps(engine.m.labels), engine.m.max_length, engine.m.function)))),
             lambda: self.set_state(WorkerStatus.IDLE),
         ]
         outage = self.outages["heartbeat"]
