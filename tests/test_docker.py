@@ -210,6 +210,8 @@ def test_worker_images_and_profiles(compose: dict[str, Any]) -> None:
     dashboard = services["rq-dashboard"]
     assert dashboard["profiles"] == ["dashboard"]
     assert "RQ_DASHBOARD_REDIS_URL" in environment(dashboard)
+    # queuebert's jobs are JSON; without the switch rq-dashboard unpickles them (tests/test_dashboard.py).
+    assert str(environment(dashboard).get("RQ_DASHBOARD_JSON")).lower() == "true"
 
 
 # --------------------------------------------------------------------------------------------------
