@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 DOCKERFILES = [DOCKER / "Dockerfile.cpu", DOCKER / "Dockerfile.cuda"]
+DASHBOARD_DOCKERFILE = DOCKER / "Dockerfile.dashboard"
 WORKER_SERVICES = ["worker", "worker-gpu"]
 
 #: Variables read outside the settings dataclasses, each with the file that reads it (checked below,
@@ -132,6 +133,29 @@ def test_dockerfile_copies_every_package(path: Path) -> None:
     assert top <= copied, f"{path.name} does not COPY {sorted(top - copied)}"
 
 
+def test_dashboard_image_installs_the_tested_versions() -> None:
+    """docker/Dockerfile.dashboard installs rq, redis, rq-dashboard and six as pyproject.toml pins
+    them (its selection step is run here on this pyproject), runs the `rq-dashboard` CLI, whose
+    options are read from RQ_DASHBOARD_* variables (RQ_DASHBOARD_JSON among them), not as root."""
+    import sys
+
+    pytest.importorskip("tomllib", reason="the image's selection step needs Python 3.11's tomllib")
+    ins = instructions(DASHBOARD_DOCKERFILE)
+    (select,) = [m.group(1) for k, a in ins if k == "RUN" for m in re.finditer(r'python -c "(.*?)" >', a)]
+    done = subprocess.run([sys.executable, "-c", select.replace("/tmp/pyproject.toml", str(ROOT / "pyproject.toml"))],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    names = {re.split(r"[^A-Za-z0-9._-]", r, maxsplit=1)[0].lower(): r for r in done.stdout.split()}
+    assert set(names) == {"rq", "redis", "rq-dashboard", "six"}, done.stdout
+    assert any(k == "COPY" and a.split()[0] == "pyproject.toml" for k, a in ins)
+
+    entrypoint = [exec_form(a) for k, a in ins if k == "ENTRYPOINT"]
+    assert entrypoint and entrypoint[-1] == ["rq-dashboard"], entrypoint
+    users = [a for k, a in ins if k == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}, users
+    assert [a for k, a in ins if k == "HEALTHCHECK"], "no HEALTHCHECK"
+
+
 def test_cuda_image_defaults_to_cuda() -> None:
     ins = instructions(DOCKER / "Dockerfile.cuda")
     assert any(k == "ENV" and "QUEUEBERT_DEVICE=cuda" in a for k, a in ins)
@@ -209,7 +233,10 @@ def test_worker_images_and_profiles(compose: dict[str, Any]) -> None:
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     dashboard = services["rq-dashboard"]
     assert dashboard["profiles"] == ["dashboard"]
+    assert dashboard["build"] == {"context": "..", "dockerfile": "docker/Dockerfile.dashboard"}
     assert "RQ_DASHBOARD_REDIS_URL" in environment(dashboard)
+    # queuebert's jobs are JSON; without the switch rq-dashboard unpickles them (tests/test_dashboard.py).
+    assert str(environment(dashboard).get("RQ_DASHBOARD_JSON")).lower() == "true"
 
 
 # --------------------------------------------------------------------------------------------------
