@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[worker,embedded,test]"
+	$(BIN)/pip install -q -e ".[worker,embedded,http,test]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -20,7 +20,7 @@ from producer.readers import DEFAULT_ID_FIELD, FORMATS
 from . import logs
 from .connection import RedisUnavailable
 from .schema import DEFAULT_HYPOTHESIS_TEMPLATE
-from .settings import ClientSettings, WorkerSettings, env_name
+from .settings import ClientSettings, GatewaySettings, WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
 
@@ -166,6 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hypothesis-template", default=DEFAULT_HYPOTHESIS_TEMPLATE,
                    help=f"the hypothesis each label is put into (default: {DEFAULT_HYPOTHESIS_TEMPLATE!r})")
     _run_flags(p, "answers file")
+
+    g = GatewaySettings()
+    p = sub.add_parser("serve", help="HTTP gateway: text-embeddings-inference's routes and queuebert's runs",
+                       description="An HTTP gateway that is only a producer (stateless; run any number behind a "
+                                   "load balancer): TEI-compatible /predict, /rerank, / and /info, plus /runs for "
+                                   "JSONL streams. Needs the http extra: pip install 'queuebert[http]'.")
+    p.add_argument("--host", default=None, help=f"address to listen on (default: {g.host})")
+    p.add_argument("--port", type=int, default=None, help=f"port (default: {g.port})")
+    p.add_argument("--queue", default=None, help=f"queue the jobs go to (default: {g.queue})")
+    p.add_argument("--api-key", default=None,
+                   help=f"bearer token every route but /health requires (default: ${env_name('api_key')} or none)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help=f"seconds a request waits for results before 504; its jobs' deadline (default: {g.request_timeout:g})")
+    p.add_argument("--max-queue-depth", type=int, default=None,
+                   help=f"queued jobs beyond which requests get 429 (default: {g.max_queue_depth}; 0: no limit)")
+    p.add_argument("--max-client-batch-size", type=int, default=None,
+                   help=f"inputs per /predict or /rerank request (default: {g.max_client_batch_size})")
+    _redis_flag(p)
+    _log_flags(p)
 
     p = sub.add_parser("model", help="manage the built-in default model")
     model_sub = p.add_subparsers(dest="model_command", required=True)
@@ -359,6 +378,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from producer.gateway import serve
+    except ImportError as exc:
+        log.error("the gateway needs the http extra: pip install 'queuebert[http]'", error=str(exc))
+        return 2
+    names = {f for f in GatewaySettings.__dataclass_fields__}
+    return serve(GatewaySettings.from_env(**{k: v for k, v in vars(args).items() if k in names and v is not None}))
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     try:
         from modelbuild.default_model import build_default_model
@@ -371,7 +400,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker, "run": cmd_run, "model": cmd_model,
-            "stats": cmd_stats, "rerank": cmd_run, "zero-shot": cmd_run}
+            "stats": cmd_stats, "rerank": cmd_run, "zero-shot": cmd_run, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

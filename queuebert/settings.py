@@ -95,6 +95,28 @@ class ClientSettings(_FromEnv):
 
 
 @dataclass
+class GatewaySettings(_FromEnv):
+    """``queuebert serve`` settings: the HTTP gateway (``QUEUEBERT_<FIELD>`` like the others)."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = DEFAULT_QUEUE
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Bearer token every route but /health requires (TEI's --api-key); None: no auth.
+    api_key: str | None = None
+    #: Seconds a request waits for its results before 504; its jobs carry it as their deadline.
+    request_timeout: float = 30.0
+    #: Jobs queued beyond which requests get 429 with Retry-After (0: no limit).
+    max_queue_depth: int = 10_000
+    #: Inputs per /predict or /rerank request (TEI's --max-client-batch-size).
+    max_client_batch_size: int = 32
+    #: What /info reports as TEI's max_concurrent_requests (the gateway itself has no fixed limit).
+    max_concurrent_requests: int = 512
+    #: Largest JSON body accepted by the TEI routes (TEI's --payload-limit); /runs streams any size.
+    max_body_bytes: int = 2_000_000
+
+
+@dataclass
 class WorkerSettings(_FromEnv):
     """Worker-side settings; ``queuebert worker`` flags override them."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from queuebert.settings import ClientSettings, WorkerSettings, env_name
+from queuebert.settings import ClientSettings, GatewaySettings, WorkerSettings, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -32,7 +32,8 @@ WORKER_SERVICES = ["worker", "worker-gpu"]
 #: so this list cannot outlive the code).
 EXTRA_ENV = {"QUEUEBERT_CACHE_DIR": ROOT / "modelbuild" / "default_model.py"}
 
-SETTINGS_ENV = {env_name(f.name) for cls in (WorkerSettings, ClientSettings) for f in dataclasses.fields(cls)}
+SETTINGS_ENV = {env_name(f.name) for cls in (WorkerSettings, ClientSettings, GatewaySettings)
+                for f in dataclasses.fields(cls)}
 KNOWN_ENV = SETTINGS_ENV | set(EXTRA_ENV)
 
 
@@ -264,3 +265,30 @@ def test_docker_compose_config_validates() -> None:
         done = subprocess.run([docker, "compose", "-f", str(COMPOSE), *profiles, "config", "--quiet"],
                               capture_output=True, text=True, timeout=30, cwd=ROOT)
         assert done.returncode == 0, f"docker compose config {profiles}: {done.stderr}"
+
+
+def test_gateway_image_serves_without_torch_as_non_root() -> None:
+    """The gateway image: `queuebert serve` from the project with the http extra only (a producer
+    needs no torch), every package copied, a non-root user, env names that are real settings."""
+    import tomllib
+
+    path = ROOT / "docker" / "Dockerfile.gateway"
+    ins = instructions(path)
+    run = " ".join(a for k, a in ins if k == "RUN")
+    assert '".[http]"' in run and "worker]" not in run and "torch" not in run
+    entrypoint = [exec_form(a) for k, a in ins if k == "ENTRYPOINT"][-1]
+    assert entrypoint == ["queuebert", "serve"]
+    assert [a for k, a in ins if k == "USER"][-1] not in {"root", "0"}
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
+    copied = {w.rstrip("/") for k, a in ins if k == "COPY" for w in a.split()[:-1]}
+    assert {p.split(".")[0] for p in packages} <= copied
+    env_names = {m.group(1) for k, a in ins if k == "ENV" for m in re.finditer(r"(?:^|\s)([A-Z_][A-Z0-9_]*)=", a)}
+    assert unknown_env_names({n for n in env_names if n.startswith("QUEUEBERT_")}) == []
+
+
+def test_compose_gateway_service(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    assert gateway["build"]["dockerfile"] == "docker/Dockerfile.gateway"
+    assert gateway["environment"]["QUEUEBERT_REDIS_URL"] == "redis://redis:6379/0"
+    assert unknown_env_names(set(gateway["environment"])) == []
+    assert any(str(p).startswith("127.0.0.1:") for p in gateway["ports"])
