@@ -108,10 +108,14 @@ def connect(
 
 def connect_async(
     url: str | None = None, *, retries: int = 8, replica_acks: int | None = None,
-    replica_ack_timeout_ms: int | None = None,
+    replica_ack_timeout_ms: int | None = None, **extra: Any,
 ) -> Any:
     """A redis.asyncio client for ``url`` with :func:`connect`'s retries and timeouts (a URL is
-    only tried on the first command: connecting is I/O, and this is not a coroutine).
+    only tried on the first command: connecting is I/O, and this is not a coroutine). ``extra``
+    goes to redis.asyncio as is (``client_name``, ``max_connections``...).
+
+    The retries matter more here than in redis-py: ``redis.asyncio.Redis.from_url`` retries
+    nothing unless told to, so a dropped connection would reach every caller.
 
     Replica acknowledgements (``replica_acks`` > 0) are not implemented for redis.asyncio: such a
     setting raises here rather than writing without the durability it asks for.
@@ -130,6 +134,7 @@ def connect_async(
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30,
         socket_connect_timeout=5,
+        **extra,
     )
     if url.startswith(SENTINEL_SCHEME):
         return _sentinel_client(url, redis_class=redis.asyncio.Redis, sentinel_class=redis.asyncio.sentinel.Sentinel,
