@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -61,7 +62,7 @@ class AsyncHandle:
         """The item's result; waits up to ``timeout`` seconds (None: forever, 0: just look).
         Raises :class:`JobFailed` if its job failed as a whole."""
         results = await self.client.job_results(self.job_id, timeout=timeout)
-        return None if results is None else pick_item(results, self.item_id, self.index)
+        return None if results is None else pick_item(results, self.item_id, self.index)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -255,17 +256,23 @@ class _ResultListener:
         self.conn: redis.asyncio.Redis | None = None
         self.conn_id: int | None = None
         self.can_unblock = True
-        self._unblocking = False
+        self.closed = False
+        self._unblocking: int | None = None  # the cycle an UNBLOCK is under way for
         #: XREAD calls made (tests and benchmarks read it).
         self.reads = 0
 
     async def wait(self, job_id: str, timeout: float | None) -> _Outcome | None:
+        self._ensure_running()
         fut: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
         self.waiters.setdefault(job_id, set()).add(fut)
-        self._ensure_running()
         if job_id not in self.reading:
             self._kick()
         try:
+            if sys.version_info >= (3, 11):
+                # Not wait_for: before 3.12 it can swallow the waiter's own cancellation when the
+                # result lands at the same moment (CPython gh-86296).
+                async with asyncio.timeout(timeout):
+                    return await fut
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
             return None
@@ -277,13 +284,16 @@ class _ResultListener:
                     del self.waiters[job_id]
 
     def _ensure_running(self) -> None:
+        if self.closed:
+            raise RuntimeError("the AsyncClient is closed")
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._run(), name="queuebert-results")
 
     def _kick(self) -> None:
         self.wake.set()
-        if self.in_xread and self.can_unblock and not self._unblocking:
-            self._unblocking = True
+        # One UNBLOCK per XREAD: the jobs awaited meanwhile are all in the next one.
+        if self.in_xread and self.can_unblock and self._unblocking != self.cycle:
+            self._unblocking = self.cycle
             self.client._spawn(self._unblock(self.cycle))
 
     async def _unblock(self, cycle: int) -> None:
@@ -302,11 +312,12 @@ class _ResultListener:
         except redis.RedisError as exc:
             log.debug("CLIENT UNBLOCK failed", error=str(exc))
         finally:
-            self._unblocking = False
+            if self._unblocking == cycle:
+                self._unblocking = None
 
     async def _run(self) -> None:
         delay = 0.05
-        while True:
+        while not self.closed:
             if not self.waiters:
                 self.wake.clear()
                 await self.wake.wait()
@@ -328,10 +339,12 @@ class _ResultListener:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            except Exception as exc:
-                # Not weather: every waiter hears it, and the next waiter starts a fresh listener.
+            except Exception as exc:  # noqa: BLE001 - not weather: the waiters of this read hear it
+                log.error("result read failed; its waiters get the error", error=repr(exc), jobs=len(self.waiters))
                 self._fail_all(exc)
-                raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
             finally:
                 self.in_xread = False
                 self.reading = set()
@@ -384,15 +397,17 @@ class _ResultListener:
                 log.debug("closing the listener's connection failed", error=str(exc))
 
     async def close(self) -> None:
+        self.closed = True
         task, self.task = self.task, None
         if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass  # how it was told to stop
-            except Exception as exc:  # noqa: BLE001 - its waiters heard it already
-                log.debug("result listener had stopped on an error", error=str(exc))
+            # Cancelled again until it ends: before Python 3.12, asyncio.wait_for (which redis-py 8
+            # sends every command through, its socket_timeout being set) can swallow a
+            # cancellation that lands as a send finishes (CPython gh-86296).
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("result listener had stopped on an error", error=str(task.exception()))
         self._fail_all(RuntimeError("the AsyncClient was closed while this result was awaited"))
         await self._drop_connection()
 
@@ -833,19 +848,23 @@ class AsyncClient:
     async def run_progress(self, run_id: str) -> dict[str, int]:
         return jobs.parse_progress(await self.connection.hmget(keys.run_meta(run_id), *jobs.PROGRESS_FIELDS))
 
-    async def job_results(self, job_id: str, timeout: float | None = 0) -> list[ItemResult] | None:
-        """A job's item results from RQ's result stream; None if not there within ``timeout``
-        (0: just look; None: wait for ever). Waits share the client's one result listener."""
+    async def job_results(
+        self, job_id: str, timeout: float | None = 0, item_id: str | None = None,
+    ) -> list[ItemResult] | ItemResult | None:
+        """A job's item results (or item ``item_id``'s) from RQ's result stream; None if not there
+        within ``timeout`` (0: just look; None: wait for ever). Waits share the client's one result
+        listener; :class:`JobFailed` if the job failed as a whole."""
         if timeout == 0:
             entries = await self.connection.xrevrange(Result.get_key(job_id), "+", "-", count=1)
-            return job_value(job_id, entries[-1][1]) if entries else None
-        outcome = await self._listener.wait(job_id, timeout)
-        if outcome is None:
-            return None
-        value, failure = outcome
-        if value is None:
-            raise JobFailed(failure)
-        return value
+            value = job_value(job_id, entries[-1][1]) if entries else None
+        else:
+            outcome = await self._listener.wait(job_id, timeout)
+            if outcome is None:
+                return None
+            value, failure = outcome
+            if value is None:
+                raise JobFailed(failure)
+        return value if value is None or item_id is None else pick_item(value, item_id)
 
     def subscribe(
         self, run_id: str, from_start: bool = True, last_id: str | None = None, timeout: float | None = None,
@@ -913,7 +932,8 @@ class AsyncClient:
                     except StopAsyncIteration:
                         # The run finished but this job's entry is gone (expired or trimmed):
                         # fall back to RQ's own result for it.
-                        arrived[job_id] = await self.job_results(job_id, timeout=0) or []
+                        fallback = await self.job_results(job_id, timeout=0)
+                        arrived[job_id] = fallback if isinstance(fallback, list) else []
                         break
                     arrived[done_job] = results
                     entry_ids[done_job] = entry_id

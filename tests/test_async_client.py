@@ -29,6 +29,7 @@ import producer.client
 from producer import AsyncClient, Client, ResumeError
 from producer.jobs import JOBS_PER_ROUND_TRIP
 from queuebert import keys
+from queuebert.connection import connect_async
 from queuebert.settings import ClientSettings
 
 QUEUE_KEY = "rq:queue:default"
@@ -71,8 +72,13 @@ def wait_until(check: Callable[[], bool], timeout: float = 30.0) -> None:
 
 def async_client(url: str, name: str = "qb-async-test", **overrides: Any) -> AsyncClient:
     """An AsyncClient whose connections carry ``name`` in CLIENT LIST."""
-    return AsyncClient(redis.asyncio.Redis.from_url(url, client_name=name),
-                       ClientSettings.from_env(redis_url=url, **overrides))
+    return AsyncClient(connect_async(url, client_name=name), ClientSettings.from_env(redis_url=url, **overrides))
+
+
+async def close(client: AsyncClient) -> None:
+    """Close the client and the connection it was given (AsyncClient closes only one it opened)."""
+    await client.aclose()
+    await client.connection.aclose()
 
 
 def client_ids(conn: redis.Redis, name: str) -> list[int]:
@@ -195,8 +201,8 @@ def test_thousand_concurrent_submits_share_jobs_and_connections(conn, redis_serv
         finally:
             done.set()
             await watcher
-            stats.update(client.coalesced)
-            await client.aclose()
+            stats.update(client.coalesced, reads=client._listener.reads)
+            await close(client)
 
     results = drive(loop, scenario(), conn, engine)
     assert len(results) == n
@@ -207,13 +213,15 @@ def test_thousand_concurrent_submits_share_jobs_and_connections(conn, redis_serv
     assert jobs_made <= n // 10, f"{jobs_made} jobs for {n} submits"
     assert 0 < peak[0] <= 32, f"{peak[0]} connections"
     print(f"\n{n} concurrent submit+result: {jobs_made} jobs, {stats['batches']} gathered batches, "
-          f"{engine.forward_calls - forwards_before} forwards, peak {peak[0]} client connections")
+          f"{engine.forward_calls - forwards_before} forwards, peak {peak[0]} client connections, "
+          f"{stats['reads']} listener XREADs")
 
 
-def test_result_waits_time_out_are_cancelled_and_see_results_written_before_them(conn, redis_server, engines,
-                                                                                 loop):
+def test_result_waits_time_out_are_cancelled_ride_out_a_lost_connection_and_see_earlier_results(
+        conn, redis_server, engines, loop):
+    name = "qb-async-wait"
     async def submit_two() -> tuple[AsyncClient, list[Any]]:
-        client = async_client(redis_server.url, coalesce_ms=0)
+        client = async_client(redis_server.url, name, coalesce_ms=0)
         return client, [await client.submit("early"), await client.submit("late")]
 
     client, (early, late) = in_loop(loop, submit_two()).result(timeout=30)
@@ -229,13 +237,22 @@ def test_result_waits_time_out_are_cancelled_and_see_results_written_before_them
         assert client._listener.waiters == {}  # the cancelled and timed-out waiters left
 
     in_loop(loop, nobody_works()).result(timeout=30)
-    run_burst(conn, engines["bert"])  # both finish before anyone waits for "early"
+
+    # A waiter blocked in the listener's XREAD while every connection of the client is dropped.
+    waiting = in_loop(loop, late.result(timeout=60))
+    wait_until(lambda: client._listener.in_xread and client._listener.reads > 0)
+    for client_id in client_ids(conn, name):
+        conn.client_kill_filter(_id=client_id)
+    time.sleep(0.2)
+    assert not waiting.done()
+    run_burst(conn, engines["bert"])  # both finish; nobody waits for "early" yet
+    assert waiting.result(timeout=30)["id"] == late.item_id
 
     async def after() -> None:
         result = await early.result(timeout=5)
         assert result is not None and result["id"] == early.item_id
         assert (await late.result(timeout=5))["id"] == late.item_id
-        await client.aclose()
+        await close(client)
 
     in_loop(loop, after()).result(timeout=30)
 
@@ -291,7 +308,7 @@ def test_subscriber_cancelled_then_disconnected_misses_nothing_and_sees_nothing_
     second.result(timeout=30)  # ends by itself: the run is sealed and done
     assert sorted(seen, key=int) == [str(i) for i in range(60)]
     assert len(seen) == len(set(seen)) == 60
-    in_loop(loop, client.aclose()).result(timeout=10)
+    in_loop(loop, close(client)).result(timeout=10)
 
 
 # -- streams ----------------------------------------------------------------------------------
@@ -338,7 +355,7 @@ def test_enqueue_stream_takes_an_async_generator_and_waits_for_room(conn, redis_
         completion = [r["id"] async for r in client.subscribe(run.id, timeout=30)]
         ordered = [r["id"] async for r in client.ordered_results(run.id, timeout=30)]
         assert (await client.run_progress(run.id))["done"] == n
-        await client.aclose()
+        await close(client)
         return completion, ordered
 
     completion, ordered = in_loop(loop, read()).result(timeout=60)
@@ -411,3 +428,39 @@ def test_rerank_and_zero_shot_answer_as_the_sync_client(conn, redis_server, engi
     assert [a["id"] for a in answers] == ["0", "1"]
     assert all(sorted(a["labels"]) == sorted(labels) for a in answers)
     assert all(abs(sum(a["scores"]) - 1) < 1e-5 for a in answers)
+
+
+@pytest.mark.parametrize("unblock", ["allowed", "refused"])
+def test_a_newly_awaited_job_is_read_without_waiting_out_the_blocked_read(conn, redis_server, engines, loop,
+                                                                          unblock):
+    url = redis_server.url
+    if unblock == "refused":  # as managed services that deny CLIENT UNBLOCK: the listener polls instead
+        conn.execute_command("ACL", "SETUSER", "no-unblock", "on", "nopass", "~*", "&*", "+@all", "-client|unblock")
+        url = url.replace("redis://", "redis://no-unblock:x@")
+
+    async def submit(text: str, client: AsyncClient | None = None) -> Any:
+        client = client or async_client(url, coalesce_ms=0)
+        return client, await client.submit(text)
+
+    client, done_early = in_loop(loop, submit("done early")).result(timeout=30)
+    run_burst(conn, engines["bert"])
+    _, never_done = in_loop(loop, submit("never done", client)).result(timeout=30)
+
+    async def scenario() -> None:
+        listener = client._listener
+        if unblock == "allowed":
+            listener.BLOCK_MS = 600_000  # only an UNBLOCK can end this read in time
+        blocked = asyncio.create_task(never_done.result(timeout=None))
+        while not listener.in_xread:
+            await asyncio.sleep(0.001)
+        reads = listener.reads
+        result = await done_early.result(timeout=30)
+        assert result is not None and result["id"] == done_early.item_id
+        assert listener.reads > reads
+        assert listener.can_unblock is (unblock == "allowed")
+        blocked.cancel()
+        await close(client)
+
+    in_loop(loop, scenario()).result(timeout=60)
+    if unblock == "refused":
+        conn.execute_command("ACL", "DELUSER", "no-unblock")
