@@ -489,7 +489,8 @@ class AsyncClient:
         """A client on ``url`` (default ``QUEUEBERT_REDIS_URL``); no I/O until the first call."""
         settings = ClientSettings.from_env(redis_url=resolve_url(url), queue=queue, **overrides)
         client = cls(connect_async(settings.redis_url, replica_acks=settings.replica_acks,
-                                   replica_ack_timeout_ms=settings.replica_ack_timeout_ms), settings)
+                                   replica_ack_timeout_ms=settings.replica_ack_timeout_ms,
+                                   max_connections=settings.max_connections), settings)
         client._owns_connection = True
         return client
 
@@ -502,6 +503,10 @@ class AsyncClient:
         await self._listener.close()
         if self._owns_connection:
             await self.connection.aclose()
+            # A Sentinel URL's client leaves its sentinels' connections to whoever made it.
+            sentinels = getattr(self.connection.connection_pool, "sentinel_manager", None)
+            if sentinels is not None:
+                await sentinels.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -108,14 +108,16 @@ def connect(
 
 def connect_async(
     url: str | None = None, *, retries: int = 8, replica_acks: int | None = None,
-    replica_ack_timeout_ms: int | None = None, **extra: Any,
+    replica_ack_timeout_ms: int | None = None, max_connections: int = 100, **extra: Any,
 ) -> Any:
     """A redis.asyncio client for ``url`` with :func:`connect`'s retries and timeouts (a URL is
     only tried on the first command: connecting is I/O, and this is not a coroutine). ``extra``
-    goes to redis.asyncio as is (``client_name``, ``max_connections``...).
+    goes to redis.asyncio as is (``client_name``, ``socket_timeout``...).
 
     The retries matter more here than in redis-py: ``redis.asyncio.Redis.from_url`` retries
-    nothing unless told to, so a dropped connection would reach every caller.
+    nothing unless told to, so a dropped connection would reach every caller. The pool is a
+    ``BlockingConnectionPool`` of ``max_connections``: a burst of concurrent calls waits for a
+    connection rather than failing with "Too many connections" at the pool's limit.
 
     Replica acknowledgements (``replica_acks`` > 0) are not implemented for redis.asyncio: such a
     setting raises here rather than writing without the durability it asks for.
@@ -138,8 +140,9 @@ def connect_async(
     )
     if url.startswith(SENTINEL_SCHEME):
         return _sentinel_client(url, redis_class=redis.asyncio.Redis, sentinel_class=redis.asyncio.sentinel.Sentinel,
-                                **options)
-    return redis.asyncio.Redis.from_url(url, **options)
+                                max_connections=max_connections, **options)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=max_connections, **options)
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def redact(url: str) -> str:

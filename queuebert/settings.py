@@ -96,6 +96,10 @@ class ClientSettings(_FromEnv):
     #: into shared jobs of up to ``chunk_size`` items, each item keeping its own result: a one-text
     #: job costs Redis ~40x what a text in a full job costs. 0: each submit is sent at once.
     coalesce_ms: float = 2.0
+    #: AsyncClient: connections its pool opens at most; a caller beyond them waits for one to be
+    #: free (up to 20 s) instead of failing. The result listener keeps one, a blocked
+    #: subscription holds one while it waits.
+    max_connections: int = 100
 
 
 @dataclass

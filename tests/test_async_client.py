@@ -464,3 +464,17 @@ def test_a_newly_awaited_job_is_read_without_waiting_out_the_blocked_read(conn, 
     in_loop(loop, scenario()).result(timeout=60)
     if unblock == "refused":
         conn.execute_command("ACL", "DELUSER", "no-unblock")
+
+
+def test_more_concurrent_sends_than_connections_wait_for_one(conn, redis_server, loop):
+    """Without coalescing every submit is a round trip of its own; past the pool's size they queue
+    for a connection (redis.asyncio's default pool fails them with "Too many connections")."""
+    n, limit = 500, 8
+
+    async def scenario() -> list[Any]:
+        async with AsyncClient.from_url(redis_server.url, coalesce_ms=0, max_connections=limit) as client:
+            return await asyncio.gather(*(client.submit(f"one of many {i}") for i in range(n)))
+
+    handles = in_loop(loop, scenario()).result(timeout=120)
+    assert len({h.job_id for h in handles}) == n
+    assert conn.llen(QUEUE_KEY) == n
