@@ -40,7 +40,7 @@ from queuebert.settings import ClientSettings
 
 from . import jobs, pairs
 from .client import FullWaitState, JobFailed, RedisFull, job_value, maxmemory_text, pick_item
-from .jobs import JOBS_PER_ROUND_TRIP, ResumeError, new_id, resume_hint
+from .jobs import JOBS_PER_ROUND_TRIP, JobOptions, ResumeError, new_id, resume_hint
 
 log = structlog.get_logger(__name__)
 
@@ -418,13 +418,13 @@ class _Coalescer:
 
     def __init__(self, client: AsyncClient):
         self.client = client
-        self.pending: dict[tuple[str, int | None], list[tuple[Item, asyncio.Future[AsyncHandle]]]] = {}
-        self.timers: dict[tuple[str, int | None], asyncio.TimerHandle] = {}
+        self.pending: dict[tuple[str, JobOptions], list[tuple[Item, asyncio.Future[AsyncHandle]]]] = {}
+        self.timers: dict[tuple[str, JobOptions], asyncio.TimerHandle] = {}
         #: Runs (one per gathered batch) and jobs sent, and items in them (tests and benchmarks).
         self.batches = self.jobs = self.items = 0
 
-    async def submit(self, item: Item, queue: str, top_k: int | None) -> AsyncHandle:
-        key = (queue, top_k)
+    async def submit(self, item: Item, queue: str, options: JobOptions) -> AsyncHandle:
+        key = (queue, options)
         fut: asyncio.Future[AsyncHandle] = asyncio.get_running_loop().create_future()
         batch = self.pending.setdefault(key, [])
         batch.append((item, fut))
@@ -435,7 +435,7 @@ class _Coalescer:
                 self.client.settings.coalesce_ms / 1000, self.flush, key)
         return await fut
 
-    def flush(self, key: tuple[str, int | None]) -> None:
+    def flush(self, key: tuple[str, JobOptions]) -> None:
         timer = self.timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -449,10 +449,10 @@ class _Coalescer:
             self.flush(key)
 
     async def _send(self, batch: list[tuple[Item, asyncio.Future[AsyncHandle]]], queue: str,
-                    top_k: int | None) -> None:
+                    options: JobOptions) -> None:
         items = [item for item, _ in batch]
         try:
-            run_id, job_ids = await self.client._enqueue_run([items], queue, top_k)
+            run_id, job_ids = await self.client._enqueue_run([items], queue, options)
         except BaseException as exc:
             for _, fut in batch:
                 if not fut.done():
@@ -529,12 +529,12 @@ class AsyncClient:
 
     # -- submitting -------------------------------------------------------------------------
 
-    async def _enqueue_run(self, chunks: list[list[Item]], queue: str | None, top_k: int | None,
+    async def _enqueue_run(self, chunks: list[list[Item]], queue: str | None, options: JobOptions,
                            run_id: str | None = None) -> tuple[str, list[str]]:
         """Enqueue ``chunks`` as the jobs of a fresh, sealed run in one round trip."""
         run_id = run_id or new_id()
         job_ids = [new_id() for _ in chunks]
-        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run_id, top_k)
+        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run_id, options)
         commands += jobs.seal_commands(self.settings, run_id, sum(len(c) for c in chunks))
         async with self.connection.pipeline(transaction=False) as pipe:
             jobs.apply(commands, pipe)
@@ -543,7 +543,7 @@ class AsyncClient:
 
     async def submit(
         self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, top_k: int | None = None,
-        queue: str | None = None,
+        function_to_apply: str | None = None, queue: str | None = None,
     ) -> AsyncHandle:
         """One text (or ``{"id", "text", "text_pair"?, "meta"?}``); the handle awaits its result.
 
@@ -553,19 +553,20 @@ class AsyncClient:
         if text_pair is not None:
             item["text_pair"] = text_pair
         queue = queue or self.settings.queue
+        options = JobOptions(top_k, function_to_apply)
         if self.settings.coalesce_ms <= 0:
-            run_id, (job_id,) = await self._enqueue_run([[item]], queue, top_k)
+            run_id, (job_id,) = await self._enqueue_run([[item]], queue, options)
             return AsyncHandle(self, job_id, item["id"], run_id, 0)
-        return await self._coalescer.submit(item, queue, top_k)
+        return await self._coalescer.submit(item, queue, options)
 
     async def submit_many(
         self, items: Iterable[str | dict[str, Any]] | AsyncIterable[str | dict[str, Any]], *,
-        chunk_size: int | None = None, top_k: int | None = None, queue: str | None = None,
-        run_id: str | None = None,
+        chunk_size: int | None = None, top_k: int | None = None, function_to_apply: str | None = None,
+        queue: str | None = None, run_id: str | None = None,
     ) -> list[AsyncHandle]:
         """Items in jobs of ``chunk_size`` (1: one job per item); one handle per item, all in one run."""
-        run = await self.enqueue_stream(items, chunk_size=chunk_size, top_k=top_k, queue=queue, run_id=run_id,
-                                        max_pending=0, keep_handles=True)
+        run = await self.enqueue_stream(items, chunk_size=chunk_size, top_k=top_k, function_to_apply=function_to_apply,
+                                        queue=queue, run_id=run_id, max_pending=0, keep_handles=True)
         return run.handles
 
     async def seal(self, run_id: str, total: int | None = None) -> int:
@@ -585,6 +586,7 @@ class AsyncClient:
         max_pending: int | None = None,
         run_id: str | None = None,
         top_k: int | None = None,
+        function_to_apply: str | None = None,
         queue: str | None = None,
         on_progress: Callable[[int], Any] | None = None,
         keep_handles: bool = False,
@@ -647,7 +649,8 @@ class AsyncClient:
 
         async def flush() -> None:
             start = position - len(batch)
-            job_ids, round_progress = await self._enqueue_round(batch, run, start, chunk_size, top_k, queue, full)
+            job_ids, round_progress = await self._enqueue_round(batch, run, start, chunk_size,
+                                                                JobOptions(top_k, function_to_apply), queue, full)
             for job_id, items in zip(job_ids, batch):
                 if keep_handles:
                     run.handles.extend(AsyncHandle(self, job_id, it["id"], run.id, n) for n, it in enumerate(items))
@@ -683,14 +686,14 @@ class AsyncClient:
         return run
 
     async def _enqueue_round(
-        self, chunks: list[list[Item]], run: AsyncRun, start: int, chunk_size: int, top_k: int | None,
+        self, chunks: list[list[Item]], run: AsyncRun, start: int, chunk_size: int, options: JobOptions,
         queue: str | None, full: _AsyncFullWait,
     ) -> tuple[list[str], dict[str, int]]:
         """``Client._enqueue_round`` on asyncio: one transaction, WATCHing the run's cursor, so a
         round whose reply was lost is looked up rather than applied twice."""
         end = start + len(chunks)
         job_ids = [new_id() for _ in chunks]
-        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run.id, top_k,
+        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run.id, options,
                                          chunk_size=chunk_size, cursor_end=end)
         meta = keys.run_meta(run.id)
         cursor_key = keys.run_cursor(run.id)

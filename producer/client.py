@@ -22,7 +22,7 @@ from queuebert.serializer import JSONSerializer
 from queuebert.settings import ClientSettings
 
 from . import jobs, pairs
-from .jobs import JOBS_PER_ROUND_TRIP, LostWrites, ResumeError, new_id, resume_hint
+from .jobs import JOBS_PER_ROUND_TRIP, JobOptions, LostWrites, ResumeError, new_id, resume_hint
 
 log = structlog.get_logger(__name__)
 
@@ -330,13 +330,13 @@ class Client:
     # -- submitting -------------------------------------------------------------------------
 
     def _enqueue_chunks(
-        self, chunks: list[list[Item]], run_id: str, top_k: int | None, queue: str | None
+        self, chunks: list[list[Item]], run_id: str, options: JobOptions, queue: str | None
     ) -> tuple[list[str], dict[str, int]]:
         """Enqueue jobs of a fresh run in one plain pipeline (``submit``: one text, one round trip).
 
         Streams use :meth:`_enqueue_round` instead, which is a transaction that can be resumed."""
         job_ids = [new_id() for _ in chunks]
-        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run_id, top_k)
+        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run_id, options)
         with self.connection.pipeline(transaction=False) as pipe:
             jobs.apply(commands, pipe)
             replies = pipe.execute()
@@ -358,7 +358,7 @@ class Client:
 
     def submit(
         self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, top_k: int | None = None,
-        queue: str | None = None,
+        function_to_apply: str | None = None, queue: str | None = None,
     ) -> Handle:
         """One text (or ``{"id", "text", "text_pair"?, "meta"?}``) as one job; the handle polls its
         result. ``text_pair`` makes it a pair, as the pipeline's ``{"text", "text_pair"}``."""
@@ -366,7 +366,7 @@ class Client:
         if text_pair is not None:
             item["text_pair"] = text_pair
         run_id = new_id()
-        (job_id,), _ = self._enqueue_chunks([[item]], run_id, top_k, queue)
+        (job_id,), _ = self._enqueue_chunks([[item]], run_id, JobOptions(top_k, function_to_apply), queue)
         self.seal(run_id, 1)
         return Handle(self, job_id, item["id"], run_id)
 
@@ -415,12 +415,14 @@ class Client:
         *,
         chunk_size: int | None = None,
         top_k: int | None = None,
+        function_to_apply: str | None = None,
         queue: str | None = None,
         run_id: str | None = None,
     ) -> list[Handle]:
         """Items in jobs of ``chunk_size`` (1: one job per item); one handle per item, all in one run."""
         run = self.enqueue_stream(
-            items, chunk_size=chunk_size, top_k=top_k, queue=queue, run_id=run_id, max_pending=0, keep_handles=True
+            items, chunk_size=chunk_size, top_k=top_k, function_to_apply=function_to_apply, queue=queue,
+            run_id=run_id, max_pending=0, keep_handles=True
         )
         return run.handles
 
@@ -432,6 +434,7 @@ class Client:
         max_pending: int | None = None,
         run_id: str | None = None,
         top_k: int | None = None,
+        function_to_apply: str | None = None,
         queue: str | None = None,
         on_progress: Callable[[int], None] | None = None,
         keep_handles: bool = False,
@@ -502,7 +505,8 @@ class Client:
 
         def flush() -> None:
             start = position - len(batch)
-            job_ids, progress = self._enqueue_round(batch, run, start, chunk_size, top_k, queue, full)
+            job_ids, progress = self._enqueue_round(batch, run, start, chunk_size, JobOptions(top_k, function_to_apply),
+                                                    queue, full)
             for job_id, items in zip(job_ids, batch):
                 if keep_handles:
                     run.handles.extend(Handle(self, job_id, it["id"], run.id) for it in items)
@@ -539,7 +543,7 @@ class Client:
         return run
 
     def _enqueue_round(
-        self, chunks: list[list[Item]], run: Run, start: int, chunk_size: int, top_k: int | None,
+        self, chunks: list[list[Item]], run: Run, start: int, chunk_size: int, options: JobOptions,
         queue: str | None, full: _FullWait,
     ) -> tuple[list[str], dict[str, int]]:
         """Enqueue the jobs at positions ``start ..`` of the run's job list as one transaction.
@@ -553,7 +557,7 @@ class Client:
         """
         end = start + len(chunks)
         job_ids = [new_id() for _ in chunks]
-        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run.id, top_k,
+        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run.id, options,
                                          chunk_size=chunk_size, cursor_end=end)
         meta = keys.run_meta(run.id)
         cursor_key = keys.run_cursor(run.id)

@@ -109,7 +109,17 @@ def apply(commands: Sequence[Command], pipe: Any) -> None:
         getattr(pipe, c.name)(*c.args, **c.kwargs)
 
 
-def job_data(settings: ClientSettings, items: list[Item], run_id: str | None, top_k: int | None,
+@dataclass(frozen=True)
+class JobOptions:
+    """What a job asks of its items' scoring besides the items: the pipeline's ``top_k`` and
+    ``function_to_apply`` (None: every label; the model's own rule). Hashable: coalesced submits
+    share a job only with the same options."""
+
+    top_k: int | None = None
+    function_to_apply: str | None = None
+
+
+def job_data(settings: ClientSettings, items: list[Item], run_id: str | None, options: JobOptions,
              job_id: str) -> EnqueueData:
     """RQ's enqueue arguments of one classify job."""
     s = settings
@@ -118,7 +128,7 @@ def job_data(settings: ClientSettings, items: list[Item], run_id: str | None, to
     deadline = time.time() + s.job_ttl if s.job_ttl else None
     return Queue.prepare_data(
         keys.JOB_FUNC,
-        kwargs=job_kwargs(items, run_id, top_k, deadline),
+        kwargs=job_kwargs(items, run_id, options.top_k, deadline, options.function_to_apply),
         job_id=job_id,
         timeout=s.job_timeout,
         result_ttl=s.result_ttl,
@@ -131,7 +141,7 @@ def job_data(settings: ClientSettings, items: list[Item], run_id: str | None, to
 
 def enqueue_commands(
     settings: ClientSettings, queue: str, chunks: Sequence[list[Item]], job_ids: Sequence[str], run_id: str,
-    top_k: int | None, *, chunk_size: int | None = None, cursor_end: int | None = None,
+    options: JobOptions, *, chunk_size: int | None = None, cursor_end: int | None = None,
 ) -> list[Command]:
     """The writes that enqueue ``chunks`` as jobs ``job_ids`` of run ``run_id``, ending with an
     ``HMGET`` of the run's ``enqueued`` and ``done`` (the last reply, for backpressure).
@@ -143,7 +153,7 @@ def enqueue_commands(
     recorder = CommandRecorder()
     q = Queue(queue, connection=recorder, serializer=JSONSerializer)  # type: ignore[arg-type]
     q.redis_server_version = _RECORDING_SERVER_VERSION
-    q.enqueue_many([job_data(settings, list(c), run_id, top_k, j) for c, j in zip(chunks, job_ids)],
+    q.enqueue_many([job_data(settings, list(c), run_id, options, j) for c, j in zip(chunks, job_ids)],
                    pipeline=recorder)  # type: ignore[arg-type]
     pipe = recorder
     meta = keys.run_meta(run_id)

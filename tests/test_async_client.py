@@ -27,7 +27,7 @@ from helpers import run_burst
 import producer.async_client
 import producer.client
 from producer import AsyncClient, Client, ResumeError
-from producer.jobs import JOBS_PER_ROUND_TRIP
+from producer.jobs import JOBS_PER_ROUND_TRIP, JobOptions
 from queuebert import keys
 from queuebert.connection import connect_async
 from queuebert.settings import ClientSettings
@@ -138,7 +138,7 @@ def test_jobs_match_client_byte_for_byte(conn, redis_server, loop, monkeypatch):
     for _ in batch:
         producer.client.new_id()
     run_id = producer.client.new_id()
-    client._enqueue_chunks([batch], run_id, None, None)
+    client._enqueue_chunks([batch], run_id, JobOptions(), None)
     client.seal(run_id, len(batch))
     written_by_client = snapshot(conn)
     assert sum(k.startswith("rq:job:") for k in written_by_client) == 2 + 4 + 18 + 1
