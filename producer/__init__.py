@@ -6,11 +6,13 @@ from __future__ import annotations
 from queuebert import logs
 from queuebert.settings import ClientSettings, WorkerSettings
 
+from .async_client import AsyncClient, AsyncHandle, AsyncRun, AsyncSubscription
 from .client import Client, Handle, JobFailed, RedisFull, ResumeError, Run, Subscription
+from .jobs import LostWrites
 
 # A library logs through the application's `logging`, not on its stdout. Module loggers are lazy,
 # so setting this after the imports above still precedes their first event.
 logs.route_to_stdlib()
 
-__all__ = ["Client", "ClientSettings", "Handle", "JobFailed", "RedisFull", "ResumeError", "Run", "Subscription",
-           "WorkerSettings"]
+__all__ = ["AsyncClient", "AsyncHandle", "AsyncRun", "AsyncSubscription", "Client", "ClientSettings", "Handle",
+           "JobFailed", "LostWrites", "RedisFull", "ResumeError", "Run", "Subscription", "WorkerSettings"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,34 +11,31 @@ from typing import Any
 
 import redis
 import structlog
-from rq import Callback, Queue, Retry
-from rq.job import Job
-from rq.registry import FinishedJobRegistry
+from rq import Queue
 from rq.results import Result
 
 from queuebert import keys
 from queuebert.connection import connect, resolve_url
 from queuebert.results import decode_entry, decode_rq_failure, decode_rq_return_value, finish_consumed
-from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, Item, ItemResult, job_kwargs, normalize_item
+from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, Item, ItemResult, normalize_item
 from queuebert.serializer import JSONSerializer
 from queuebert.settings import ClientSettings
 
-from . import pairs
+from . import jobs, pairs
+from .jobs import JOBS_PER_ROUND_TRIP, JobOptions, LostWrites, ResumeError, new_id, resume_hint
 
 log = structlog.get_logger(__name__)
 
 #: Failure callback, named by path so the producer never imports the worker.
 ON_FAILURE = keys.ON_FAILURE
-#: Jobs enqueued per Redis round trip by enqueue_stream.
-JOBS_PER_ROUND_TRIP = 16
+_resume_hint = resume_hint
+
+__all__ = ["JOBS_PER_ROUND_TRIP", "Client", "Handle", "JobFailed", "LostWrites", "RedisFull", "ResumeError", "Run",
+           "Subscription", "new_id"]
 
 
 class JobFailed(RuntimeError):
     """The job holding an item failed as a whole; the message is the worker's error."""
-
-
-def _resume_hint(run_id: str) -> str:
-    return f"run it again with --run-id {run_id} (enqueue_stream(..., run_id={run_id!r})) to enqueue the rest"
 
 
 class RedisFull(RuntimeError):
@@ -58,27 +54,23 @@ class RedisFull(RuntimeError):
         self.enqueued = enqueued
 
 
-class ResumeError(RuntimeError):
-    """The run id names a run this input cannot continue: another producer is writing it, the input
-    differs from the one it was started with, or it was started without a cursor."""
+def job_value(job_id: str, payload: dict[bytes, bytes]) -> list[ItemResult]:
+    """A job's item results from its ``rq:results:<job>`` entry; JobFailed for a failed job."""
+    value = decode_rq_return_value(payload)
+    if value is None:
+        raise JobFailed(f"job {job_id} failed: {decode_rq_failure(payload) or 'no result'}")
+    return value  # type: ignore[no-any-return]
 
 
-class LostWrites(ResumeError):
-    """Redis no longer has jobs this producer wrote and was told were written (the run's cursor went
-    back): a failover promoted a replica that lacked them, or Redis restarted without persistence.
-    Resuming the run with the same input enqueues them again."""
-
-    def __init__(self, run_id: str, listed: int, written: int):
-        super().__init__(
-            f"Redis lost jobs this producer had enqueued: run {run_id} lists {listed} jobs where {written} were "
-            "written and acknowledged (a failover to a replica that lacked them, or a restart without "
-            f"persistence); {_resume_hint(run_id)}, the lost ones included (QUEUEBERT_REPLICA_ACKS makes "
-            "writes wait for replicas)")
-        self.run_id, self.listed, self.written = run_id, listed, written
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
+def pick_item(results: list[ItemResult], item_id: str, index: int | None = None) -> ItemResult | None:
+    """The result of item ``item_id`` among its job's (at ``index`` when known: ids given by callers
+    may repeat within a job)."""
+    if index is not None and index < len(results) and results[index].get("id") == item_id:
+        return results[index]
+    for result in results:
+        if result.get("id") == item_id:
+            return result
+    return None
 
 
 @dataclass
@@ -198,17 +190,23 @@ class Subscription:
             yield from results
 
 
-class _FullWait:
+class FullWaitState:
     """Waiting for a full (or nearly full, see ``tight``) Redis: exponential backoff, a deadline per
     spell, and one log line per minute at most (a stream that Redis's memory paces waits briefly
-    before nearly every round; it says so once, not each time)."""
+    before nearly every round; it says so once, not each time).
+
+    The decisions only; :class:`_FullWait` (redis-py) and the async client's wait do the I/O
+    around them (``INFO memory``, the sleep), so both clients wait alike.
+    """
 
     #: Seconds between two "Redis is full" lines.
     LOG_EVERY = 60.0
+    #: Seconds a Redis without ``maxmemory`` (or with INFO disabled) goes unasked again.
+    LIMIT_RECHECK = 5.0
 
-    def __init__(self, client: Client, run: Run):
-        self.client = client
-        self.run = run
+    def __init__(self, settings: ClientSettings, run: Any):
+        self.settings = settings
+        self.run = run  # has .id and .enqueued
         self.since: float | None = None
         self.delay = 0.05
         self.maxmemory = "?"
@@ -217,55 +215,91 @@ class _FullWait:
         self._logged_at: float | None = None
         self.spells = 0  # how often this stream had to wait for room
 
-    def wait(self) -> None:
-        """Sleep before the next try; RedisFull once the spell has lasted ``redis_full_timeout``."""
-        now = time.monotonic()
-        timeout = self.client.settings.redis_full_timeout
+    def start(self, now: float) -> bool:
+        """Called before each wait: True when a new spell is to be logged (look up maxmemory)."""
         if self.since is None:
             self.since, self.delay = now, 0.05
             self.spells += 1
             if self._logged_at is None or now - self._logged_at >= self.LOG_EVERY:
                 self._logged_at = now
-                self.maxmemory = self._maxmemory()
-                log.warning(f"Redis is full (maxmemory {self.maxmemory}): waiting for results to be consumed",
-                            run=self.run.id, enqueued=self.run.enqueued, give_up_after_s=timeout)
+                return True
+        return False
+
+    def log_full(self, maxmemory: str) -> None:
+        self.maxmemory = maxmemory
+        log.warning(f"Redis is full (maxmemory {maxmemory}): waiting for results to be consumed",
+                    run=self.run.id, enqueued=self.run.enqueued, give_up_after_s=self.settings.redis_full_timeout)
+
+    def sleep_for(self, now: float) -> float:
+        """Seconds to sleep before the next try; RedisFull once the spell has lasted ``redis_full_timeout``."""
+        assert self.since is not None
+        timeout = self.settings.redis_full_timeout
         waited = now - self.since
         if waited >= timeout:
             raise RedisFull(self.run.id, self.run.enqueued, self.maxmemory, waited)
-        time.sleep(min(self.delay, timeout - waited))
+        seconds = min(self.delay, timeout - waited)
         self.delay = min(self.delay * 2, 2.0)
+        return seconds
 
-    def tight(self, adding: int = 0) -> bool:
+    def needs_info(self, now: float) -> bool:
+        """Whether ``tight`` needs an ``INFO memory`` now: one per round while a limit is set;
+        without one (looked for again every few seconds) it costs nothing."""
+        if self.settings.redis_headroom <= 0:
+            return False
+        return not (self._limit == 0 and now - self._limit_checked < self.LIMIT_RECHECK)
+
+    def tight_from(self, info: dict[str, Any] | None, adding: int, now: float) -> bool:
         """Whether ``adding`` more bytes would bring Redis within ``redis_headroom`` of its
-        ``maxmemory``: then this stream waits before sending them, as it does at OOM. One
-        ``INFO memory`` per round while a limit is set; without one (looked for again every few
-        seconds) it costs nothing."""
-        headroom = self.client.settings.redis_headroom
-        if headroom <= 0:
-            return False
-        now = time.monotonic()
-        if self._limit == 0 and now - self._limit_checked < 5.0:
-            return False
-        try:
-            info = self.client.connection.info("memory")
-        except redis.ResponseError:  # INFO disabled (some managed services): rely on OOM alone
+        ``maxmemory``, from ``INFO memory`` (None: INFO is disabled, rely on OOM alone)."""
+        if info is None:
             self._limit, self._limit_checked = 0, now
             return False
         self._limit, self._limit_checked = int(info.get("maxmemory", 0) or 0), now
-        return bool(self._limit) and int(info.get("used_memory", 0)) + adding > (1 - headroom) * self._limit
+        return bool(self._limit) and int(info.get("used_memory", 0)) + adding > \
+            (1 - self.settings.redis_headroom) * self._limit
 
     def clear(self) -> None:
         if self.since is not None:
             log.debug("Redis has room again", run=self.run.id, waited_s=round(time.monotonic() - self.since, 1))
             self.since = None
 
+
+def maxmemory_text(info: dict[str, Any]) -> str:
+    return str(info.get("maxmemory_human") or info.get("maxmemory") or "?")
+
+
+class _FullWait(FullWaitState):
+    """:class:`FullWaitState` on a redis-py connection."""
+
+    def __init__(self, client: Client, run: Run):
+        super().__init__(client.settings, run)
+        self.client = client
+
+    def wait(self) -> None:
+        """Sleep before the next try; RedisFull once the spell has lasted ``redis_full_timeout``."""
+        now = time.monotonic()
+        if self.start(now):
+            self.log_full(self._maxmemory())
+        time.sleep(self.sleep_for(now))
+
+    def tight(self, adding: int = 0) -> bool:
+        """Whether ``adding`` more bytes would bring Redis within ``redis_headroom`` of its
+        ``maxmemory``: then this stream waits before sending them, as it does at OOM."""
+        now = time.monotonic()
+        if not self.needs_info(now):
+            return False
+        try:
+            info = self.client.connection.info("memory")
+        except redis.ResponseError:  # INFO disabled (some managed services): rely on OOM alone
+            info = None
+        return self.tight_from(info, adding, now)
+
     def _maxmemory(self) -> str:
         # INFO rather than CONFIG GET, which managed Redis services often disable.
         try:
-            info = self.client.connection.info("memory")
+            return maxmemory_text(self.client.connection.info("memory"))
         except redis.RedisError:
             return "?"
-        return str(info.get("maxmemory_human") or info.get("maxmemory") or "?")
 
 
 class Client:
@@ -295,48 +329,16 @@ class Client:
 
     # -- submitting -------------------------------------------------------------------------
 
-    def _job_data(self, items: list[Item], run_id: str | None, top_k: int | None, job_id: str) -> Any:
-        s = self.settings
-        # A deadline in the payload rather than RQ's `ttl` (which expires the job hash): a late
-        # job is then dropped with a clear status that reaches the run's subscribers.
-        deadline = time.time() + s.job_ttl if s.job_ttl else None
-        return Queue.prepare_data(
-            keys.JOB_FUNC,
-            kwargs=job_kwargs(items, run_id, top_k, deadline),
-            job_id=job_id,
-            timeout=s.job_timeout,
-            result_ttl=s.result_ttl,
-            failure_ttl=s.result_ttl,
-            retry=Retry(max=s.retries) if s.retries else None,
-            on_failure=Callback(ON_FAILURE),
-            description=f"classify {len(items)} text(s)" + (f" run={run_id}" if run_id else ""),
-        )
-
     def _enqueue_chunks(
-        self, chunks: list[list[Item]], run_id: str, top_k: int | None, queue: str | None
+        self, chunks: list[list[Item]], run_id: str, options: JobOptions, queue: str | None
     ) -> tuple[list[str], dict[str, int]]:
         """Enqueue jobs of a fresh run in one plain pipeline (``submit``: one text, one round trip).
 
         Streams use :meth:`_enqueue_round` instead, which is a transaction that can be resumed."""
         job_ids = [new_id() for _ in chunks]
-        q = self.queue(queue)
-        n_items = sum(len(c) for c in chunks)
+        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run_id, options)
         with self.connection.pipeline(transaction=False) as pipe:
-            q.enqueue_many(
-                [self._job_data(c, run_id, top_k, j) for c, j in zip(chunks, job_ids)], pipeline=pipe
-            )
-            meta = keys.run_meta(run_id)
-            pipe.rpush(keys.run_jobs(run_id), *job_ids)
-            pipe.hincrby(meta, "enqueued", n_items)
-            pipe.hincrby(meta, "jobs", len(chunks))
-            ttl = self.settings.result_ttl
-            pipe.hsetnx(meta, "queue", q.name)
-            pipe.hsetnx(meta, "created_at", f"{time.time():.3f}")
-            pipe.hset(meta, "ttl", ttl)  # how long completions keep the run (run_record.lua)
-            pipe.zadd(keys.RUNS, {run_id: time.time()}, nx=True)
-            for key in keys.run_keys(run_id):
-                pipe.expire(key, ttl)
-            pipe.hmget(meta, "enqueued", "done")
+            jobs.apply(commands, pipe)
             replies = pipe.execute()
         enqueued, done = (int(v or 0) for v in replies[-1])
         return job_ids, {"enqueued": enqueued, "done": done}
@@ -347,18 +349,16 @@ class Client:
         The producer passes the count it enqueued itself: a pipeline retried across a Redis
         restart may have bumped the ``enqueued`` counter twice, but the producer's own tally is exact.
         """
-        meta = keys.run_meta(run_id)
         if total is None:
-            total = int(self.connection.hget(meta, "enqueued") or 0)
+            total = int(self.connection.hget(keys.run_meta(run_id), "enqueued") or 0)
         with self.connection.pipeline(transaction=False) as pipe:
-            pipe.hset(meta, mapping={"total": total, "sealed": 1})
-            pipe.expire(meta, self.settings.result_ttl)
+            jobs.apply(jobs.seal_commands(self.settings, run_id, total), pipe)
             pipe.execute()
         return total
 
     def submit(
         self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, top_k: int | None = None,
-        queue: str | None = None,
+        function_to_apply: str | None = None, queue: str | None = None,
     ) -> Handle:
         """One text (or ``{"id", "text", "text_pair"?, "meta"?}``) as one job; the handle polls its
         result. ``text_pair`` makes it a pair, as the pipeline's ``{"text", "text_pair"}``."""
@@ -366,7 +366,7 @@ class Client:
         if text_pair is not None:
             item["text_pair"] = text_pair
         run_id = new_id()
-        (job_id,), _ = self._enqueue_chunks([[item]], run_id, top_k, queue)
+        (job_id,), _ = self._enqueue_chunks([[item]], run_id, JobOptions(top_k, function_to_apply), queue)
         self.seal(run_id, 1)
         return Handle(self, job_id, item["id"], run_id)
 
@@ -415,12 +415,14 @@ class Client:
         *,
         chunk_size: int | None = None,
         top_k: int | None = None,
+        function_to_apply: str | None = None,
         queue: str | None = None,
         run_id: str | None = None,
     ) -> list[Handle]:
         """Items in jobs of ``chunk_size`` (1: one job per item); one handle per item, all in one run."""
         run = self.enqueue_stream(
-            items, chunk_size=chunk_size, top_k=top_k, queue=queue, run_id=run_id, max_pending=0, keep_handles=True
+            items, chunk_size=chunk_size, top_k=top_k, function_to_apply=function_to_apply, queue=queue,
+            run_id=run_id, max_pending=0, keep_handles=True
         )
         return run.handles
 
@@ -432,6 +434,7 @@ class Client:
         max_pending: int | None = None,
         run_id: str | None = None,
         top_k: int | None = None,
+        function_to_apply: str | None = None,
         queue: str | None = None,
         on_progress: Callable[[int], None] | None = None,
         keep_handles: bool = False,
@@ -457,33 +460,18 @@ class Client:
         round's item count, so a progress bar shows the whole run.
         """
         run = Run(self, run_id or new_id())
-        meta_key = keys.run_meta(run.id)
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.get(keys.run_cursor(run.id))
-            pipe.hmget(meta_key, "chunk_size", "queue", "sealed", "total", "jobs")
-            raw_cursor, (stored_chunk, stored_queue, sealed, total, listed) = pipe.execute()
-        resume_from = int(raw_cursor or 0)
-        # A resumed run keeps the chunking and queue it was started with: other chunks would not
-        # line up with the jobs already listed. Asking for others explicitly is worth a warning.
-        if stored_chunk is not None and int(stored_chunk) != (chunk_size or int(stored_chunk)):
-            log.warning("resuming with the run's chunk size", run=run.id, chunk_size=int(stored_chunk), asked=chunk_size)
-        chunk_size = int(stored_chunk) if stored_chunk is not None else chunk_size or self.settings.chunk_size
-        if stored_queue is not None and resume_from:
-            if queue is not None and queue != stored_queue.decode():
-                log.warning("resuming on the run's queue", run=run.id, queue=stored_queue.decode(), asked=queue)
-            queue = stored_queue.decode()
+            pipe.hmget(keys.run_meta(run.id), *jobs.RESUME_FIELDS)
+            raw_cursor, stored = pipe.execute()
+        plan = jobs.resume_plan(self.settings, run.id, raw_cursor, stored, chunk_size, queue, log)
+        chunk_size, queue, resume_from = plan.chunk_size, plan.queue, plan.resume_from
         max_pending = self.settings.max_pending if max_pending is None else max_pending
         counter = itertools.count()
         source = (normalize_item(value, f"{next(counter)}") for value in iterable)
 
-        if sealed is not None and int(sealed):
-            return self._resume_sealed(run, source, int(total or 0), int(listed or 0), chunk_size, keep_handles,
-                                       on_progress)
-        if raw_cursor is None and int(listed or 0):
-            raise ResumeError(f"run {run.id} was enqueued without a cursor (by an older producer or submit()): "
-                              "it cannot be resumed; enqueue the input as a new run")
-        if resume_from:
-            log.info("resuming run", run=run.id, jobs_already_listed=resume_from)
+        if plan.sealed:
+            return self._resume_sealed(run, source, plan.total, plan.listed, chunk_size, keep_handles, on_progress)
 
         full = _FullWait(self, run)
         batch: list[list[Item]] = []
@@ -517,7 +505,8 @@ class Client:
 
         def flush() -> None:
             start = position - len(batch)
-            job_ids, progress = self._enqueue_round(batch, run, start, chunk_size, top_k, queue, full)
+            job_ids, progress = self._enqueue_round(batch, run, start, chunk_size, JobOptions(top_k, function_to_apply),
+                                                    queue, full)
             for job_id, items in zip(job_ids, batch):
                 if keep_handles:
                     run.handles.extend(Handle(self, job_id, it["id"], run.id) for it in items)
@@ -554,7 +543,7 @@ class Client:
         return run
 
     def _enqueue_round(
-        self, chunks: list[list[Item]], run: Run, start: int, chunk_size: int, top_k: int | None,
+        self, chunks: list[list[Item]], run: Run, start: int, chunk_size: int, options: JobOptions,
         queue: str | None, full: _FullWait,
     ) -> tuple[list[str], dict[str, int]]:
         """Enqueue the jobs at positions ``start ..`` of the run's job list as one transaction.
@@ -568,16 +557,13 @@ class Client:
         """
         end = start + len(chunks)
         job_ids = [new_id() for _ in chunks]
-        q = self.queue(queue)
-        datas = [self._job_data(c, run.id, top_k, j) for c, j in zip(chunks, job_ids)]
-        n_items = sum(len(c) for c in chunks)
+        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run.id, options,
+                                         chunk_size=chunk_size, cursor_end=end)
         meta = keys.run_meta(run.id)
         cursor_key = keys.run_cursor(run.id)
         ttl = self.settings.result_ttl
         lost_replies = 0
-        # What the round may add to Redis's memory, over-estimated (job hashes, RQ's fields, the
-        # run's lists): zlib usually shrinks the texts, so the real figure is smaller.
-        size = sum(len(it["text"]) + 64 for c in chunks for it in c) + 1024 * len(chunks)
+        size = jobs.round_size(chunks)
         with self.connection.pipeline(transaction=True) as pipe:
             while True:
                 if full.tight(adding=size):
@@ -588,7 +574,7 @@ class Client:
                 pipe.watch(cursor_key)
                 try:
                     cursor = int(pipe.get(cursor_key) or 0)
-                    if cursor >= end:  # applied already: only its reply was lost
+                    if jobs.check_cursor(run.id, cursor, start, end):  # applied already: only its reply was lost
                         # ...or its replica acks (QUEUEBERT_REPLICA_ACKS): an acknowledged write
                         # now stands for the round too (replicas apply writes in order).
                         pipe.expire(cursor_key, ttl)
@@ -597,25 +583,8 @@ class Client:
                         log.info("round already applied", run=run.id, jobs=f"{start}..{end - 1}")
                         full.clear()
                         return (listed if len(listed) == len(job_ids) else job_ids), {"enqueued": enqueued, "done": done}
-                    if cursor < start:
-                        raise LostWrites(run.id, cursor, start)
-                    if cursor != start:
-                        raise ResumeError(f"run {run.id} lists {cursor} jobs where this producer expected {start}: "
-                                          "another producer is enqueueing the same run id")
                     pipe.multi()
-                    q.enqueue_many(datas, pipeline=pipe)
-                    pipe.rpush(keys.run_jobs(run.id), *job_ids)
-                    pipe.hincrby(meta, "enqueued", n_items)
-                    pipe.hincrby(meta, "jobs", len(chunks))
-                    pipe.hsetnx(meta, "queue", q.name)
-                    pipe.hsetnx(meta, "chunk_size", chunk_size)
-                    pipe.hsetnx(meta, "created_at", f"{time.time():.3f}")
-                    pipe.hset(meta, "ttl", ttl)  # how long completions keep the run (run_record.lua)
-                    pipe.zadd(keys.RUNS, {run.id: time.time()}, nx=True)
-                    pipe.set(cursor_key, end, ex=ttl)
-                    for key in keys.run_keys(run.id):
-                        pipe.expire(key, ttl)
-                    pipe.hmget(meta, "enqueued", "done")
+                    jobs.apply(commands, pipe)
                     replies = pipe.execute()
                 except redis.exceptions.OutOfMemoryError:
                     full.wait()
@@ -691,16 +660,7 @@ class Client:
     # -- reading results --------------------------------------------------------------------
 
     def run_progress(self, run_id: str) -> dict[str, int]:
-        raw = self.connection.hmget(keys.run_meta(run_id), "enqueued", "total", "done", "errors", "sealed", "jobs")
-        enqueued, total, done, errors, sealed, jobs = (int(v or 0) for v in raw)
-        return {
-            "enqueued": enqueued,
-            "total": total if sealed else enqueued,
-            "done": done,
-            "errors": errors,
-            "sealed": sealed,
-            "jobs": jobs,
-        }
+        return jobs.parse_progress(self.connection.hmget(keys.run_meta(run_id), *jobs.PROGRESS_FIELDS))
 
     def job_results(
         self, job_id: str, timeout: float | None = 0, item_id: str | None = None
@@ -716,17 +676,8 @@ class Client:
             entries = response[0][1][-1:] if response else []
         if not entries:
             return None
-        _entry_id, payload = entries[-1]
-        failure = decode_rq_failure(payload)
-        value = decode_rq_return_value(payload)
-        if value is None:
-            raise JobFailed(f"job {job_id} failed: {failure or 'no result'}")
-        if item_id is None:
-            return value
-        for result in value:
-            if result.get("id") == item_id:
-                return result
-        return None
+        value = job_value(job_id, entries[-1][1])
+        return value if item_id is None else pick_item(value, item_id)
 
     def subscribe(
         self, run_id: str, from_start: bool = True, last_id: str | None = None, timeout: float | None = None,
@@ -818,16 +769,8 @@ class Client:
 
     def _delete_consumed(self, run_id: str, consumed: list[tuple[str, str | None]], final: bool = False) -> None:
         queue = self.connection.hget(keys.run_meta(run_id), "queue")
-        finished = FinishedJobRegistry.key_template.format(queue.decode()) if queue else None
         with self.connection.pipeline(transaction=False) as pipe:
-            stream = keys.run_stream(run_id)
-            ids = [e for _, e in consumed if e]
-            if ids:
-                pipe.xdel(stream, *ids)
-            for job_id, _ in consumed:
-                pipe.delete(Result.get_key(job_id), Job.key_for(job_id))
-                if finished:
-                    pipe.zrem(finished, job_id)
+            jobs.apply(jobs.delete_consumed_commands(run_id, queue, consumed), pipe)
             if final:
                 # The run is over and read: its bookkeeping goes too, and the run is marked consumed
                 # so that a late second completion (a frozen worker thawing) cannot reopen it.

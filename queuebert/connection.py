@@ -36,12 +36,16 @@ def resolve_url(url: str | None = None) -> str:
 SENTINEL_SCHEME = "redis+sentinel://"
 
 
-def _sentinel_client(url: str, redis_class: type[redis.Redis] = redis.Redis, **kwargs: object) -> redis.Redis:
+def _sentinel_client(url: str, redis_class: type[Any] = redis.Redis, sentinel_class: type[Any] | None = None,
+                     **kwargs: object) -> Any:
     """``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``: the current
-    master of ``service``, found through the sentinels and found again after a failover."""
+    master of ``service``, found through the sentinels and found again after a failover.
+    ``sentinel_class``: redis-py's ``Sentinel`` (default) or redis.asyncio's."""
     from urllib.parse import unquote, urlsplit
 
-    from redis.sentinel import Sentinel
+    from redis.sentinel import Sentinel as SyncSentinel
+
+    Sentinel = sentinel_class or SyncSentinel
 
     parts = urlsplit("redis://" + url[len(SENTINEL_SCHEME):])
     netloc = parts.netloc.rsplit("@", 1)[-1]
@@ -100,6 +104,45 @@ def connect(
         finally:
             probe.close()
     return client
+
+
+def connect_async(
+    url: str | None = None, *, retries: int = 8, replica_acks: int | None = None,
+    replica_ack_timeout_ms: int | None = None, max_connections: int = 100, **extra: Any,
+) -> Any:
+    """A redis.asyncio client for ``url`` with :func:`connect`'s retries and timeouts (a URL is
+    only tried on the first command: connecting is I/O, and this is not a coroutine). ``extra``
+    goes to redis.asyncio as is (``client_name``, ``socket_timeout``...).
+
+    The retries matter more here than in redis-py: ``redis.asyncio.Redis.from_url`` retries
+    nothing unless told to, so a dropped connection would reach every caller. The pool is a
+    ``BlockingConnectionPool`` of ``max_connections``: a burst of concurrent calls waits for a
+    connection rather than failing with "Too many connections" at the pool's limit.
+
+    Replica acknowledgements (``replica_acks`` > 0) are not implemented for redis.asyncio: such a
+    setting raises here rather than writing without the durability it asks for.
+    """
+    import redis.asyncio
+    import redis.asyncio.retry
+    import redis.asyncio.sentinel
+
+    url = resolve_url(url)
+    acks, _ack_timeout_ms = _replica_ack_settings(replica_acks, replica_ack_timeout_ms)
+    if acks > 0:
+        raise NotImplementedError(f"replica_acks={acks}: waiting for replica acknowledgements is implemented for "
+                                  "the synchronous Client only; use Client, or replica_acks=0")
+    options = dict(
+        retry=redis.asyncio.retry.Retry(ExponentialBackoff(cap=5.0, base=0.1), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        **extra,
+    )
+    if url.startswith(SENTINEL_SCHEME):
+        return _sentinel_client(url, redis_class=redis.asyncio.Redis, sentinel_class=redis.asyncio.sentinel.Sentinel,
+                                max_connections=max_connections, **options)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=max_connections, **options)
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def redact(url: str) -> str:

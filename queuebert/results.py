@@ -35,7 +35,7 @@ _CONSTANTS: dict[str, dict[str, Any]] = {
     "complete_job.lua": {"ARG": COMPLETE_JOB_ARGS, **RUN_RECORD_CONSTANTS},
     "finish_consumed.lua": {},
 }
-_scripts: dict[tuple[int, str], Any] = {}
+_scripts: dict[tuple[int, type, str], Any] = {}
 
 
 @functools.cache
@@ -43,17 +43,22 @@ def _source(name: str) -> str:
     return scripts.load("queuebert", name, _CONSTANTS[name])
 
 
-def _script(connection: redis.Redis, name: str) -> Any:
-    key = (id(connection), name)
+def _script(connection: Any, name: str) -> Any:
+    # The type is part of the key: a redis.asyncio client's script (awaitable) must never be handed
+    # to a redis-py client that happens to reuse its id.
+    key = (id(connection), type(connection), name)
     script = _scripts.get(key)
     if script is None:
         script = _scripts[key] = connection.register_script(_source(name))
     return script
 
 
-def finish_consumed(connection: redis.Redis, pipeline: Any, run_id: str) -> None:
-    """Queue on ``pipeline`` the end of a consuming read of ``run_id`` (see finish_consumed.lua)."""
-    _script(connection, "finish_consumed.lua")(keys=keys.run_keys(run_id), client=pipeline)
+def finish_consumed(connection: Any, pipeline: Any, run_id: str) -> Any:
+    """Queue on ``pipeline`` the end of a consuming read of ``run_id`` (see finish_consumed.lua).
+
+    On a redis.asyncio connection the script call is a coroutine: the caller awaits what this
+    returns before it executes the pipeline."""
+    return _script(connection, "finish_consumed.lua")(keys=keys.run_keys(run_id), client=pipeline)
 
 
 def encode_results(results: Sequence[ItemResult]) -> str:

@@ -92,6 +92,14 @@ class ClientSettings(_FromEnv):
     #: replicated loses it. See README, "Failover without loss".
     replica_acks: int = 0
     replica_ack_timeout_ms: int = DEFAULT_REPLICA_ACK_TIMEOUT_MS
+    #: AsyncClient: concurrent ``submit`` calls are gathered for at most this long (milliseconds)
+    #: into shared jobs of up to ``chunk_size`` items, each item keeping its own result: a one-text
+    #: job costs Redis ~40x what a text in a full job costs. 0: each submit is sent at once.
+    coalesce_ms: float = 2.0
+    #: AsyncClient: connections its pool opens at most; a caller beyond them waits for one to be
+    #: free (up to 20 s) instead of failing. The result listener keeps one, a blocked
+    #: subscription holds one while it waits.
+    max_connections: int = 100
 
 
 @dataclass

@@ -59,15 +59,11 @@ def test_function_to_apply_matches_pipeline(function, conn, redis_server, tiny_m
     gives the logits: TEI's raw_scores), whatever the model's own rule."""
     from transformers import pipeline
 
-    from queuebert import keys
-    from queuebert.schema import job_kwargs
-
     texts = TEXTS[:6]
     client = Client.from_url(redis_server.url)
-    items = [{"id": str(i), "text": t} for i, t in enumerate(texts)]
-    job = client.queue().enqueue(keys.JOB_FUNC, kwargs=job_kwargs(items, None, None, None, function))
+    run = client.enqueue_stream(texts, function_to_apply=function)
     run_burst(conn, engines["multilabel"])
-    got = client.job_results(job.id, timeout=10)
+    got = list(run.results(timeout=10))
     pipe = pipeline("text-classification", model=str(tiny_models["multilabel"]), top_k=None, device=device,
                     dtype="float32")
     want = pipe(texts, truncation=True, function_to_apply=function)

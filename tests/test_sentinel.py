@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import redis
 from conftest import build_tiny_model
 from helpers import run_burst, start_worker
 
-from producer import Client
+from producer import AsyncClient, Client
 from producer.client import LostWrites
 from producer.embedded_redis import RedisServer, find_redis_server
 from queuebert import keys
@@ -49,9 +50,21 @@ def test_sentinel_url_reaches_the_master(engines, tmp_path: Path):
                         pytest.fail("sentinel did not come up")
                     time.sleep(0.2)
             handle = Client.from_url(url).submit("through the sentinel")
+
+            async def submit_async() -> Any:
+                async with AsyncClient.from_url(url) as client:
+                    return await client.submit("through the sentinel, on asyncio")
+
+            async_handle = asyncio.run(submit_async())
             run_burst(conn, engines["bert"])
             assert handle.result(timeout=10)["label"]
             assert conn.connection_pool.get_master_address() == ("127.0.0.1", master.port)
+
+            async def result_async() -> Any:
+                async with AsyncClient.from_url(url) as client:
+                    return await client.job_results(async_handle.job_id, timeout=10, item_id=async_handle.item_id)
+
+            assert asyncio.run(result_async())["label"]
         finally:
             sentinel.terminate()
             sentinel.wait(timeout=10)
