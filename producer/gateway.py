@@ -295,7 +295,7 @@ class Gateway:
 
         return EventSourceResponse(events(), ping=15)
 
-    async def metrics(self, request: Request) -> Response:
+    async def metrics_page(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -356,7 +356,7 @@ def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> 
         route("/runs/{run_id}", gw.run_progress, ["GET"]),
         route("/runs/{run_id}/results", gw.run_results, ["GET"]),
         route("/runs/{run_id}/events", gw.run_events, ["GET"]),
-        route("/metrics", gw.metrics, ["GET"]),
+        route("/metrics", gw.metrics_page, ["GET"]),
     ]
 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

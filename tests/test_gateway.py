@@ -257,6 +257,7 @@ def test_256_concurrent_requests_share_forwards(redis_server, tiny_models):
         stop_processes([proc, worker], 15)
     forwards = _forwards(worker.log_path)
     assert 0 < forwards <= 256 // 8, f"{forwards} forwards for 256 requests"
+    print(f"gateway: 256 concurrent one-text requests, {forwards} forwards")
 
 
 @pytest.fixture(scope="module")
@@ -299,5 +300,6 @@ def test_worker_killed_during_requests_loses_none(redis_server, medium_model):
         assert pending_at_kill[0] > 0, "every request was answered before the kill"
         assert [r.status_code for r in responses] == [200] * 256
         assert all(len(r.json()) == 2 for r in responses)
+        print(f"gateway: worker SIGKILLed with {pending_at_kill[0]} of 256 requests unanswered; all 256 answered")
     finally:
         stop_processes([proc, *workers], 15)
