@@ -152,6 +152,27 @@ def test_deadline_drops_late_jobs_and_tells_subscribers(conn, redis_server, engi
     assert engines["bert"].forward_calls >= 1
 
 
+def test_burst_ends_as_soon_as_the_taker_finds_nothing(conn, redis_server, engines, monkeypatch):
+    """A burst worker returns once its last jobs are written and the taker finds nothing more,
+    not at compute's next look at an empty pool (half a second later)."""
+    from worker.taker import Taker
+
+    taker_ended: list[float] = []
+    run_taker = Taker.run
+
+    def run(self: Taker, burst: bool) -> None:
+        run_taker(self, burst)
+        taker_ended.append(time.monotonic())
+
+    monkeypatch.setattr(Taker, "run", run)
+    handles = Client.from_url(redis_server.url).submit_many(["one", "two", "three"], chunk_size=1)
+    run_burst(conn, engines["bert"])
+    returned = time.monotonic()
+    assert [h.result(timeout=5)["label"] for h in handles]
+    assert len(taker_ended) == 1
+    assert returned - taker_ended[0] < 0.25  # compute polls an empty pool every 0.5 s
+
+
 def test_supervisor_runs_one_worker_per_device_and_restarts_the_dead(conn, redis_server, tiny_models, tmp_path):
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32",
                          OMP_NUM_THREADS="1")

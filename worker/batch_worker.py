@@ -129,6 +129,15 @@ class BatchWorker(SimpleWorker):
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
 
+    def unsubscribe(self) -> None:
+        """RQ's, with the command listener told to stop before the unsubscribe wakes it. The other
+        way round, a listener that wakes first waits again (up to a minute) and RQ's join gives up
+        on it only after a second: a second added to a worker's exit now and then."""
+        listener = getattr(self, "pubsub_thread", None)
+        if listener is not None:
+            listener.stop()
+        super().unsubscribe()
+
     # -- main loop --------------------------------------------------------------------------
 
     def load_engine(self) -> Engine:

@@ -45,6 +45,9 @@ class Completer:
         self._abandon = abandon
         self.completed_jobs = 0
         self.completed_items = 0
+        # Whether the fast path suits this RQ is read from RQ's source: once, here, while the
+        # worker starts, rather than on its first completion (a few ms of the first results).
+        rq_completion._fast_path_usable()
 
     def run(self) -> None:
         """Until :meth:`Finished.close`: take everything finished, write it, retry while Redis refuses."""

@@ -110,8 +110,10 @@ class Taker:
                     sized = True
         finally:
             self.done.set()
-            if self._stop.is_set():
-                pool.close()
+            # Wakes compute at once rather than at its next poll (up to half a second per poll at
+            # the end of a burst). Nothing is left to batch: a stopped worker drains the pool, and a
+            # burst ends only once nothing is held, so none of its items is still in the pool.
+            pool.close()
 
     def take(self, want: int, block: float) -> list[Slot]:
         """Up to ``want`` jobs, registered as started and held; with none queued, wait up to
