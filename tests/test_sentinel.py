@@ -57,6 +57,54 @@ def test_sentinel_url_reaches_the_master(engines, tmp_path: Path):
             sentinel.wait(timeout=10)
 
 
+def test_a_retried_command_reaches_the_master_the_sentinels_name_now(tmp_path: Path):
+    """A command in flight when its master dies is retried on the master the sentinel names at
+    that moment, not on the address its connection had (redis-py alone keeps knocking there until
+    the retries run out: redis/redis-py#3874)."""
+    with RedisServer() as old, RedisServer() as new:
+        port = free_port()
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor {SERVICE} 127.0.0.1 {old.port} 1\n")
+        sentinel = subprocess.Popen([old.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        try:
+            url = f"redis+sentinel://127.0.0.1:{port}/{SERVICE}/0"
+            deadline = time.time() + 20
+            while _master_port(port) != old.port:
+                assert time.time() < deadline, "sentinel did not come up"
+                time.sleep(0.1)
+            # Three retries back off 1.4 s in all: a retry that went back to the dead master would
+            # use them up and raise.
+            client = connect(url, retries=3)
+            got: dict[str, Any] = {}
+
+            def pop() -> None:
+                try:
+                    got["reply"] = client.blpop(["q"], timeout=10)
+                except Exception as exc:  # reported by the assertion below
+                    got["error"] = exc
+
+            popper = threading.Thread(target=pop)
+            popper.start()
+            admin_old = redis.Redis(port=old.port)
+            while admin_old.info("clients")["blocked_clients"] < 1:
+                assert time.time() < deadline, "the BLPOP never reached the master"
+                time.sleep(0.02)
+            # The sentinel names the other server from now on, and that one has an item waiting.
+            admin = redis.Redis(port=port)
+            admin.execute_command("SENTINEL", "REMOVE", SERVICE)
+            admin.execute_command("SENTINEL", "MONITOR", SERVICE, "127.0.0.1", new.port, 1)
+            redis.Redis(port=new.port).rpush("q", "x")
+            old.stop(signal.SIGKILL)
+            popper.join(timeout=30)
+            assert not popper.is_alive()
+            assert got == {"reply": (b"q", b"x")}
+        finally:
+            sentinel.terminate()
+            sentinel.wait(timeout=10)
+
+
 # -- replica acknowledgements (QUEUEBERT_REPLICA_ACKS) ---------------------------------------------
 
 def _commandstats(conn: redis.Redis, name: str) -> int:
