@@ -28,6 +28,10 @@ from queuebert.procs import LoggedProcess, free_port
 from queuebert.results import decode_entry
 from queuebert.settings import ClientSettings
 
+#: For a master with a replica: Redis waits 5 s by default before a full sync, for more replicas
+#: to share it; with one replica that wait only delays the test.
+SYNC_AT_ONCE = ["--repl-diskless-sync-delay", "0"]
+
 
 def test_sentinel_url_reaches_the_master(engines, tmp_path: Path):
     with RedisServer() as master:
@@ -155,7 +159,7 @@ def test_write_waits_until_a_replica_acknowledges():
     """A write that misses its ack is retried until a replica is there, and then the replica has it;
     with a replica connected, single commands, pipelines, transactions, scripts and blocking moves
     all answer as usual."""
-    with RedisServer() as master, RedisServer() as replica:
+    with RedisServer(extra_args=SYNC_AT_ONCE) as master, RedisServer() as replica:
         client = connect(master.url, retries=10, replica_acks=1, replica_ack_timeout_ms=200)
         replica_conn = redis.Redis(port=replica.port)
         # The replica joins half a second into the write's retries (a thread that started the
@@ -305,9 +309,10 @@ def test_master_killed_mid_run(mode: str, stall: bool, tmp_path: Path, failover_
     acks = {"QUEUEBERT_REPLICA_ACKS": "1"} if mode == "acks" else {"QUEUEBERT_REPLICA_ACKS": "0"}
     sentinels: list[subprocess.Popen[bytes]] = []
     workers: list[LoggedProcess] = []
-    with RedisServer() as master:
+    with RedisServer(extra_args=SYNC_AT_ONCE) as master:
         link = ReplicationLink(master.port)
-        replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(link.port)]).start()
+        # The replica becomes the master, and the old master syncs from it when it comes back.
+        replica = RedisServer(extra_args=[*SYNC_AT_ONCE, "--replicaof", "127.0.0.1", str(link.port)]).start()
         try:
             ports = []
             for i in range(3):
