@@ -18,6 +18,7 @@ import structlog
 from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
+from redis.sentinel import SentinelManagedConnection
 
 from .settings import DEFAULT_REDIS_URL, DEFAULT_REPLICA_ACK_TIMEOUT_MS, env_name
 
@@ -60,7 +61,33 @@ def _sentinel_client(url: str, redis_class: type[Any] = redis.Redis, sentinel_cl
     auth = {"username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None}
     sentinel = Sentinel(hosts, socket_timeout=5, **{k: v for k, v in kwargs.items() if k == "socket_connect_timeout"})
-    return sentinel.master_for(service, redis_class=redis_class, db=db, **auth, **kwargs)  # type: ignore[arg-type]
+    return sentinel.master_for(service, redis_class=redis_class, db=db, connection_class=_CurrentMasterConnection,
+                               **auth, **kwargs)  # type: ignore[arg-type]
+
+
+class _CurrentMasterConnection(SentinelManagedConnection):
+    """redis-py's sentinel connection, asking the sentinels for the master on every reconnect.
+
+    redis-py asks them only when the pool hands out a connection: a command's own retries
+    reconnect to the address the connection had (redis/redis-py#3874). So a command in flight
+    when the master dies knocks on the old master until its retries run out, refused while it is
+    down and READONLY once it is back as a replica (40 s with 12 retries), and meanwhile that
+    producer or worker thread does nothing.
+    """
+
+    def connect_to(self, address: tuple[str, int]) -> None:
+        # Reached from redis-py's connect(), with an address fresh from the sentinels.
+        self.host, self.port = address
+        super().connect_check_health(check_health=self.connection_pool.check_connection, retry_socket_connect=False)
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        # Every other (re)connect, a command's retries included. One try per address, as in
+        # connect(): the command's retry asks the sentinels again rather than retrying a master
+        # that may be gone.
+        if not self._sock and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+            retry_socket_connect = False
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
 
 
 def connect(

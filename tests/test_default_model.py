@@ -1,17 +1,23 @@
 """The default sentiment model: data hygiene, cache paths, atomic/locked builds, and one real build.
 
-The real build (about two minutes on two idle CPU cores) runs once per session
-into a temporary directory and is marked ``slow`` so it can be deselected with
-``-m "not slow"``; everything else here takes seconds.
+The real build runs once per session, through ``ensure_default_model`` into an
+empty cache, on the recipe's code and settings with a smaller training set
+(``BUILD_TRAIN_SIZE``): large enough to clear the accuracy target, a fraction of
+the full build's time. Its tests are marked ``slow`` so they can be deselected
+with ``-m "not slow"``; everything else here takes seconds. The full recipe:
+``QB_BUILD_TRAIN_SIZE=6000 pytest tests/test_default_model.py`` (about two
+minutes on two idle CPU cores).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,11 @@ from modelbuild.sentiment_data import LABELS, generate_examples
 REPO = Path(__file__).resolve().parent.parent
 HELDOUT = REPO / "examples" / "reviews-heldout.jsonl"
 REVIEWS = REPO / "examples" / "reviews.jsonl"
+#: Training examples for the session's real build. Accuracy on the held-out set with the recipe's
+#: seed, measured on the 2-core machine: 640 -> 0.76, 1280 -> 0.92, 6000 (dm.TRAIN_SIZE) -> 0.95.
+BUILD_TRAIN_SIZE = int(os.environ.get("QB_BUILD_TRAIN_SIZE", "1280"))
+#: The accuracy the default model must reach on the held-out set.
+ACCURACY_TARGET = 0.85
 
 
 def _norm(text: str) -> str:
@@ -178,10 +189,75 @@ def test_force_replaces_an_existing_build(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
+def test_default_build_trains_on_the_recipes_examples(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The session build below passes a smaller ``train_size``; a build that passes none uses the
+    recipe's size and seed (training is stopped as it starts)."""
+    seen: dict[str, object] = {}
+
+    def record(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dm, "_train", record)
+    with pytest.raises(KeyboardInterrupt):
+        dm.build_default_model(tmp_path / "model", progress=False)
+    assert (seen["train_size"], seen["seed"]) == (dm.TRAIN_SIZE, dm.DEFAULT_SEED)
+
+
+@dataclass
+class SessionBuild:
+    path: Path  #: where ``default_model_dir()`` points in the session's cache
+    builds: int  #: how many times the build ran
+    returned: list[Path]  #: what each concurrent ``ensure_default_model`` call returned
+
+
 @pytest.fixture(scope="session")
-def built_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("default-model") / "sentiment-minilm"
-    return dm.build_default_model(target, progress=False, heldout=HELDOUT)
+def session_build(tmp_path_factory: pytest.TempPathFactory) -> SessionBuild:
+    """The real build code, file lock and cache: two first-use callers at once on an empty cache,
+    so one builds while the other waits on the lock and then reuses the result. Only the training
+    set size differs from a user's first run (``BUILD_TRAIN_SIZE``)."""
+    real_build = dm.build_default_model
+    builds: list[Path | None] = []
+    returned: list[Path] = []
+    errors: list[BaseException] = []
+
+    def smaller_build(target: Path | None = None, **kwargs: object) -> Path:
+        builds.append(target)
+        return real_build(target, train_size=BUILD_TRAIN_SIZE, **kwargs)  # type: ignore[arg-type]
+
+    def first_use() -> None:
+        try:
+            returned.append(dm.ensure_default_model(progress=False))
+        except BaseException as exc:  # re-raised below, in the fixture's own thread
+            errors.append(exc)
+
+    # A context rather than a held monkeypatch: the cache directory and the stand-in are undone
+    # before any other test runs.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUEUEBERT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr(dm, "build_default_model", smaller_build)
+        threads = [threading.Thread(target=first_use) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        path = dm.default_model_dir()
+    if errors:
+        raise errors[0]
+    return SessionBuild(path, len(builds), returned)
+
+
+@pytest.fixture(scope="session")
+def built_model(session_build: SessionBuild) -> Path:
+    return session_build.path
+
+
+@pytest.mark.slow
+def test_concurrent_first_use_builds_once(session_build: SessionBuild) -> None:
+    assert session_build.builds == 1
+    assert session_build.returned == [session_build.path] * 2
+    assert dm.is_complete(session_build.path)
+    assert [p.name for p in session_build.path.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
 @pytest.mark.slow
@@ -194,9 +270,10 @@ def test_build_writes_a_standard_checkpoint(built_model: Path) -> None:
     info = json.loads((built_model / dm.BUILD_INFO_FILE).read_text())
     assert info["recipe_version"] == dm.RECIPE_VERSION
     assert info["seed"] == dm.DEFAULT_SEED
-    assert info["train_size"] == dm.TRAIN_SIZE
+    assert info["train_size"] == BUILD_TRAIN_SIZE
     assert info["build_seconds"] > 0
-    assert info["heldout_accuracy"] >= 0.85
+    assert info["heldout_path"] == str(HELDOUT)
+    assert info["heldout_accuracy"] >= ACCURACY_TARGET
 
 
 @pytest.mark.slow
@@ -210,7 +287,10 @@ def test_pipeline_loads_build_unchanged(built_model: Path) -> None:
 
 @pytest.mark.slow
 def test_heldout_accuracy_meets_target(built_model: Path) -> None:
-    assert dm.evaluate(built_model, HELDOUT) >= 0.85
+    accuracy = dm.evaluate(built_model, HELDOUT)
+    assert accuracy >= ACCURACY_TARGET
+    info = json.loads((built_model / dm.BUILD_INFO_FILE).read_text())
+    assert accuracy == info["heldout_accuracy"]  # what the build recorded is what the model does
 
 
 # --------------------------------------------------------------------------

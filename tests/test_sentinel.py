@@ -29,6 +29,10 @@ from queuebert.procs import LoggedProcess, free_port
 from queuebert.results import decode_entry
 from queuebert.settings import ClientSettings
 
+#: For a master with a replica: Redis waits 5 s by default before a full sync, for more replicas
+#: to share it; with one replica that wait only delays the test.
+SYNC_AT_ONCE = ["--repl-diskless-sync-delay", "0"]
+
 
 def test_sentinel_url_reaches_the_master(engines, tmp_path: Path):
     with RedisServer() as master:
@@ -65,6 +69,54 @@ def test_sentinel_url_reaches_the_master(engines, tmp_path: Path):
                     return await client.job_results(async_handle.job_id, timeout=10, item_id=async_handle.item_id)
 
             assert asyncio.run(result_async())["label"]
+        finally:
+            sentinel.terminate()
+            sentinel.wait(timeout=10)
+
+
+def test_a_retried_command_reaches_the_master_the_sentinels_name_now(tmp_path: Path):
+    """A command in flight when its master dies is retried on the master the sentinel names at
+    that moment, not on the address its connection had (redis-py alone keeps knocking there until
+    the retries run out: redis/redis-py#3874)."""
+    with RedisServer() as old, RedisServer() as new:
+        port = free_port()
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor {SERVICE} 127.0.0.1 {old.port} 1\n")
+        sentinel = subprocess.Popen([old.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        try:
+            url = f"redis+sentinel://127.0.0.1:{port}/{SERVICE}/0"
+            deadline = time.time() + 20
+            while _master_port(port) != old.port:
+                assert time.time() < deadline, "sentinel did not come up"
+                time.sleep(0.1)
+            # Three retries back off 1.4 s in all: a retry that went back to the dead master would
+            # use them up and raise.
+            client = connect(url, retries=3)
+            got: dict[str, Any] = {}
+
+            def pop() -> None:
+                try:
+                    got["reply"] = client.blpop(["q"], timeout=10)
+                except Exception as exc:  # reported by the assertion below
+                    got["error"] = exc
+
+            popper = threading.Thread(target=pop)
+            popper.start()
+            admin_old = redis.Redis(port=old.port)
+            while admin_old.info("clients")["blocked_clients"] < 1:
+                assert time.time() < deadline, "the BLPOP never reached the master"
+                time.sleep(0.02)
+            # The sentinel names the other server from now on, and that one has an item waiting.
+            admin = redis.Redis(port=port)
+            admin.execute_command("SENTINEL", "REMOVE", SERVICE)
+            admin.execute_command("SENTINEL", "MONITOR", SERVICE, "127.0.0.1", new.port, 1)
+            redis.Redis(port=new.port).rpush("q", "x")
+            old.stop(signal.SIGKILL)
+            popper.join(timeout=30)
+            assert not popper.is_alive()
+            assert got == {"reply": (b"q", b"x")}
         finally:
             sentinel.terminate()
             sentinel.wait(timeout=10)
@@ -120,7 +172,7 @@ def test_write_waits_until_a_replica_acknowledges():
     """A write that misses its ack is retried until a replica is there, and then the replica has it;
     with a replica connected, single commands, pipelines, transactions, scripts and blocking moves
     all answer as usual."""
-    with RedisServer() as master, RedisServer() as replica:
+    with RedisServer(extra_args=SYNC_AT_ONCE) as master, RedisServer() as replica:
         client = connect(master.url, retries=10, replica_acks=1, replica_ack_timeout_ms=200)
         replica_conn = redis.Redis(port=replica.port)
         # The replica joins half a second into the write's retries (a thread that started the
@@ -270,9 +322,10 @@ def test_master_killed_mid_run(mode: str, stall: bool, tmp_path: Path, failover_
     acks = {"QUEUEBERT_REPLICA_ACKS": "1"} if mode == "acks" else {"QUEUEBERT_REPLICA_ACKS": "0"}
     sentinels: list[subprocess.Popen[bytes]] = []
     workers: list[LoggedProcess] = []
-    with RedisServer() as master:
+    with RedisServer(extra_args=SYNC_AT_ONCE) as master:
         link = ReplicationLink(master.port)
-        replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(link.port)]).start()
+        # The replica becomes the master, and the old master syncs from it when it comes back.
+        replica = RedisServer(extra_args=[*SYNC_AT_ONCE, "--replicaof", "127.0.0.1", str(link.port)]).start()
         try:
             ports = []
             for i in range(3):
