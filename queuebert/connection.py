@@ -61,8 +61,10 @@ def _sentinel_client(url: str, redis_class: type[Any] = redis.Redis, sentinel_cl
     auth = {"username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None}
     sentinel = Sentinel(hosts, socket_timeout=5, **{k: v for k, v in kwargs.items() if k == "socket_connect_timeout"})
-    return sentinel.master_for(service, redis_class=redis_class, db=db, connection_class=_CurrentMasterConnection,
-                               **auth, **kwargs)  # type: ignore[arg-type]
+    # The synchronous client reconnects through _CurrentMasterConnection (below); redis.asyncio's
+    # sentinel connections keep redis-py's own.
+    sync = {"connection_class": _CurrentMasterConnection} if sentinel_class is None else {}
+    return sentinel.master_for(service, redis_class=redis_class, db=db, **sync, **auth, **kwargs)  # type: ignore[arg-type]
 
 
 class _CurrentMasterConnection(SentinelManagedConnection):
