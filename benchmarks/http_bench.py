@@ -57,9 +57,11 @@ from benchmarks.harness import (
     BENCH_DIR,
     PY,
     Procs,
+    batch_stats,
     batch_worker_cmd,
     elapsed,
     loadavg,
+    log_mark,
     machine_info,
     new_redis,
     perf,
@@ -440,7 +442,7 @@ class HttpBench:
         from queuebert import logs
         from queuebert.procs import free_port
         from queuebert.settings import WorkerSettings
-        from worker.engine import Engine
+        from worker.engine import BatchStats, Engine
         from worker.model import load_model, resolve_dtype
 
         logs.configure("console", "warning")
@@ -483,17 +485,26 @@ class HttpBench:
         engine.classify(items[:CONCURRENCY])
         reference = [r["label"] for r in engine.classify(items)]
 
+        def engine_stats(stats: BatchStats, seconds: float) -> dict[str, Any]:
+            return {"batches": stats.batches, "texts_per_batch_mean": round(stats.texts / max(1, stats.batches), 1),
+                    "padding_ratio": round(stats.padding_ratio, 3),
+                    "forward_share": round(stats.forward_seconds / seconds, 3)}
+
         def h0() -> dict[str, Any]:
+            stats = BatchStats()
             t = perf()
-            labels = [r["label"] for r in engine.classify(items)]
-            return {"seconds": perf() - t, "labels": labels, "errors": []}
+            labels = [r["label"] for r in engine.classify(items, stats=stats)]
+            seconds = perf() - t
+            return {"seconds": seconds, "labels": labels, "errors": [], "batching": engine_stats(stats, seconds)}
 
         def h0b() -> dict[str, Any]:
+            stats = BatchStats()
             t = perf()
             labels = []
             for i in range(0, n, CONCURRENCY):
-                labels += [r["label"] for r in engine.classify(items[i:i + CONCURRENCY])]
-            return {"seconds": perf() - t, "labels": labels, "errors": []}
+                labels += [r["label"] for r in engine.classify(items[i:i + CONCURRENCY], stats=stats)]
+            seconds = perf() - t
+            return {"seconds": seconds, "labels": labels, "errors": [], "batching": engine_stats(stats, seconds)}
 
         with new_redis() as srv:
             conn = Client.from_url(srv.url).connection
@@ -545,9 +556,12 @@ class HttpBench:
             for r in range(a.repeats):
                 rotated = order[r % len(order):] + order[:r % len(order)]
                 for key in rotated:
+                    mark = log_mark(worker)
                     with CpuMeter(pids) as meter:
                         got = runners[key]()
                     got.update(meter.result, loadavg=loadavg())
+                    if key in ("h1", "h3", "h4"):  # the worker's own batch log lines of this run
+                        got["batching"] = batch_stats(worker, mark)
                     runs[key].append(got)
                 say(f"  repeat {r + 1}/{a.repeats}: " + ", ".join(
                     f"{k} {n / runs[k][-1]['seconds']:.1f}" for k in order) + " texts/s")
@@ -628,6 +642,8 @@ def _row(key: str, runs: list[dict[str, Any]], n: int, reference: list[str]) -> 
            "label_agreement_with_h0": round(agree / n, 4)}
     if latencies:
         row["latency"] = summary_ms(latencies)
+    if "batching" in med:
+        row["batching"] = med["batching"]
     if "coalesced" in med:
         c = med["coalesced"]
         row["coalesced"] = {**c, "items_per_job": round(c["items"] / c["jobs"], 1) if c["jobs"] else None}
@@ -657,20 +673,22 @@ def markdown(results: dict[str, Any]) -> str:
                f"transformers {m['transformers']}; loadavg at start {m['loadavg_at_start']}. "
                f"Gateway: uvicorn {gw.get('uvicorn', '?')} ({gw.get('loop', '?')}, {gw.get('http', '?')}){infinity}.")
     header = ("| row | what | texts/s | runs | p50 / p99 ms | cores busy: bench, gateway, worker, redis, "
-              "infinity, others (machine) | labels = h0 |")
-    lines = [head, machine, "", header, "|---|---|---:|---|---|---|---:|"]
+              "infinity, others (machine) | texts/forward, padding | labels = h0 |")
+    lines = [head, machine, "", header, "|---|---|---:|---|---|---|---|---:|"]
     for key, what in ROWS.items():
         r = results["rows"].get(key)
         if r is None:
             reason = results["skipped"].get(key) or "not run"
-            lines.append(f"| {key} | {what} | skipped: {reason} | | | | |")
+            lines.append(f"| {key} | {what} | skipped: {reason} | | | | | |")
             continue
         c = r["cores_busy"]
         busy = ", ".join(str(c.get(k, "-")) for k in ("bench", "gateway", "worker", "redis", "infinity", "others"))
         lat = r.get("latency", {})
         lat_s = f"{lat['p50_ms']} / {lat['p99_ms']}" if lat else ""
+        b = r.get("batching") or {}
+        batching = f"{b['texts_per_batch_mean']}, {b['padding_ratio']}" if b else ""
         lines.append(f"| {key} | {what} | {r['texts_per_s']} | {r['runs_texts_per_s']} | {lat_s} | {busy} "
-                     f"({c['machine']}) | {r['label_agreement_with_h0']} |")
+                     f"({c['machine']}) | {batching} | {r['label_agreement_with_h0']} |")
     h5 = results.get("h5_redis_per_text")
     if h5:
         title = (f"h5: Redis work per text, {s['texts']} one-text requests at concurrency "
