@@ -637,6 +637,7 @@ def _row(key: str, runs: list[dict[str, Any]], n: int, reference: list[str]) -> 
     row = {"row": key, "what": ROWS[key], "texts": n, "seconds": round(med["seconds"], 3),
            "texts_per_s": round(n / med["seconds"], 1),
            "runs_texts_per_s": [round(n / r["seconds"], 1) for r in runs],
+           "runs_others_cores": [round(r["others_s"] / r["wall_s"], 2) for r in runs],
            "cores_busy": cores, "cpu_ms_per_text": {k: round(v * 1000 / n, 2) for k, v in med["cpu_s"].items()},
            "loadavg": med["loadavg"], "errors": sum(len(r["errors"]) for r in runs),
            "label_agreement_with_h0": round(agree / n, 4)}
@@ -672,7 +673,7 @@ def markdown(results: dict[str, Any]) -> str:
     machine = (f"Machine: {m['cpu_model']}, {m['cores']} cores ({flags}), torch {m['torch']}, "
                f"transformers {m['transformers']}; loadavg at start {m['loadavg_at_start']}. "
                f"Gateway: uvicorn {gw.get('uvicorn', '?')} ({gw.get('loop', '?')}, {gw.get('http', '?')}){infinity}.")
-    header = ("| row | what | texts/s | runs | p50 / p99 ms | cores busy: bench, gateway, worker, redis, "
+    header = ("| row | what | texts/s | runs (others' cores) | p50 / p99 ms | cores busy: bench, gateway, worker, redis, "
               "infinity, others (machine) | texts/forward, padding | labels = h0 |")
     lines = [head, machine, "", header, "|---|---|---:|---|---|---|---|---:|"]
     for key, what in ROWS.items():
@@ -687,7 +688,8 @@ def markdown(results: dict[str, Any]) -> str:
         lat_s = f"{lat['p50_ms']} / {lat['p99_ms']}" if lat else ""
         b = r.get("batching") or {}
         batching = f"{b['texts_per_batch_mean']}, {b['padding_ratio']}" if b else ""
-        lines.append(f"| {key} | {what} | {r['texts_per_s']} | {r['runs_texts_per_s']} | {lat_s} | {busy} "
+        each = ", ".join(f"{x} ({o})" for x, o in zip(r["runs_texts_per_s"], r["runs_others_cores"]))
+        lines.append(f"| {key} | {what} | {r['texts_per_s']} | {each} | {lat_s} | {busy} "
                      f"({c['machine']}) | {batching} | {r['label_agreement_with_h0']} |")
     h5 = results.get("h5_redis_per_text")
     if h5:
