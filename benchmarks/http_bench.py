@@ -21,8 +21,8 @@ Rows (one worker process behind every queue row; servers started and warmed befo
        service (a thread per request) does; each submit is a job of its own
   h5   Redis time per text at concurrency 64: INFO commandstats (usec and calls summed over every
        command) before and after N one-text requests through the gateway, over N; the same for
-       Client.submit one-text jobs (64 threads, no coalescing); with the redis-server process's own
-       CPU time per text beside it
+       AsyncClient directly (64 coroutines) and for Client.submit one-text jobs (64 threads, no
+       coalescing); with the redis-server process's own CPU time per text beside it
 
 h0, h0b, h1, h2, h3 and h4 run interleaved (each repeat in a rotated order) and each row is the
 median run. During every run the CPU time (utime + stime, /proc) of each process is read before
@@ -388,9 +388,11 @@ def redis_cost(conn: Any, redis_pid: int, n: int, idle_usec_per_s: float,
     one-text requests here is one job: a coalesced batch of at most 64, or one ``submit``)."""
     from queuebert import keys
 
-    before, cpu0, runs0, t0 = commandstats(conn), cpu_seconds(redis_pid), conn.zcard(keys.RUNS), perf()
-    run = fn()
-    after, cpu1, runs1, wall = commandstats(conn), cpu_seconds(redis_pid), conn.zcard(keys.RUNS), perf() - t0
+    before, runs0 = commandstats(conn), conn.zcard(keys.RUNS)
+    with CpuMeter({"redis": redis_pid}) as meter:
+        run = fn()
+    after, runs1 = commandstats(conn), conn.zcard(keys.RUNS)
+    wall, redis_cpu = meter.result["wall_s"], meter.result["cpu_s"]["redis"]
     delta = {k: (c - before.get(k, (0, 0))[0], u - before.get(k, (0, 0))[1]) for k, (c, u) in after.items()}
     calls = sum(c for c, _ in delta.values())
     usec = sum(u for _, u in delta.values())
@@ -399,7 +401,8 @@ def redis_cost(conn: Any, redis_pid: int, n: int, idle_usec_per_s: float,
             "redis_usec_per_text": round(usec / n, 1),
             "redis_usec_per_text_less_idle": round((usec - idle_usec_per_s * wall) / n, 1),
             "redis_calls_per_text": round(calls / n, 2),
-            "redis_server_cpu_usec_per_text": round((cpu1 - cpu0) * 1e6 / n, 1),
+            "redis_server_cpu_usec_per_text": round(redis_cpu * 1e6 / n, 1),
+            "others_cores": round(meter.result["others_s"] / wall, 2),
             "jobs": runs1 - runs0, "texts_per_job": round(n / (runs1 - runs0), 2) if runs1 > runs0 else None,
             "top_commands": [{"command": k, "calls": c, "usec": u} for u, c, k in top]}
 
@@ -574,19 +577,19 @@ class HttpBench:
             time.sleep(1.0)
             idle1, idle_s = commandstats(conn), perf() - time0
             idle = (sum(u for _, u in idle1.values()) - sum(u for _, u in idle0.values())) / idle_s
-            h5: dict[str, Any] = {"idle_redis_usec_per_s": round(idle, 1), "gateway": [], "client_submit": []}
+            h5: dict[str, Any] = {"idle_redis_usec_per_s": round(idle, 1)}
+            loads = {"gateway": lambda: gateway_load(gw_url, texts, REDIS_CONCURRENCY),
+                     "async_client": lambda: async_client_load(srv.url, texts, REDIS_CONCURRENCY),
+                     "client_submit": lambda: sync_client_load(srv.url, texts, REDIS_CONCURRENCY)}
+            costs: dict[str, list[dict[str, Any]]] = {k: [] for k in loads}
             for _ in range(a.h5_repeats):
-                h5["gateway"].append(redis_cost(conn, pids["redis"], n, idle,
-                                                lambda: gateway_load(gw_url, texts, REDIS_CONCURRENCY)))
-                h5["client_submit"].append(redis_cost(conn, pids["redis"], n, idle,
-                                                      lambda: sync_client_load(srv.url, texts, REDIS_CONCURRENCY)))
-            for key in ("gateway", "client_submit"):
-                h5[key] = _median_by(h5[key], "redis_usec_per_text")
+                for key, load in loads.items():
+                    costs[key].append(redis_cost(conn, pids["redis"], n, idle, load))
+            for key, each in costs.items():
+                h5[key] = _median_by(each, "redis_usec_per_text")
             self.results["h5_redis_per_text"] = h5
-            say(f"  h5 Redis per text at concurrency {REDIS_CONCURRENCY}: gateway "
-                f"{h5['gateway']['redis_usec_per_text']} us / {h5['gateway']['redis_calls_per_text']} calls; "
-                f"Client.submit {h5['client_submit']['redis_usec_per_text']} us / "
-                f"{h5['client_submit']['redis_calls_per_text']} calls")
+            say(f"  h5 Redis per text at concurrency {REDIS_CONCURRENCY}: " + "; ".join(
+                f"{k} {h5[k]['redis_usec_per_text']} us, {h5[k]['redis_calls_per_text']} calls" for k in loads))
             self.procs.stop_all()
 
         rows = self.results["rows"]
@@ -696,14 +699,17 @@ def markdown(results: dict[str, Any]) -> str:
         title = (f"h5: Redis work per text, {s['texts']} one-text requests at concurrency "
                  f"{s['redis_concurrency']} (idle: {h5['idle_redis_usec_per_s']} us of Redis time per second)")
         header = ("| path | Redis usec/text (commandstats) | less idle | calls/text | texts/job | "
-                  "redis-server CPU usec/text | texts/s |")
+                  "redis-server CPU usec/text | texts/s (others' cores) |")
         lines += ["", title, "", header, "|---|---:|---:|---:|---:|---:|---:|"]
-        for key, what in (("gateway", "gateway POST /predict (coalesced)"),
-                          ("client_submit", "Client.submit one-text jobs (64 threads)")):
-            h = h5[key]
+        for key, what in (("gateway", "gateway POST /predict (coalesced by the gateway's AsyncClient)"),
+                          ("async_client", "AsyncClient submit + result, 64 coroutines (coalesced)"),
+                          ("client_submit", "Client.submit one-text jobs, 64 threads (no coalescing)")):
+            h = h5.get(key)
+            if h is None:
+                continue
             lines.append(f"| {what} | {h['redis_usec_per_text']} | {h['redis_usec_per_text_less_idle']} | "
                          f"{h['redis_calls_per_text']} | {h['texts_per_job']} | "
-                         f"{h['redis_server_cpu_usec_per_text']} | {h['texts_per_s']} |")
+                         f"{h['redis_server_cpu_usec_per_text']} | {h['texts_per_s']} ({h['others_cores']}) |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {'-' if v is None else f'{v}x'} |" for k, v in results["ratios"].items()]
     if results["skipped"]:
