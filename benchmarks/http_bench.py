@@ -2,7 +2,7 @@
 on the same model and texts, in one invocation.
 
     python benchmarks/http_bench.py            # 1000 texts, 5 interleaved repeats (~8 min on 2 cores)
-    python benchmarks/http_bench.py --quick    # 300 texts, 3 repeats (~3-5 min; + ~2 min the first
+    python benchmarks/http_bench.py --quick    # 300 texts, 5 repeats (~3 min; + ~2 min the first
                                                # time, to install Infinity into its own venv)
 
 Rows (one worker process behind every queue row; servers started and warmed before any clock):
@@ -380,7 +380,7 @@ def commandstats(conn: Any) -> dict[str, tuple[int, int]]:
             if k != "cmdstat_info"}
 
 
-def redis_cost(conn: Any, redis_pid: int, n: int, idle_usec_per_s: float,
+def redis_cost(conn: Any, pids: dict[str, int], n: int, idle_usec_per_s: float,
                fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Redis work per text while ``fn`` sends ``n`` texts: commandstats (every client's commands,
     the worker's included; commands that Lua scripts call are counted both in EVALSHA's time and
@@ -389,7 +389,7 @@ def redis_cost(conn: Any, redis_pid: int, n: int, idle_usec_per_s: float,
     from queuebert import keys
 
     before, runs0 = commandstats(conn), conn.zcard(keys.RUNS)
-    with CpuMeter({"redis": redis_pid}) as meter:
+    with CpuMeter(pids) as meter:
         run = fn()
     after, runs1 = commandstats(conn), conn.zcard(keys.RUNS)
     wall, redis_cpu = meter.result["wall_s"], meter.result["cpu_s"]["redis"]
@@ -584,7 +584,7 @@ class HttpBench:
             costs: dict[str, list[dict[str, Any]]] = {k: [] for k in loads}
             for _ in range(a.h5_repeats):
                 for key, load in loads.items():
-                    costs[key].append(redis_cost(conn, pids["redis"], n, idle, load))
+                    costs[key].append(redis_cost(conn, pids, n, idle, load))
             for key, each in costs.items():
                 h5[key] = _median_by(each, "redis_usec_per_text")
             self.results["h5_redis_per_text"] = h5
@@ -721,9 +721,9 @@ def main(argv: list[str] | None = None) -> int:
     from modelbuild.default_model import cache_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="300 texts, 3 repeats (~3-5 minutes)")
+    parser.add_argument("--quick", action="store_true", help="300 texts (~3 minutes)")
     parser.add_argument("--texts", type=int, default=None, help="texts per run (default 1000; 300 with --quick)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5; 3 with --quick)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
     parser.add_argument("--out", default=str(BENCH_DIR / "results"), help="output directory (http.json, http.md)")
     parser.add_argument("--data", default=None, help="JSONL of {id, text} instead of the generated corpus")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
@@ -732,8 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-infinity", action="store_true", help="skip h2 (no install, no server)")
     args = parser.parse_args(argv)
     args.texts = args.texts or (300 if args.quick else 1000)
-    args.repeats = args.repeats or (3 if args.quick else 5)
-    args.h5_repeats = 1 if args.quick else 3
+    args.h5_repeats = 3
     bench = HttpBench(args)
     try:
         bench.run()
