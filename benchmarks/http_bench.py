@@ -423,6 +423,8 @@ ROWS = {
 
 
 class HttpBench:
+    """One invocation: its processes (worker, gateway, Infinity), its rows and its results."""
+
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.out = Path(args.out)
