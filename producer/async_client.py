@@ -30,6 +30,7 @@ from typing import Any
 import redis
 import redis.asyncio
 import structlog
+from rq import Queue
 from rq.results import Result
 
 from queuebert import keys
@@ -422,6 +423,8 @@ class _Coalescer:
         self.timers: dict[tuple[str, JobOptions], asyncio.TimerHandle] = {}
         #: Runs (one per gathered batch) and jobs sent, and items in them (tests and benchmarks).
         self.batches = self.jobs = self.items = 0
+        #: Unstarted jobs the queue held right after the last send (0: a worker was waiting).
+        self.backlog = 0
 
     async def submit(self, item: Item, queue: str, options: JobOptions) -> AsyncHandle:
         key = (queue, options)
@@ -431,8 +434,9 @@ class _Coalescer:
         if len(batch) >= self.client.settings.chunk_size:
             self.flush(key)
         elif len(batch) == 1:
-            self.timers[key] = asyncio.get_running_loop().call_later(
-                self.client.settings.coalesce_ms / 1000, self.flush, key)
+            s = self.client.settings
+            window = max(s.coalesce_ms, s.coalesce_max_ms) if self.backlog else s.coalesce_ms
+            self.timers[key] = asyncio.get_running_loop().call_later(window / 1000, self.flush, key)
         return await fut
 
     def flush(self, key: tuple[str, JobOptions]) -> None:
@@ -452,7 +456,7 @@ class _Coalescer:
                     options: JobOptions) -> None:
         items = [item for item, _ in batch]
         try:
-            run_id, job_ids = await self.client._enqueue_run([items], queue, options)
+            run_id, job_ids, self.backlog = await self.client._enqueue_run([items], queue, options)
         except BaseException as exc:
             for _, fut in batch:
                 if not fut.done():
@@ -530,16 +534,20 @@ class AsyncClient:
     # -- submitting -------------------------------------------------------------------------
 
     async def _enqueue_run(self, chunks: list[list[Item]], queue: str | None, options: JobOptions,
-                           run_id: str | None = None) -> tuple[str, list[str]]:
-        """Enqueue ``chunks`` as the jobs of a fresh, sealed run in one round trip."""
+                           run_id: str | None = None) -> tuple[str, list[str], int]:
+        """Enqueue ``chunks`` as the jobs of a fresh, sealed run in one round trip; returns the run,
+        its job ids and how many jobs the queue holds unstarted right after (a worker blocked on
+        the queue takes a job as it is pushed, so 0 means one was waiting)."""
         run_id = run_id or new_id()
         job_ids = [new_id() for _ in chunks]
-        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run_id, options)
+        queue = queue or self.settings.queue
+        commands = jobs.enqueue_commands(self.settings, queue, chunks, job_ids, run_id, options)
         commands += jobs.seal_commands(self.settings, run_id, sum(len(c) for c in chunks))
         async with self.connection.pipeline(transaction=False) as pipe:
             jobs.apply(commands, pipe)
-            await pipe.execute()
-        return run_id, job_ids
+            pipe.llen(Queue.redis_queue_namespace_prefix + queue)
+            replies = await pipe.execute()
+        return run_id, job_ids, int(replies[-1])
 
     async def submit(
         self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, top_k: int | None = None,
@@ -555,7 +563,7 @@ class AsyncClient:
         queue = queue or self.settings.queue
         options = JobOptions(top_k, function_to_apply)
         if self.settings.coalesce_ms <= 0:
-            run_id, (job_id,) = await self._enqueue_run([[item]], queue, options)
+            run_id, (job_id,), _ = await self._enqueue_run([[item]], queue, options)
             return AsyncHandle(self, job_id, item["id"], run_id, 0)
         return await self._coalescer.submit(item, queue, options)
 

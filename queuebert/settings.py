@@ -96,6 +96,11 @@ class ClientSettings(_FromEnv):
     #: into shared jobs of up to ``chunk_size`` items, each item keeping its own result: a one-text
     #: job costs Redis ~40x what a text in a full job costs. 0: each submit is sent at once.
     coalesce_ms: float = 2.0
+    #: AsyncClient: the window while the queue already holds unstarted jobs (seen at the last
+    #: send): a job sent sooner would only wait behind them, so gathering longer costs no latency
+    #: and lets one job carry what a worker under load would otherwise take as many (HTTP requests
+    #: handled one after another arrive ~1 ms apart, past a 2 ms window).
+    coalesce_max_ms: float = 20.0
     #: AsyncClient: connections its pool opens at most; a caller beyond them waits for one to be
     #: free (up to 20 s) instead of failing. The result listener keeps one, a blocked
     #: subscription holds one while it waits.

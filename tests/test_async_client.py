@@ -478,3 +478,25 @@ def test_more_concurrent_sends_than_connections_wait_for_one(conn, redis_server,
     handles = in_loop(loop, scenario()).result(timeout=120)
     assert len({h.job_id for h in handles}) == n
     assert conn.llen(QUEUE_KEY) == n
+
+
+def test_coalescing_gathers_longer_while_the_queue_has_a_backlog(redis_server, conn):
+    """Submits ~5 ms apart (HTTP requests handled one after another): past the 2 ms window each
+    would be its own job; once a send found the queue holding unstarted jobs (no worker waiting),
+    the window is coalesce_max_ms and they share jobs."""
+
+    async def spaced(max_ms: float) -> dict[str, int]:
+        async with AsyncClient.from_url(redis_server.url, queue=f"spaced-{max_ms:g}", coalesce_ms=2,
+                                        coalesce_max_ms=max_ms) as client:
+            await client.submit("first")  # sent alone: nothing queued before it
+            for i in range(6):
+                asyncio.ensure_future(client.submit(f"text {i}"))
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+            return client.coalesced
+
+    adaptive = asyncio.run(spaced(30))
+    fixed = asyncio.run(spaced(0))
+    assert fixed["items"] == adaptive["items"] == 7
+    assert fixed["jobs"] == 7
+    assert adaptive["jobs"] <= 3, adaptive
