@@ -43,6 +43,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from queuebert import keys
+from queuebert.connection import connect
 from queuebert.schema import ItemResult
 from queuebert.settings import GatewaySettings
 
@@ -128,9 +129,9 @@ class Gateway:
         return served
 
     def _read_served(self) -> tuple[tei.ModelInfo, int] | None:
-        import redis
-
-        conn = redis.Redis.from_url(self.settings.redis_url)
+        # RQ's Worker.all is synchronous: read in a thread, on a connection made as every
+        # other one is (retries, TLS, Sentinel URLs).
+        conn = connect(self.settings.redis_url)
         try:
             workers = Worker.all(queue=Queue(self.settings.queue, connection=conn))
             with conn.pipeline(transaction=False) as pipe:
