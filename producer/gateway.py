@@ -32,8 +32,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from rq import Queue
-from rq.worker import Worker
+from rq import Queue, worker_registration
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -43,7 +42,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from queuebert import keys
-from queuebert.connection import connect
 from queuebert.schema import ItemResult
 from queuebert.settings import GatewaySettings
 
@@ -124,22 +122,19 @@ class Gateway:
         """The model the queue's workers say they serve (cached for MODEL_EVERY seconds)."""
         at, served = self._model
         if served is None or time.monotonic() - at > MODEL_EVERY:
-            served = await asyncio.to_thread(self._read_served)
+            served = await self._read_served()
             self._model = (time.monotonic(), served)
         return served
 
-    def _read_served(self) -> tuple[tei.ModelInfo, int] | None:
-        # RQ's Worker.all is synchronous: read in a thread, on a connection made as every
-        # other one is (retries, TLS, Sentinel URLs).
-        conn = connect(self.settings.redis_url)
-        try:
-            workers = Worker.all(queue=Queue(self.settings.queue, connection=conn))
-            with conn.pipeline(transaction=False) as pipe:
-                for w in workers:
-                    pipe.hmget(w.key, *keys.WORKER_MODEL_FIELDS)
-                rows = pipe.execute()
-        finally:
-            conn.close()
+    async def _read_served(self) -> tuple[tei.ModelInfo, int] | None:
+        """On the client's own connection: the queue's workers as RQ registers them, then the
+        fields each publishes (a worker whose hash expired gives none and is left out)."""
+        conn = self.client.connection
+        worker_keys = await conn.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % self.settings.queue)
+        async with conn.pipeline(transaction=False) as pipe:
+            for key in worker_keys:
+                pipe.hmget(key, *keys.WORKER_MODEL_FIELDS)
+            rows = await pipe.execute()
         return tei.served_model([dict(zip(keys.WORKER_MODEL_FIELDS, row)) for row in rows])
 
     async def results(self, handles: list[Any]) -> list[ItemResult]:

@@ -151,10 +151,7 @@ def _records(
     for line_no, raw in rows:
         try:
             if fmt == "jsonl":
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise InputError(line_no, f"not valid JSON: {exc.msg}") from None
+                obj = _json_line(raw, line_no)
                 if isinstance(obj, str):
                     obj = {text_field: obj}
                 if not isinstance(obj, dict):
@@ -165,11 +162,23 @@ def _records(
             else:
                 yield {"text": raw.rstrip("\r\n")}
         except InputError as exc:
-            if on_error == "fail":
-                raise
-            log.warning("skipped unreadable input", line=exc.line, error=str(exc))
-            if errors is not None:
-                errors.append(exc)
+            _unreadable(exc, on_error, errors)
+
+
+def _json_line(raw: str, line_no: int) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(line_no, f"not valid JSON: {exc.msg}") from None
+
+
+def _unreadable(exc: InputError, on_error: str, errors: list[InputError] | None) -> None:
+    """A line that cannot be read stops the read (``on_error="fail"``) or is reported and skipped."""
+    if on_error == "fail":
+        raise exc
+    log.warning("skipped unreadable input", line=exc.line, error=str(exc))
+    if errors is not None:
+        errors.append(exc)
 
 
 def read_objects(stream: IO[str], *, on_error: str = "skip", errors: list[InputError] | None = None,
@@ -179,16 +188,9 @@ def read_objects(stream: IO[str], *, on_error: str = "skip", errors: list[InputE
         if line.strip() == "":
             continue
         try:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(n, f"not valid JSON: {exc.msg}") from None
+            obj = _json_line(line, n)
             if not isinstance(obj, dict):
                 raise InputError(n, "a JSON line must be an object")
             yield obj
         except InputError as exc:
-            if on_error == "fail":
-                raise
-            log.warning("skipped unreadable input", line=exc.line, error=str(exc))
-            if errors is not None:
-                errors.append(exc)
+            _unreadable(exc, on_error, errors)

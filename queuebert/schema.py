@@ -68,8 +68,10 @@ class ItemResult(TypedDict, total=False):
 
 #: The zero-shot pipeline's default hypothesis.
 DEFAULT_HYPOTHESIS_TEMPLATE = "This example is {}."
-#: Fields that make an item a zero-shot item, besides ``candidate_labels``.
+#: Fields that make an item a zero-shot item (any of them; ``candidate_labels`` is required).
 ZERO_SHOT_FIELDS = ("candidate_labels", "hypothesis_template", "multi_label")
+#: What the producer carries from a mapping into an item besides ``id`` and ``text``.
+_CARRIED_FIELDS = ("text_pair", *ZERO_SHOT_FIELDS, "meta")
 
 # Error types a client can branch on.
 INVALID_ITEM = "invalid_item"
@@ -219,7 +221,7 @@ def check_item(raw: Any, max_chars: int) -> tuple[Item | None, ItemResult | None
         if error is not None:
             return None, error_result(item_id, *error, meta)
         item["text_pair"] = raw["text_pair"]
-    if "candidate_labels" in raw or any(f in raw for f in ZERO_SHOT_FIELDS):
+    if not raw.keys().isdisjoint(ZERO_SHOT_FIELDS):
         message = _zero_shot_error(raw, max_chars)
         if message is not None:
             return None, error_result(item_id, INVALID_ITEM, message, meta)
@@ -240,7 +242,7 @@ def normalize_item(value: Any, default_id: str) -> Item:
         return {"id": default_id, "text": value}
     if isinstance(value, dict):
         item: Item = {"id": str(value["id"]) if value.get("id") is not None else default_id, "text": value.get("text")}  # type: ignore[typeddict-item]
-        for f in ("text_pair", *ZERO_SHOT_FIELDS, "meta"):
+        for f in _CARRIED_FIELDS:
             if f in value:
                 item[f] = value[f]  # type: ignore[literal-required]
         return item

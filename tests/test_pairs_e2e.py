@@ -72,6 +72,16 @@ def test_zero_shot_subscribed_and_rerank_polled(conn, redis_server, tiny_models,
     assert [r["index"] for r in subscribed] == reference
 
 
+def _qb(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A ``queuebert`` command, quiet and logging JSON, offline, with ``QUEUEBERT_REDIS_URL`` set
+    to ``redis_url`` ("" leaves it to the command: an embedded Redis)."""
+    env = subprocess_env(redis_url, HF_HUB_OFFLINE="1")
+    if not redis_url:
+        del env["QUEUEBERT_REDIS_URL"]
+    return subprocess.run([*QB, *args, "--no-progress", "--log-format", "json"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+
+
 def test_rerank_and_zero_shot_commands(tmp_path, tiny_models, redis_server, workers):
     """``queuebert rerank`` with its own embedded Redis and worker; ``queuebert zero-shot`` on a
     Redis with a worker already attached (``--workers 0``)."""
@@ -81,11 +91,8 @@ def test_rerank_and_zero_shot_commands(tmp_path, tiny_models, redis_server, work
     lines.insert(2, json.dumps({"id": "bad", "query": "no passages"}))
     queries.write_text("\n".join(lines) + "\n")
     out = tmp_path / "ranked.jsonl"
-    proc = subprocess.run([*QB, "rerank", str(queries), "-o", str(out), "--model", str(tiny_models["crossencoder"]),
-                           "--dtype", "float32", "--top-n", "3", "--return-text", "--no-progress",
-                           "--log-format", "json"],
-                          capture_output=True, text=True, env=subprocess_env("", HF_HUB_OFFLINE="1"), cwd=REPO,
-                          timeout=300)
+    proc = _qb("", "rerank", str(queries), "-o", str(out), "--model", str(tiny_models["crossencoder"]),
+               "--dtype", "float32", "--top-n", "3", "--return-text")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["q0", "q1", "bad", "q2", "q3", "q4", "q5"]
@@ -102,11 +109,8 @@ def test_rerank_and_zero_shot_commands(tmp_path, tiny_models, redis_server, work
     texts.write_text("id,text\n" + "".join(f"t{i},\"review {i}, about food\"\n" for i in range(10)))
     workers.append(start_worker(redis_server.url, tiny_models["nli"], "zs-cli-worker"))
     out = tmp_path / "answers.jsonl"
-    proc = subprocess.run([*QB, "zero-shot", str(texts), "-o", str(out), "--labels", "food,sports",
-                           "--multi-label", "--redis-url", redis_server.url, "--workers", "0", "--no-progress",
-                           "--log-format", "json"],
-                          capture_output=True, text=True, env=subprocess_env(redis_server.url, HF_HUB_OFFLINE="1"),
-                          cwd=REPO, timeout=300)
+    proc = _qb(redis_server.url, "zero-shot", str(texts), "-o", str(out), "--labels", "food,sports",
+               "--multi-label", "--redis-url", redis_server.url, "--workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     want = _pipeline(tiny_models["nli"], "zero-shot-classification")(
@@ -119,11 +123,8 @@ def test_rerank_and_zero_shot_commands(tmp_path, tiny_models, redis_server, work
     qa = tmp_path / "qa.csv"
     qa.write_text("id,question,answer\n" + "".join(f"a{i},is it {i}?,\"yes, it is {i}\"\n" for i in range(8)))
     out = tmp_path / "pairs.jsonl"
-    proc = subprocess.run([*QB, "run", str(qa), "-o", str(out), "--text-field", "question", "--text-pair-field",
-                           "answer", "--redis-url", redis_server.url, "--workers", "0", "--no-progress",
-                           "--log-format", "json"],
-                          capture_output=True, text=True, env=subprocess_env(redis_server.url, HF_HUB_OFFLINE="1"),
-                          cwd=REPO, timeout=300)
+    proc = _qb(redis_server.url, "run", str(qa), "-o", str(out), "--text-field", "question", "--text-pair-field",
+               "answer", "--redis-url", redis_server.url, "--workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     want = _pipeline(tiny_models["nli"], "text-classification")(

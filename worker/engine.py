@@ -24,9 +24,10 @@ log = structlog.get_logger(__name__)
 
 
 class Row(list):  # type: ignore[type-arg]
-    """A tokenized row whose segment ids are not all zero (a text pair): its token ids, with the
-    tokenizer's ``token_type_ids`` alongside. Plain rows are plain lists; the batching code moves
-    both alike, and only :meth:`Engine._collate` looks at ``types``."""
+    """A tokenized row that carries its segment ids (a pair, for models that take them; a single
+    text only where the tokenizer gives it non-zero ones): its token ids, with the tokenizer's
+    ``token_type_ids`` alongside. Plain rows are plain lists; the batching code moves both alike,
+    and only :meth:`Engine._collate` looks at ``types``."""
 
     __slots__ = ("types",)
 

@@ -60,7 +60,6 @@ class Slot:
     positions: list[int] = field(default_factory=list)  # where each row's result goes
     remaining: int = 0  # rows not settled yet
     groups: list[Group] = field(default_factory=list)  # zero-shot items, assembled at the last settle
-    items: int = 0  # the job's item count
     error: str | None = None  # the job fails as a whole, with this reason
     error_kind: str = INVALID_JOB
     computing: bool = False  # compute's own: some item has been through a forward batch
@@ -116,7 +115,8 @@ class Inflight:
                     finished.append(slot)
         for slot in finished:  # this thread's alone now (rule 3)
             if slot.groups:
-                slot.results = finish(slot.results, slot.groups, slot.items)
+                assert slot.request is not None  # a slot with groups was split from its request
+                slot.results = finish(slot.results, slot.groups, len(slot.request.items))
         return finished
 
 

@@ -148,7 +148,7 @@ class Taker:
             assert slot.request is not None
             rows = split_items(slot.request, s.max_text_chars, self.label2id)
             slot.results, slot.positions, slot.remaining = rows.results, rows.positions, len(rows.rows)
-            slot.groups, slot.items = rows.groups, len(slot.request.items)
+            slot.groups = rows.groups
             new_items.extend(rows.rows)
             new_top_k.extend(rows.top_k)
             owners.extend(zip(itertools.repeat(slot, len(rows.rows)), range(len(rows.rows))))
