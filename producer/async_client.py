@@ -4,10 +4,10 @@ The jobs and run bookkeeping it writes are built by :mod:`producer.jobs`, as the
 client's are, so they are byte for byte the same. Two things are its own, because an event loop
 serving many small requests needs them:
 
-- **Coalescing.** Concurrent :meth:`AsyncClient.submit` calls are gathered for at most
-  ``coalesce_ms`` into shared jobs of up to ``chunk_size`` items (one run per gathered batch), each
-  item keeping its own handle: a one-text job costs Redis about 40 times what a text in a full job
-  costs.
+- **Coalescing.** Concurrent :meth:`AsyncClient.submit` calls are gathered into shared jobs of up
+  to ``chunk_size`` items (one run per gathered batch), each item keeping its own handle: a
+  one-text job costs Redis about 40 times what a text in a full job costs. The window is
+  ``coalesce_ms``, or longer while a job sent now would only wait (see :class:`_Coalescer`).
 - **One reader for every waiting result.** ``await handle.result()`` registers a future with the
   client's result listener, one task that XREADs the RQ result streams of all awaited jobs in one
   blocking call on one connection; a newly awaited job interrupts that call (``CLIENT UNBLOCK``)
@@ -30,7 +30,7 @@ from typing import Any
 import redis
 import redis.asyncio
 import structlog
-from rq import Queue
+from rq import Queue, worker_registration
 from rq.results import Result
 
 from queuebert import keys
@@ -353,6 +353,8 @@ class _ResultListener:
             for name, entries in reply or []:
                 job_id = (name.decode() if isinstance(name, bytes) else name)[len(Result.get_key("")):]
                 self._resolve(job_id, entries)
+            if reply:
+                self.client._coalescer.results_arrived()
 
     def _block_ms(self) -> int:
         block = self.BLOCK_MS if self.can_unblock else self.POLL_MS
@@ -414,17 +416,39 @@ class _ResultListener:
 
 
 class _Coalescer:
-    """Gathers concurrent submits for at most ``coalesce_ms`` (or until ``chunk_size`` are in)
-    into one run of shared jobs, sent in one round trip; each submitter gets its own handle."""
+    """Gathers concurrent submits into one run of shared jobs, sent in one round trip; each
+    submitter gets its own handle.
+
+    How long a batch gathers depends on whether a job sent now would start at once:
+
+    - **Something would take it** (fewer awaited jobs in flight than workers serve the queue, and
+      the queue held no unstarted job at the last send): ``coalesce_ms``, enough to catch a burst.
+    - **It would wait anyway** (every worker already has one of the jobs this client awaits, or
+      the queue has a backlog): the batch is held, as TCP's Nagle holds small segments while data
+      is unacknowledged, until a result arrives (a worker is done with something) or
+      ``coalesce_max_ms`` passes. Under closed-loop load (HTTP clients sending a new request as
+      each answer comes back) the requests that arrive during one forward then travel as one job
+      instead of as many one-text jobs, at the cost of about one Redis round trip of latency.
+
+    ``chunk_size`` items send a batch at once whatever the window.
+    """
 
     def __init__(self, client: AsyncClient):
         self.client = client
         self.pending: dict[tuple[str, JobOptions], list[tuple[Item, asyncio.Future[AsyncHandle]]]] = {}
         self.timers: dict[tuple[str, JobOptions], asyncio.TimerHandle] = {}
+        #: Batches gathering with the long window, sent early when a result arrives.
+        self.held: set[tuple[str, JobOptions]] = set()
         #: Runs (one per gathered batch) and jobs sent, and items in them (tests and benchmarks).
         self.batches = self.jobs = self.items = 0
-        #: Unstarted jobs the queue held right after the last send (0: a worker was waiting).
-        self.backlog = 0
+        #: Per queue, seen in the last send's round trip: unstarted jobs it held right after (0: a
+        #: worker was waiting), and the workers RQ lists as serving it.
+        self.backlog: dict[str, int] = {}
+        self.workers: dict[str, int] = {}
+
+    def would_wait(self, queue: str) -> bool:
+        """Whether a job sent to ``queue`` now would wait behind work already there."""
+        return self.backlog.get(queue, 0) > 0 or self._all_busy(queue)
 
     async def submit(self, item: Item, queue: str, options: JobOptions) -> AsyncHandle:
         key = (queue, options)
@@ -435,11 +459,25 @@ class _Coalescer:
             self.flush(key)
         elif len(batch) == 1:
             s = self.client.settings
-            window = max(s.coalesce_ms, s.coalesce_max_ms) if self.backlog else s.coalesce_ms
+            window = s.coalesce_ms
+            if self.would_wait(queue) and s.coalesce_max_ms > s.coalesce_ms:
+                window = s.coalesce_max_ms
+                self.held.add(key)
             self.timers[key] = asyncio.get_running_loop().call_later(window / 1000, self.flush, key)
         return await fut
 
+    def results_arrived(self) -> None:
+        """A worker finished something this client awaited: what was held goes now, unless every
+        worker still has one of this client's jobs (a job sent now would still wait)."""
+        for key in list(self.held):
+            if not self._all_busy(key[0]):
+                self.flush(key)
+
+    def _all_busy(self, queue: str) -> bool:
+        return len(self.client._listener.waiters) >= max(1, self.workers.get(queue, 1))
+
     def flush(self, key: tuple[str, JobOptions]) -> None:
+        self.held.discard(key)
         timer = self.timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -456,7 +494,8 @@ class _Coalescer:
                     options: JobOptions) -> None:
         items = [item for item, _ in batch]
         try:
-            run_id, job_ids, self.backlog = await self.client._enqueue_run([items], queue, options)
+            run_id, job_ids, self.backlog[queue], self.workers[queue] = await self.client._enqueue_run(
+                [items], queue, options)
         except BaseException as exc:
             for _, fut in batch:
                 if not fut.done():
@@ -534,10 +573,11 @@ class AsyncClient:
     # -- submitting -------------------------------------------------------------------------
 
     async def _enqueue_run(self, chunks: list[list[Item]], queue: str | None, options: JobOptions,
-                           run_id: str | None = None) -> tuple[str, list[str], int]:
+                           run_id: str | None = None) -> tuple[str, list[str], int, int]:
         """Enqueue ``chunks`` as the jobs of a fresh, sealed run in one round trip; returns the run,
-        its job ids and how many jobs the queue holds unstarted right after (a worker blocked on
-        the queue takes a job as it is pushed, so 0 means one was waiting)."""
+        its job ids, how many jobs the queue holds unstarted right after (a worker blocked on
+        the queue takes a job as it is pushed, so 0 means one was waiting) and how many workers
+        RQ lists as serving the queue."""
         run_id = run_id or new_id()
         job_ids = [new_id() for _ in chunks]
         queue = queue or self.settings.queue
@@ -546,8 +586,9 @@ class AsyncClient:
         async with self.connection.pipeline(transaction=False) as pipe:
             jobs.apply(commands, pipe)
             pipe.llen(Queue.redis_queue_namespace_prefix + queue)
+            pipe.scard(worker_registration.WORKERS_BY_QUEUE_KEY % queue)
             replies = await pipe.execute()
-        return run_id, job_ids, int(replies[-1])
+        return run_id, job_ids, int(replies[-2]), int(replies[-1])
 
     async def submit(
         self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, top_k: int | None = None,
@@ -563,7 +604,7 @@ class AsyncClient:
         queue = queue or self.settings.queue
         options = JobOptions(top_k, function_to_apply)
         if self.settings.coalesce_ms <= 0:
-            run_id, (job_id,), _ = await self._enqueue_run([[item]], queue, options)
+            run_id, (job_id,), _, _ = await self._enqueue_run([[item]], queue, options)
             return AsyncHandle(self, job_id, item["id"], run_id, 0)
         return await self._coalescer.submit(item, queue, options)
 

@@ -96,10 +96,10 @@ class ClientSettings(_FromEnv):
     #: into shared jobs of up to ``chunk_size`` items, each item keeping its own result: a one-text
     #: job costs Redis ~40x what a text in a full job costs. 0: each submit is sent at once.
     coalesce_ms: float = 2.0
-    #: AsyncClient: the window while the queue already holds unstarted jobs (seen at the last
-    #: send): a job sent sooner would only wait behind them, so gathering longer costs no latency
-    #: and lets one job carry what a worker under load would otherwise take as many (HTTP requests
-    #: handled one after another arrive ~1 ms apart, past a 2 ms window).
+    #: AsyncClient: how long a gathering batch is held at most while a job sent now would only
+    #: wait (every worker serving the queue already has a job this client awaits, or the queue
+    #: holds unstarted jobs). It is sent earlier, as soon as any awaited result arrives: under load
+    #: the requests that arrive during one forward then share a job instead of each being one.
     coalesce_max_ms: float = 20.0
     #: AsyncClient: connections its pool opens at most; a caller beyond them waits for one to be
     #: free (up to 20 s) instead of failing. The result listener keeps one, a blocked

@@ -500,3 +500,61 @@ def test_coalescing_gathers_longer_while_the_queue_has_a_backlog(redis_server, c
     assert fixed["items"] == adaptive["items"] == 7
     assert fixed["jobs"] == 7
     assert adaptive["jobs"] <= 3, adaptive
+
+
+@pytest.mark.parametrize("workers_listed", [1, 2])
+def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
+        conn, redis_server, engines, loop, workers_listed):
+    """Nagle for jobs: while this client awaits as many jobs as workers serve the queue (or the
+    queue holds unstarted jobs), new submits are held (here up to a minute) and go as one job the
+    moment a result arrives; with a worker to spare a submit goes after the short window.
+
+    A thread waits on the queue as an idle worker does, so "first" is taken as it is pushed and
+    the queue shows no backlog: only the awaited job can hold what follows."""
+    queue = f"nagle-{workers_listed}"
+    listed = [f"rq:worker:listed-{i}" for i in range(workers_listed)]
+    conn.sadd(f"rq:workers:{queue}", *listed)
+    taken: list[Any] = []
+    waiter = threading.Thread(target=lambda: taken.append(conn.blpop([f"rq:queue:{queue}"], timeout=30)))
+    waiter.start()
+    wait_until(lambda: any(c.get("cmd") == "blpop" for c in conn.client_list()))
+
+    async def scenario() -> tuple[dict[str, int], dict[str, int], list[Any]]:
+        client = async_client(redis_server.url, f"qb-{queue}", queue=queue, coalesce_ms=2, coalesce_max_ms=60_000)
+        first = await client.submit("the first, awaited")
+        waiting = asyncio.ensure_future(first.result(timeout=120))
+        later = []
+        for i in range(5):
+            later.append(asyncio.ensure_future(client.submit(f"later {i}")))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        before = dict(client.coalesced)
+        handles = await asyncio.gather(*later)  # sent once the first result arrives, if held
+        after = dict(client.coalesced)
+        results = [await waiting] + [await h.result(timeout=120) for h in handles]
+        await close(client)
+        return before, after, results
+
+    fut = in_loop(loop, scenario())
+    time.sleep(0.5)
+    assert not fut.done()
+    conn.srem(f"rq:workers:{queue}", *listed)
+    waiter.join()
+    conn.lpush(f"rq:queue:{queue}", taken[0][1])  # back to the queue, for the real worker
+    deadline = time.monotonic() + 120
+    while not fut.done():
+        assert time.monotonic() < deadline
+        run_burst(conn, engines["bert"], queues=[queue])
+        time.sleep(0.005)
+    before, after, results = fut.result()
+    assert all(r is not None and r["label"] for r in results) and len(results) == 6
+    if workers_listed == 1:
+        # The one worker had "first": the rest were held through 10 ms gaps and the 100 ms after,
+        # then sent together when its result came.
+        assert before == {"batches": 1, "jobs": 1, "items": 1}
+        assert after == {"batches": 2, "jobs": 2, "items": 6}
+    else:
+        # A worker was free: "later 0" went after 2 ms on its own. It stayed queued (nobody else
+        # waits on the queue here), so the rest were held until a result came.
+        assert before == {"batches": 2, "jobs": 2, "items": 2}
+        assert after == {"batches": 3, "jobs": 3, "items": 6}
