@@ -18,7 +18,7 @@ Routes:
 Pressure: a request that would queue behind more than ``max_queue_depth`` jobs gets 429 with
 ``Retry-After``; one whose results do not come within ``request_timeout`` gets 504, and its jobs
 carry that deadline, so a worker drops them instead of computing answers nobody waits for.
-One-text requests are gathered by the client for ``coalesce_ms`` into shared jobs.
+One-text requests are gathered into shared jobs by the client (:class:`~producer.async_client.AsyncClient`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -45,11 +45,13 @@ from queuebert import keys
 from queuebert.schema import ItemResult
 from queuebert.settings import GatewaySettings
 
-from . import tei
+from . import readers, tei
 from .async_client import AsyncClient
 from .jobs import new_id
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 #: Seconds a queue depth (LLEN) or the served model (/info) is reused before it is read again:
 #: under load a gateway answers many requests a millisecond, and either changes slowly.
@@ -93,6 +95,37 @@ class Auth:
         await self.app(scope, receive, send)
 
 
+class Cached(Generic[T]):
+    """A value read from Redis at most once per ``every`` seconds, however many requests ask at
+    once: the first one past the age reads it, the others await that same read (without this,
+    every request in flight when the value expires sends its own read)."""
+
+    def __init__(self, read: Callable[[], Awaitable[T]], every: float, keep_none: bool = True):
+        self.read = read
+        self.every = every
+        #: False: a None read is not kept (asked again at the next call).
+        self.keep_none = keep_none
+        self._at = -float("inf")
+        self._value: T | None = None
+        self._reading: asyncio.Future[T] | None = None
+
+    async def get(self) -> T:
+        fresh = time.monotonic() - self._at <= self.every and (self.keep_none or self._value is not None)
+        if fresh:
+            return self._value  # type: ignore[return-value]
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._refresh())
+        return await asyncio.shield(self._reading)  # a cancelled request does not cancel the read
+
+    async def _refresh(self) -> T:
+        try:
+            value = await self.read()
+            self._value, self._at = value, time.monotonic()
+            return value
+        finally:
+            self._reading = None
+
+
 class Gateway:
     """The routes' shared state: the client, the settings, the cached queue depth and model."""
 
@@ -100,17 +133,16 @@ class Gateway:
         self.client = client
         self.settings = settings
         self.metrics = Metrics()
-        self._depth = (0.0, 0)
-        self._model: tuple[float, tuple[tei.ModelInfo, int] | None] = (0.0, None)
+        self._depth = Cached(self._read_depth, DEPTH_EVERY)
+        self._served = Cached(self._read_served, MODEL_EVERY, keep_none=False)
 
     # -- shared checks ----------------------------------------------------------------------------
 
     async def queue_depth(self) -> int:
-        at, depth = self._depth
-        if time.monotonic() - at > DEPTH_EVERY:
-            depth = int(await self.client.connection.llen(Queue.redis_queue_namespace_prefix + self.settings.queue))
-            self._depth = (time.monotonic(), depth)
-        return depth
+        return await self._depth.get()
+
+    async def _read_depth(self) -> int:
+        return int(await self.client.connection.llen(Queue.redis_queue_namespace_prefix + self.settings.queue))
 
     async def admit(self) -> None:
         """429 while the queue is deeper than allowed: the caller retries later (Retry-After)."""
@@ -119,12 +151,9 @@ class Gateway:
             raise tei.overloaded()
 
     async def served(self) -> tuple[tei.ModelInfo, int] | None:
-        """The model the queue's workers say they serve (cached for MODEL_EVERY seconds)."""
-        at, served = self._model
-        if served is None or time.monotonic() - at > MODEL_EVERY:
-            served = await self._read_served()
-            self._model = (time.monotonic(), served)
-        return served
+        """The model the queue's workers say they serve (cached for MODEL_EVERY seconds; while no
+        worker says, read again at each call)."""
+        return await self._served.get()
 
     async def _read_served(self) -> tuple[tei.ModelInfo, int] | None:
         """On the client's own connection: the queue's workers as RQ registers them, then the
@@ -217,12 +246,17 @@ class Gateway:
     # -- runs ---------------------------------------------------------------------------------------
 
     async def create_run(self, request: Request) -> Response:
-        """A JSONL body, enqueued as one run while it is read (never held whole): items as
-        ``queuebert enqueue`` reads them (``{"id"?, "text", "text_pair"?, ...}`` or a bare string).
-        An unreadable line is skipped and reported; a client that disconnects mid-body gets the
-        run sealed with what arrived, so its results can still be read in full."""
+        """A JSONL body, enqueued as one run while it is read (never held whole). Lines are read
+        as ``queuebert enqueue`` reads them (:func:`producer.readers.record_from_json_line`), with
+        its options as query parameters (``text_field``, ``id_field``, ``text_pair_field``): a bare
+        string is a text, other fields go to ``meta``. An unreadable line is skipped and reported;
+        a client that disconnects mid-body gets the run sealed with what arrived, so its results
+        can still be read in full."""
         await self.admit()
-        run_id = request.query_params.get("run_id") or new_id()
+        params = request.query_params
+        run_id = params.get("run_id") or new_id()
+        fields = {"text_field": params.get("text_field") or "text", "id_field": params.get("id_field") or "id",
+                  "text_pair_field": params.get("text_pair_field") or None}
         bad: list[dict[str, Any]] = []
 
         async def items() -> AsyncIterator[dict[str, Any]]:
@@ -233,11 +267,11 @@ class Gateway:
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     n += 1
-                    item = _jsonl_item(line, n, bad)
+                    item = _jsonl_item(line, n, bad, fields)
                     if item is not None:
                         yield item
             if buffer.strip():
-                item = _jsonl_item(buffer, n + 1, bad)
+                item = _jsonl_item(buffer, n + 1, bad, fields)
                 if item is not None:
                     yield item
 
@@ -295,21 +329,15 @@ class Gateway:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _jsonl_item(line: bytes, n: int, bad: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _jsonl_item(line: bytes, n: int, bad: list[dict[str, Any]], fields: dict[str, Any]) -> dict[str, Any] | None:
     """One line of a run's body as an item, or None (blank, or reported in ``bad``)."""
     if not line.strip():
         return None
     try:
-        obj = json.loads(line.lstrip(b"\xef\xbb\xbf") if n == 1 else line)
-    except ValueError as exc:
-        bad.append({"line": n, "error": f"not valid JSON: {exc}"})
+        return readers.record_from_json_line(line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line, n, **fields)
+    except readers.InputError as exc:
+        bad.append({"line": n, "error": str(exc)})
         return None
-    if isinstance(obj, str):
-        return {"text": obj}
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        bad.append({"line": n, "error": "a line is a JSON string or an object with a string 'text'"})
-        return None
-    return obj
 
 
 def _previous_id(entry_id: str) -> str:

@@ -151,12 +151,8 @@ def _records(
     for line_no, raw in rows:
         try:
             if fmt == "jsonl":
-                obj = _json_line(raw, line_no)
-                if isinstance(obj, str):
-                    obj = {text_field: obj}
-                if not isinstance(obj, dict):
-                    raise InputError(line_no, "a JSON line must be an object or a string")
-                yield _record(obj, line_no, text_field, id_field, text_pair_field)
+                yield record_from_json_line(raw, line_no, text_field=text_field, id_field=id_field,
+                                            text_pair_field=text_pair_field)
             elif fmt in TABULAR:
                 yield _record(raw, line_no, text_field, id_field, text_pair_field)
             else:
@@ -165,7 +161,22 @@ def _records(
             _unreadable(exc, on_error, errors)
 
 
-def _json_line(raw: str, line_no: int) -> Any:
+def record_from_json_line(
+    raw: str | bytes, line_no: int, *, text_field: str = "text", id_field: str = DEFAULT_ID_FIELD,
+    text_pair_field: str | None = None,
+) -> dict[str, Any]:
+    """One JSONL line as :func:`read_records` reads it (a bare string is the text; fields other
+    than text, id and pair go to ``meta``); raises :class:`InputError`. The gateway's ``POST /runs``
+    reads its body's lines with it, so both ways in read a line alike."""
+    obj = _json_line(raw, line_no)
+    if isinstance(obj, str):
+        obj = {text_field: obj}
+    if not isinstance(obj, dict):
+        raise InputError(line_no, "a JSON line must be an object or a string")
+    return _record(obj, line_no, text_field, id_field, text_pair_field)
+
+
+def _json_line(raw: str | bytes, line_no: int) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:

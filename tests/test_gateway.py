@@ -205,6 +205,36 @@ def test_runs_stream_results_and_resumable_events(served):
     assert len(counts) == 300 and set(counts.values()) == {1}
 
 
+def test_runs_read_lines_as_queuebert_enqueue_does(served):
+    """Fields other than text and id go to meta, a bare string is a text, and the CLI's field
+    options are query parameters."""
+    client: httpx.Client = served["client"]  # type: ignore[assignment]
+    cls = served["cls"]
+    lines = [{"id": "a", "text": "good film", "source": "web", "stars": 5}, "a bare string",
+             {"id": 7, "text": "bad film"}, {"id": "no-text", "body": "x"}]
+    created = client.post(f"{cls}/runs", content="\n".join(json.dumps(x) for x in lines).encode(),
+                          headers={"content-type": "application/x-ndjson"})
+    run = created.json()
+    assert created.status_code == 201 and run["enqueued"] == 3
+    assert run["unreadable_lines"] == [{"line": 4, "error": "line 4: field 'text' missing or not a string"}]
+    with client.stream("GET", f"{cls}/runs/{run['run_id']}/results") as response:
+        results = [json.loads(line) for line in response.iter_lines() if line]
+    assert results[0]["id"] == "a" and results[0]["meta"] == {"source": "web", "stars": 5}
+    assert "meta" not in results[1] and results[2]["id"] == "7" and "meta" not in results[2]
+    assert all(r["label"] for r in results)
+
+    pairs = [{"key": "p1", "q": "is it good?", "passage": "it is great", "lang": "en"}]
+    created = client.post(f"{cls}/runs?text_field=q&text_pair_field=passage&id_field=key",
+                          content=json.dumps(pairs[0]).encode(), headers={"content-type": "application/x-ndjson"})
+    run = created.json()
+    assert created.status_code == 201 and run["enqueued"] == 1, run
+    with client.stream("GET", f"{cls}/runs/{run['run_id']}/results") as response:
+        (result,) = [json.loads(line) for line in response.iter_lines() if line]
+    assert result["id"] == "p1" and result["meta"] == {"lang": "en"}
+    pair = client.post(f"{cls}/predict", json={"inputs": ["is it good?", "it is great"]}).json()
+    assert result["scores"] == pytest.approx({p["label"]: p["score"] for p in pair}, abs=1e-5)
+
+
 def test_pressure_429_and_504_with_deadline(redis_server, served):
     """No worker on queue "idle": past max-queue-depth requests get 429 with Retry-After; a
     request whose result does not come within its timeout gets 504 and its job's deadline."""
@@ -303,3 +333,32 @@ def test_worker_killed_during_requests_loses_none(redis_server, medium_model):
         print(f"gateway: worker SIGKILLed with {pending_at_kill[0]} of 256 requests unanswered; all 256 answered")
     finally:
         stop_processes([proc, *workers], 15)
+
+
+def test_cached_reads_once_for_many_concurrent_requests():
+    """The gateway's queue depth and served model: one read per expiry however many requests ask
+    at once (each used to send its own), shared even by a request that is cancelled meanwhile."""
+    from producer.gateway import Cached
+
+    reads: list[int] = []
+
+    async def read() -> int | None:
+        reads.append(1)
+        await asyncio.sleep(0.02)
+        return len(reads) if len(reads) > 1 else None
+
+    async def scenario() -> None:
+        keeping = Cached(read, every=0.05, keep_none=False)
+        first = await asyncio.gather(*(keeping.get() for _ in range(64)))
+        assert first == [None] * 64 and len(reads) == 1
+        # A None is not kept: the next call reads again, and 63 others share it with one cancelled.
+        waiters = [asyncio.ensure_future(keeping.get()) for _ in range(64)]
+        await asyncio.sleep(0)
+        waiters[0].cancel()
+        got = await asyncio.gather(*waiters[1:])
+        assert got == [2] * 63 and len(reads) == 2
+        assert await keeping.get() == 2 and len(reads) == 2  # fresh
+        await asyncio.sleep(0.06)
+        assert await asyncio.gather(*(keeping.get() for _ in range(8))) == [3] * 8 and len(reads) == 3
+
+    asyncio.run(scenario())
