@@ -10,7 +10,8 @@ Rows (one worker process behind every queue row; servers started and warmed befo
   h0   Engine.classify in-process over all N texts (the worker's batching, auto dtype): the limit
   h0b  the same Engine on consecutive groups of 32 texts: the limit when only 32 texts are in
        flight at a time, as at concurrency 32 (a reference, to split the h1/h0 gap)
-  h1   one-text HTTP requests at concurrency 32 (httpx.AsyncClient, POST /predict {"inputs": text})
+  h1   one-text HTTP requests at concurrency 32 (32 keep-alive connections of a minimal HTTP/1.1
+       client, see _Connection; POST /predict {"inputs": text})
        through ``queuebert serve`` (its own process) + one ``queuebert worker`` process
   h2   the same requests against Infinity's own HTTP server (``infinity_emb v2``, POST /classify
        {"input": [text]}) serving the same model directory in the same dtype; installed into a
@@ -170,31 +171,84 @@ def _top_label(scores: list[dict[str, Any]]) -> str:
     return max(scores, key=lambda s: s["score"])["label"]
 
 
+class _Connection:
+    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol to POST JSON and
+    read a Content-Length or chunked reply. The load generator shares 2 cores with the servers it
+    measures, so it must cost little: httpx took ~1.9 ms of CPU per request here, which the worker
+    then did not have; this takes a small fraction of that. Both servers get the same client."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, payload: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), self.port,
+                                                              len(payload), payload))
+        status = int((await self.reader.readline()).split(b" ", 2)[1])
+        length, chunked, close = None, False, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value
+            elif name == b"connection":
+                close = value == b"close"
+        if chunked:
+            body = b""
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                body += await self.reader.readexactly(size + 2)
+                body = body[:-2]
+            await self.reader.readline()
+        else:
+            body = await self.reader.readexactly(length or 0)
+        if close:
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        writer, self.writer, self.reader = self.writer, None, None
+        if writer is not None:
+            writer.close()
+            await writer.wait_closed()
+
+
 async def _http_load(base_url: str, path: str, texts: list[str], concurrency: int,
                      body: Callable[[str], dict[str, Any]], top: Callable[[Any], str]) -> dict[str, Any]:
-    """``concurrency`` coroutines sending one text per request until the texts are used up."""
-    import httpx
+    """``concurrency`` connections, each sending one text per request until the texts are used up."""
+    from urllib.parse import urlsplit
 
+    url = urlsplit(base_url)
     labels: list[str | None] = [None] * len(texts)
     latencies: list[float] = []
     errors: list[str] = []
     todo = iter(range(len(texts)))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
+    connections = [_Connection(url.hostname or "127.0.0.1", url.port or 80) for _ in range(concurrency)]
 
-        async def one_at_a_time() -> None:
-            for i in todo:
-                t = perf()
-                response = await http.post(path, json=body(texts[i]))
-                latencies.append(perf() - t)
-                if response.status_code != 200:
-                    errors.append(f"{response.status_code} {response.text[:200]}")
-                    continue
-                labels[i] = top(response.json())
+    async def one_at_a_time(http: _Connection) -> None:
+        for i in todo:
+            payload = json.dumps(body(texts[i])).encode()
+            t = perf()
+            status, reply = await asyncio.wait_for(http.post(path, payload), REQUEST_TIMEOUT_S)
+            latencies.append(perf() - t)
+            if status != 200:
+                errors.append(f"{status} {reply[:200].decode(errors='replace')}")
+                continue
+            labels[i] = top(json.loads(reply))
 
-        t0 = perf()
-        await asyncio.gather(*(one_at_a_time() for _ in range(concurrency)))
+    t0 = perf()
+    try:
+        await asyncio.gather(*(one_at_a_time(c) for c in connections))
         seconds = perf() - t0
+    finally:
+        for c in connections:
+            await c.close()
     return {"seconds": seconds, "labels": labels, "latencies": latencies, "errors": errors}
 
 
