@@ -7,11 +7,15 @@ on the same model and texts, in one invocation.
 
 Rows (one worker process behind every queue row; servers started and warmed before any clock):
 
-  h0   Engine.classify in-process over all N texts (the worker's batching, auto dtype): the limit
-  h0b  the same Engine on consecutive groups of 32 texts: the limit when only 32 texts are in
-       flight at a time, as at concurrency 32 (a reference, to split the h1/h0 gap)
+  h0   Engine.classify in-process over all N texts at once (the worker's batching, auto dtype):
+       the limit when every text is known up front, so the engine sorts all N by length
+  h0b  the same Engine on consecutive groups of 32 texts: the in-process limit of one-text
+       traffic at concurrency 32, where only 32 texts are ever in flight (the h1 target's
+       denominator: no server, in-process or not, can sort texts it has not been sent)
   h1   one-text HTTP requests at concurrency 32 (32 keep-alive connections of a minimal HTTP/1.1
        client, see _Connection; POST /predict {"inputs": text})
+  h1c  the same at concurrency 256 (how close the gateway comes to h0 when the load gives the
+       worker texts to sort)
        through ``queuebert serve`` (its own process) + one ``queuebert worker`` process
   h2   the same requests against Infinity's own HTTP server (``infinity_emb v2``, POST /classify
        {"input": [text]}) serving the same model directory in the same dtype; installed into a
@@ -25,7 +29,7 @@ Rows (one worker process behind every queue row; servers started and warmed befo
        AsyncClient directly (64 coroutines) and for Client.submit one-text jobs (64 threads, no
        coalescing); with the redis-server process's own CPU time per text beside it
 
-h0, h0b, h1, h2, h3 and h4 run interleaved (each repeat in a rotated order) and each row is the
+h0, h0b, h1, h1c, h2, h3 and h4 run interleaved (each repeat in a rotated order) and each row is the
 median run. During every run the CPU time (utime + stime, /proc) of each process is read before
 and after: this benchmark process (the load generator, or the Engine for h0), the gateway, the
 worker, redis-server, Infinity, and the rest of the machine. Results: OUT/http.json and OUT/http.md.
@@ -74,6 +78,7 @@ from benchmarks.harness import (
 )
 
 CONCURRENCY = 32
+WIDE_CONCURRENCY = 256
 REDIS_CONCURRENCY = 64
 #: Infinity's package and the extras that bring its server and its torch engine (transformers).
 INFINITY_REQUIREMENT = "infinity-emb[torch,server]"
@@ -470,6 +475,7 @@ ROWS = {
     "h0": "Engine.classify in-process, all texts (the limit)",
     "h0b": "Engine.classify in-process, groups of 32 (limit at 32 in flight)",
     "h1": "queuebert serve + 1 worker: POST /predict, 1 text, concurrency 32",
+    "h1c": "queuebert serve + 1 worker: POST /predict, 1 text, concurrency 256",
     "h2": "Infinity server (infinity_emb v2): POST /classify, 1 text, concurrency 32",
     "h3": "AsyncClient: 32 coroutines, submit + result, 1 text each",
     "h4": "Client: 32 threads, submit + result, 1 text each",
@@ -517,7 +523,7 @@ class HttpBench:
         self.results["settings"] = {
             "texts": n, "repeats": a.repeats, "quick": a.quick, "corpus": corpus.describe(),
             "model_dir": str(model_dir), "model": model_desc, "auto_dtype_resolves_to": auto,
-            "concurrency": CONCURRENCY, "redis_concurrency": REDIS_CONCURRENCY,
+            "concurrency": CONCURRENCY, "wide_concurrency": WIDE_CONCURRENCY, "redis_concurrency": REDIS_CONCURRENCY,
             "worker_defaults": {"max_batch_size": ws.max_batch_size, "max_batch_tokens": ws.max_batch_tokens,
                                 "max_wait_ms": ws.max_wait_ms},
             "gateway_server": _uvicorn_impl(PY)}
@@ -583,6 +589,7 @@ class HttpBench:
             runners: dict[str, Callable[[], dict[str, Any]]] = {
                 "h0": h0, "h0b": h0b,
                 "h1": lambda: gateway_load(gw_url, texts, CONCURRENCY),
+                "h1c": lambda: gateway_load(gw_url, texts, WIDE_CONCURRENCY),
                 "h3": lambda: async_client_load(srv.url, texts, CONCURRENCY),
                 "h4": lambda: sync_client_load(srv.url, texts, CONCURRENCY),
             }
@@ -619,7 +626,7 @@ class HttpBench:
                     with CpuMeter(pids) as meter:
                         got = runners[key]()
                     got.update(meter.result, loadavg=loadavg())
-                    if key in ("h1", "h3", "h4"):  # the worker's own batch log lines of this run
+                    if key in ("h1", "h1c", "h3", "h4"):  # the worker's own batch log lines of this run
                         got["batching"] = batch_stats(worker, mark)
                     runs[key].append(got)
                 say(f"  repeat {r + 1}/{a.repeats}: " + ", ".join(
@@ -655,11 +662,24 @@ class HttpBench:
                 return round(rows[x]["texts_per_s"] / rows[y]["texts_per_s"], 3)
             return None
 
-        self.results["ratios"] = {"h1/h0 (gateway vs in-process limit; target >= 0.9)": ratio("h1", "h0"),
-                                  "h1/h0b (gateway vs the limit at 32 in flight)": ratio("h1", "h0b"),
+        def paired(x: str, y: str) -> dict[str, Any] | None:
+            """The ratio within each repeat, whose rows ran minutes apart at most: this machine's
+            speed drifts by up to 1.5x over a run, which a ratio of medians takes in whole."""
+            if x not in rows or y not in rows:
+                return None
+            each = [round(a / b, 3) for a, b in zip(rows[x]["runs_texts_per_s"], rows[y]["runs_texts_per_s"])]
+            return {"median": sorted(each)[len(each) // 2], "runs": each}
+
+        self.results["ratios"] = {"h1/h0b (gateway vs the in-process limit at the same 32 in flight; target >= 0.9)":
+                                  ratio("h1", "h0b"),
+                                  "h1/h0 (gateway at 32 in flight vs the Engine given all texts at once)": ratio("h1", "h0"),
+                                  "h1c/h0 (gateway at 256 in flight vs the Engine given all texts at once)":
+                                  ratio("h1c", "h0"),
                                   "h1/h2 (gateway vs Infinity's server)": ratio("h1", "h2"),
                                   "h3/h4 (AsyncClient vs Client, one-text jobs)": ratio("h3", "h4"),
                                   "h3/h0 (AsyncClient vs in-process limit)": ratio("h3", "h0")}
+        self.results["paired_ratios"] = {name: paired(*name.split(" ")[0].split("/"))
+                                         for name in self.results["ratios"]}
 
     def close(self) -> None:
         self.procs.stop_all()
@@ -766,8 +786,11 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {what} | {h['redis_usec_per_text']} | {h['redis_usec_per_text_less_idle']} | "
                          f"{h['redis_calls_per_text']} | {h['texts_per_job']} | "
                          f"{h['redis_server_cpu_usec_per_text']} | {h['texts_per_s']} ({h['others_cores']}) |")
-    lines += ["", "| ratio | value |", "|---|---|"]
-    lines += [f"| {k} | {'-' if v is None else f'{v}x'} |" for k, v in results["ratios"].items()]
+    lines += ["", "| ratio | of the medians | within each repeat: median (runs) |", "|---|---|---|"]
+    for k, v in results["ratios"].items():
+        p = results.get("paired_ratios", {}).get(k)
+        each = f"{p['median']}x ({', '.join(map(str, p['runs']))})" if p else "-"
+        lines.append(f"| {k} | {'-' if v is None else f'{v}x'} | {each} |")
     if results["skipped"]:
         lines += [""] + [f"Skipped {k}: {v}" for k, v in results["skipped"].items()]
     return "\n".join(lines) + "\n"

@@ -425,10 +425,11 @@ class _Coalescer:
       the queue held no unstarted job at the last send): ``coalesce_ms``, enough to catch a burst.
     - **It would wait anyway** (every worker already has one of the jobs this client awaits, or
       the queue has a backlog): the batch is held, as TCP's Nagle holds small segments while data
-      is unacknowledged, until a result arrives (a worker is done with something) or
+      is unacknowledged, until an awaited result arrives and leaves a worker free, or
       ``coalesce_max_ms`` passes. Under closed-loop load (HTTP clients sending a new request as
-      each answer comes back) the requests that arrive during one forward then travel as one job
-      instead of as many one-text jobs, at the cost of about one Redis round trip of latency.
+      each answer comes back) the requests that arrive during one job then travel as the next
+      job instead of as many one-text jobs; what they wait for is mostly work they would have queued
+      behind anyway, and never more than ``coalesce_max_ms``.
 
     ``chunk_size`` items send a batch at once whatever the window.
     """

@@ -98,8 +98,8 @@ class ClientSettings(_FromEnv):
     coalesce_ms: float = 2.0
     #: AsyncClient: how long a gathering batch is held at most while a job sent now would only
     #: wait (every worker serving the queue already has a job this client awaits, or the queue
-    #: holds unstarted jobs). It is sent earlier, as soon as any awaited result arrives: under load
-    #: the requests that arrive during one forward then share a job instead of each being one.
+    #: holds unstarted jobs). It is sent earlier, once an awaited result arrives and a worker is
+    #: free: under load the requests that arrive during one job then share the next one.
     coalesce_max_ms: float = 20.0
     #: AsyncClient: connections its pool opens at most; a caller beyond them waits for one to be
     #: free (up to 20 s) instead of failing. The result listener keeps one, a blocked
