@@ -389,3 +389,17 @@ def test_drain_returns_everything_waiting_and_empties_the_pool() -> None:
     batch = s.next_batch(max_wait=0)
     assert batch is not None and {ident(e) for e in batch} == {ident(e) for e in again}
     assert len(s) == 0
+
+
+def test_a_pool_run_dry_starts_the_next_sweep_at_the_shortest():
+    """One job at a time into an empty pool (light load): its items are cut as one sorted pass,
+    as plan_batches would cut them, not split at where the last sweep stopped."""
+    s = BatchScheduler(max_batch_size=64, max_batch_tokens=1024)
+    s.add([entry(n) for n in (40, 60, 80)])
+    drain_all(s)  # the sweep stopped at length 80
+    rng = random.Random(7)
+    lengths = [rng.randint(10, 150) for _ in range(28)]
+    s.add([entry(n) for n in lengths])
+    batches = drain_all(s)
+    assert len(batches[0][0].ids) == min(lengths)
+    assert [len(b) for b in batches] == [end - start for start, end in plan_batches(sorted(lengths), 64, 1024)]

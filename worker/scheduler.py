@@ -202,5 +202,9 @@ class BatchScheduler:
     def _remove(self, lo: int, hi: int) -> list[Entry]:
         taken = self._keys[lo:hi]
         del self._keys[lo:hi]
-        self._cursor = (taken[-1][0], taken[-1][1] + 1)
+        # A pool run dry starts the next sweep at the shortest: with nobody left waiting there is
+        # no one to be fair to, and items arriving into an empty pool (one job at a time, under
+        # light load) are then cut as one sorted pass, not split at the old sweep's length into a
+        # partial batch of the longer ones and another of the shorter ones.
+        self._cursor = (taken[-1][0], taken[-1][1] + 1) if self._keys else (0, 0)
         return [self._entries.pop(seq) for _, seq in taken]
