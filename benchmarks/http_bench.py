@@ -13,10 +13,10 @@ Rows (one worker process behind every queue row; servers started and warmed befo
        traffic at concurrency 32, where only 32 texts are ever in flight (the h1 target's
        denominator: no server, in-process or not, can sort texts it has not been sent)
   h1   one-text HTTP requests at concurrency 32 (32 keep-alive connections of a minimal HTTP/1.1
-       client, see _Connection; POST /predict {"inputs": text})
+       client, see _Connection; POST /predict {"inputs": text}) through ``queuebert serve`` (its
+       own process) + one ``queuebert worker`` process
   h1c  the same at concurrency 256 (how close the gateway comes to h0 when the load gives the
        worker texts to sort)
-       through ``queuebert serve`` (its own process) + one ``queuebert worker`` process
   h2   the same requests against Infinity's own HTTP server (``infinity_emb v2``, POST /classify
        {"input": [text]}) serving the same model directory in the same dtype; installed into a
        venv of its own under the cache dir if absent (torch pinned to this environment's)

@@ -348,7 +348,7 @@ def test_cached_reads_once_for_many_concurrent_requests():
         return len(reads) if len(reads) > 1 else None
 
     async def scenario() -> None:
-        keeping = Cached(read, every=0.05, keep_none=False)
+        keeping = Cached(read, every=0.5, keep_none=False)
         first = await asyncio.gather(*(keeping.get() for _ in range(64)))
         assert first == [None] * 64 and len(reads) == 1
         # A None is not kept: the next call reads again, and 63 others share it with one cancelled.
@@ -358,7 +358,7 @@ def test_cached_reads_once_for_many_concurrent_requests():
         got = await asyncio.gather(*waiters[1:])
         assert got == [2] * 63 and len(reads) == 2
         assert await keeping.get() == 2 and len(reads) == 2  # fresh
-        await asyncio.sleep(0.06)
+        await asyncio.sleep(0.6)
         assert await asyncio.gather(*(keeping.get() for _ in range(8))) == [3] * 8 and len(reads) == 3
 
     asyncio.run(scenario())
