@@ -524,9 +524,9 @@ def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
         first = await client.submit("the first, awaited")
         waiting = asyncio.ensure_future(first.result(timeout=120))
         later = []
-        for i in range(5):
+        for i in range(5):  # 50 ms apart: far past the 2 ms window even on a loaded machine
             later.append(asyncio.ensure_future(client.submit(f"later {i}")))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
         await asyncio.sleep(0.1)
         before = dict(client.coalesced)
         handles = await asyncio.gather(*later)  # sent once the first result arrives, if held
@@ -536,7 +536,7 @@ def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
         return before, after, results
 
     fut = in_loop(loop, scenario())
-    time.sleep(0.5)
+    time.sleep(1.0)  # past the scenario's 350 ms, so "before" is read while "first" is still held
     assert not fut.done()
     conn.srem(f"rq:workers:{queue}", *listed)
     waiter.join()
@@ -549,7 +549,7 @@ def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
     before, after, results = fut.result()
     assert all(r is not None and r["label"] for r in results) and len(results) == 6
     if workers_listed == 1:
-        # The one worker had "first": the rest were held through 10 ms gaps and the 100 ms after,
+        # The one worker had "first": the rest were held through 50 ms gaps and the 100 ms after,
         # then sent together when its result came.
         assert before == {"batches": 1, "jobs": 1, "items": 1}
         assert after == {"batches": 2, "jobs": 2, "items": 6}
