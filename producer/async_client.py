@@ -351,11 +351,11 @@ class _ResultListener:
                 self.reading = set()
             delay = 0.05
             done = [self._collect(name, entries) for name, entries in reply or []]
-            if reply:
+            if done:
                 # Before the waiters wake: the batch held for a free worker goes out first, not
                 # after every woken request has written its answer (~0.3 ms each in the gateway,
                 # time the worker would sit idle).
-                self.client._coalescer.results_arrived()
+                self.client._coalescer.results_arrived(sum(len(waiting) for waiting, _ in done))
             for waiting, outcome in done:
                 for fut in waiting:
                     if not fut.done():
@@ -426,13 +426,22 @@ class _Coalescer:
 
     - **Something would take it** (fewer awaited jobs in flight than workers serve the queue, and
       the queue held no unstarted job at the last send): ``coalesce_ms``, enough to catch a burst.
-    - **It would wait anyway** (every worker already has one of the jobs this client awaits, or
-      the queue has a backlog): the batch is held, as TCP's Nagle holds small segments while data
-      is unacknowledged, until an awaited result arrives and leaves a worker free, or
-      ``coalesce_max_ms`` passes. Under closed-loop load (HTTP clients sending a new request as
-      each answer comes back) the requests that arrive during one job then travel as the next
-      job instead of as many one-text jobs; what they wait for is mostly work they would have queued
-      behind anyway, and never more than ``coalesce_max_ms``.
+    - **It would wait anyway**: the batch is held, as TCP's Nagle holds small segments while
+      data is unacknowledged. While every worker already has one of the jobs this client awaits,
+      until one of those results arrives (at most ``coalesce_hold_ms``, a bound for a job whose
+      worker died): sent earlier, the job would only queue behind them. While the queue only had a
+      backlog at the last send, at most ``coalesce_max_ms``. Under closed-loop load (HTTP clients
+      sending a new request as each answer comes back) the requests that arrive during one job
+      then travel as the next job instead of as many one-text jobs.
+    - **Answers just went out** (results for ``k`` items arrived less than ``coalesce_max_ms``
+      ago, a worker is free): their submitters may be about to send again, and over HTTP they
+      come back one by one over several milliseconds (each woken request writes its answer, each
+      client reads it and sends again). The batch, and one held until then, gathers until ``k``
+      submits have arrived since those results, or ``coalesce_max_ms`` has passed since them.
+      Sent at the first returner instead, a job would carry a few texts while the rest were held
+      behind it: the load settles into two half-size jobs that alternate, each cut into its own
+      smaller forwards. Where submitters do not come back (open-loop traffic), a batch started
+      in that window waits up to ``coalesce_max_ms`` instead of ``coalesce_ms``.
 
     ``chunk_size`` items send a batch at once whatever the window.
     """
@@ -443,6 +452,12 @@ class _Coalescer:
         self.timers: dict[tuple[str, JobOptions], asyncio.TimerHandle] = {}
         #: Batches gathering with the long window, sent early when a result arrives.
         self.held: set[tuple[str, JobOptions]] = set()
+        #: Batches gathering for the submitters of results that just arrived (see above).
+        self.regathering: set[tuple[str, JobOptions]] = set()
+        #: Items whose results arrived before ``regather_until`` (loop time), and the submits
+        #: made since the first of them.
+        self.returning = self.returned = 0
+        self.regather_until = 0.0
         #: Runs (one per gathered batch) and jobs sent, and items in them (tests and benchmarks).
         self.batches = self.jobs = self.items = 0
         #: Per queue, seen in the last send's round trip: unstarted jobs it held right after (0: a
@@ -456,32 +471,66 @@ class _Coalescer:
 
     async def submit(self, item: Item, queue: str, options: JobOptions) -> AsyncHandle:
         key = (queue, options)
-        fut: asyncio.Future[AsyncHandle] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[AsyncHandle] = loop.create_future()
         batch = self.pending.setdefault(key, [])
         batch.append((item, fut))
-        if len(batch) >= self.client.settings.chunk_size:
+        regathering = loop.time() < self.regather_until
+        if regathering:
+            self.returned += 1
+        s = self.client.settings
+        if len(batch) >= s.chunk_size:
             self.flush(key)
+        elif key in self.regathering:
+            self._regather(key)
         elif len(batch) == 1:
-            s = self.client.settings
-            window = s.coalesce_ms
             if self.would_wait(queue) and s.coalesce_max_ms > s.coalesce_ms:
-                window = s.coalesce_max_ms
                 self.held.add(key)
-            self.timers[key] = asyncio.get_running_loop().call_later(window / 1000, self.flush, key)
+                # Waiting on our own jobs, it would only queue behind them: held until one ends.
+                hold = s.coalesce_hold_ms if self._all_busy(queue) else s.coalesce_max_ms
+                self._arm(key, hold / 1000)
+            elif regathering and self.returned < self.returning:
+                self._regather(key)
+            else:
+                self._arm(key, s.coalesce_ms / 1000)
         return await fut
 
-    def results_arrived(self) -> None:
-        """A worker finished something this client awaited: what was held goes now, unless every
+    def results_arrived(self, items: int) -> None:
+        """Results for ``items`` awaited items arrived (their submitters are about to hear): what
+        was held for a busy worker now gathers for those submitters' next submits, unless every
         worker still has one of this client's jobs (a job sent now would still wait)."""
+        now = asyncio.get_running_loop().time()
+        if now >= self.regather_until:
+            self.returning = self.returned = 0
+        self.returning += items
+        self.regather_until = now + self.client.settings.coalesce_max_ms / 1000
         for key in list(self.held):
             if not self._all_busy(key[0]):
-                self.flush(key)
+                self.held.discard(key)
+                self._regather(key)
+
+    def _regather(self, key: tuple[str, JobOptions]) -> None:
+        """Send ``key``'s batch once every returning submitter is back, else at ``regather_until``."""
+        now = asyncio.get_running_loop().time()
+        if self.returned >= self.returning or now >= self.regather_until:
+            self.flush(key)
+            return
+        if key not in self.regathering:
+            self.regathering.add(key)
+            self._arm(key, self.regather_until - now)
+
+    def _arm(self, key: tuple[str, JobOptions], seconds: float) -> None:
+        timer = self.timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self.timers[key] = asyncio.get_running_loop().call_later(seconds, self.flush, key)
 
     def _all_busy(self, queue: str) -> bool:
         return len(self.client._listener.waiters) >= max(1, self.workers.get(queue, 1))
 
     def flush(self, key: tuple[str, JobOptions]) -> None:
         self.held.discard(key)
+        self.regathering.discard(key)
         timer = self.timers.pop(key, None)
         if timer is not None:
             timer.cancel()

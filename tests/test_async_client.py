@@ -505,9 +505,11 @@ def test_coalescing_gathers_longer_while_the_queue_has_a_backlog(redis_server, c
 @pytest.mark.parametrize("workers_listed", [1, 2])
 def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
         conn, redis_server, engines, loop, workers_listed):
-    """Nagle for jobs: while this client awaits as many jobs as workers serve the queue (or the
-    queue holds unstarted jobs), new submits are held (here up to a minute) and go as one job the
-    moment a result arrives; with a worker to spare a submit goes after the short window.
+    """Nagle for jobs: while this client awaits as many jobs as workers serve the queue, new
+    submits are held (coalesce_hold_ms, here a minute, far past the 100 ms coalesce_max_ms),
+    and while the queue holds unstarted jobs for coalesce_max_ms (here 2.5 s). They go as one job
+    once a result arrives (and its submitter, who here never sends again, has had
+    coalesce_max_ms to come back); with a worker to spare a submit goes after the short window.
 
     A thread waits on the queue as an idle worker does, so "first" is taken as it is pushed and
     the queue shows no backlog: only the awaited job can hold what follows."""
@@ -520,7 +522,8 @@ def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
     wait_until(lambda: any(c.get("cmd") == "blpop" for c in conn.client_list()))
 
     async def scenario() -> tuple[dict[str, int], dict[str, int], list[Any]]:
-        client = async_client(redis_server.url, f"qb-{queue}", queue=queue, coalesce_ms=2, coalesce_max_ms=60_000)
+        client = async_client(redis_server.url, f"qb-{queue}", queue=queue, coalesce_ms=2,
+                              coalesce_max_ms=100 if workers_listed == 1 else 2500, coalesce_hold_ms=60_000)
         first = await client.submit("the first, awaited")
         waiting = asyncio.ensure_future(first.result(timeout=120))
         later = []
@@ -558,3 +561,57 @@ def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
         # waits on the queue here), so the rest were held until a result came.
         assert before == {"batches": 2, "jobs": 2, "items": 2}
         assert after == {"batches": 3, "jobs": 3, "items": 6}
+
+
+@pytest.mark.parametrize("returners", [3, 1])
+def test_submitters_whose_results_just_arrived_share_the_next_job(conn, redis_server, engines, loop, returners):
+    """Closed-loop load over HTTP: answers reach their clients one by one, and each client sends
+    again some milliseconds later. With the worker free, the first to come back would go alone
+    after coalesce_ms and the rest would be held behind it (from then on two half-size jobs
+    alternate). Instead a batch waits until as many submits as results arrived have come, or
+    coalesce_max_ms after the results (what a submitter that never comes back costs).
+
+    A thread waits on the queue as an idle worker does, so the first job is taken as it is pushed
+    and the client sees no backlog: a worker is free when the answers go out."""
+    queue = f"regather-{returners}"
+    conn.sadd(f"rq:workers:{queue}", "rq:worker:listed-0")
+    taken: list[Any] = []
+    idle = threading.Thread(target=lambda: taken.append(conn.blpop([f"rq:queue:{queue}"], timeout=30)))
+    idle.start()
+    wait_until(lambda: any(c.get("cmd") == "blpop" for c in conn.client_list()))
+
+    async def scenario() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        client = async_client(redis_server.url, f"qb-{queue}", queue=queue, coalesce_ms=2, coalesce_max_ms=2000)
+        firsts = await asyncio.gather(*(client.submit(f"first {i}") for i in range(3)))
+        sent_first = dict(client.coalesced)
+        await asyncio.gather(*(h.result(timeout=120) for h in firsts))
+
+        async def again(i: int) -> Any:  # each answer reaches its client 50 ms after the previous one
+            await asyncio.sleep(0.05 * i)
+            return await client.submit(f"again {i}")
+
+        sends = [asyncio.ensure_future(again(i)) for i in range(returners)]
+        await asyncio.sleep(0.05 * returners + 0.3)  # well short of the 2 s bound
+        mid = dict(client.coalesced)
+        await asyncio.gather(*sends)
+        after = dict(client.coalesced)
+        await close(client)
+        return sent_first, mid, after
+
+    fut = in_loop(loop, scenario())
+    idle.join()
+    conn.lpush(f"rq:queue:{queue}", taken[0][1])  # back to the queue, for the real worker
+    deadline = time.monotonic() + 120
+    while not fut.done():
+        assert time.monotonic() < deadline
+        run_burst(conn, engines["bert"], queues=[queue])
+        time.sleep(0.005)
+    sent_first, mid, after = fut.result()
+    assert sent_first == {"batches": 1, "jobs": 1, "items": 3}
+    if returners == 3:
+        # Sent as the third came back, 100 ms after the first and long before the bound.
+        assert mid == after == {"batches": 2, "jobs": 2, "items": 6}
+    else:
+        # Two of the three never came back: the one that did waited for them up to the bound.
+        assert mid == {"batches": 1, "jobs": 1, "items": 3}
+        assert after == {"batches": 2, "jobs": 2, "items": 4}
