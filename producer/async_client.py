@@ -426,25 +426,34 @@ class _Coalescer:
 
     - **Something would take it** (fewer awaited jobs in flight than workers serve the queue, and
       the queue held no unstarted job at the last send): ``coalesce_ms``, enough to catch a burst.
-    - **It would wait anyway**: the batch is held, as TCP's Nagle holds small segments while
-      data is unacknowledged. While every worker already has one of the jobs this client awaits,
-      until one of those results arrives (at most ``coalesce_hold_ms``, a bound for a job whose
-      worker died): sent earlier, the job would only queue behind them. While the queue only had a
-      backlog at the last send, at most ``coalesce_max_ms``. Under closed-loop load (HTTP clients
-      sending a new request as each answer comes back) the requests that arrive during one job
-      then travel as the next job instead of as many one-text jobs.
-    - **Answers just went out** (results for ``k`` items arrived less than ``coalesce_max_ms``
-      ago, a worker is free): their submitters may be about to send again, and over HTTP they
-      come back one by one over several milliseconds (each woken request writes its answer, each
-      client reads it and sends again). The batch, and one held until then, gathers until ``k``
-      submits have arrived since those results, or ``coalesce_max_ms`` has passed since them.
-      Sent at the first returner instead, a job would carry a few texts while the rest were held
-      behind it: the load settles into two half-size jobs that alternate, each cut into its own
-      smaller forwards. Where submitters do not come back (open-loop traffic), a batch started
-      in that window waits up to ``coalesce_max_ms`` instead of ``coalesce_ms``.
+    - **It would wait anyway** (every worker already has one of the jobs this client awaits, or
+      the queue has a backlog): the batch is held, as TCP's Nagle holds small segments while data
+      is unacknowledged, until an awaited result arrives and leaves a worker free, or
+      ``coalesce_max_ms`` passes. The requests that arrive during one job then travel as the next
+      job instead of as many one-text jobs.
+    - **Closed-loop traffic** (each submitter sends again when its answer comes back, as HTTP
+      clients at a fixed concurrency do; see ``_judge_loop``). Over HTTP the answered come back
+      one by one over several milliseconds (each woken request writes its answer, each client
+      reads it and sends again). Sent as they came, the first would go alone while the rest were
+      held behind it, and the load would settle into two half-size jobs alternating, each cut into
+      its own smaller forwards. So, after results for ``k`` items arrive, a batch (and one held
+      until then) gathers until ``k`` submits have come since, or ``coalesce_max_ms`` has passed;
+      and while every worker has one of this client's jobs, a batch is held until one of their
+      results arrives (at most ``coalesce_hold_ms``, a bound for a job whose worker died), since
+      its submitters are about to come back. Open-loop traffic gets neither: there a job sent
+      while the worker computes joins its pool at once and is in its next forward, and nobody
+      is about to come back.
 
     ``chunk_size`` items send a batch at once whatever the window.
     """
+
+    #: Closed loop: submits arrive this many times as fast in the ``coalesce_max_ms`` after results
+    #: as at other times (open-loop traffic: as fast, whatever the results do).
+    LOOP_RATIO = 4.0
+    #: Fewest submits (decayed) just after results before the traffic is judged closed-loop.
+    LOOP_MIN_SUBMITS = 4.0
+    #: Share of the evidence kept at each results event (an exponential average over events).
+    LOOP_DECAY = 0.9
 
     def __init__(self, client: AsyncClient):
         self.client = client
@@ -458,6 +467,11 @@ class _Coalescer:
         #: made since the first of them.
         self.returning = self.returned = 0
         self.regather_until = 0.0
+        #: Whether submitters send again as their results arrive (see ``_judge_loop``), and its
+        #: evidence: submits and seconds inside and outside the windows after results.
+        self.closed_loop = False
+        self._in_n = self._in_s = self._out_n = self._out_s = 0.0
+        self._mark: float | None = None
         #: Runs (one per gathered batch) and jobs sent, and items in them (tests and benchmarks).
         self.batches = self.jobs = self.items = 0
         #: Per queue, seen in the last send's round trip: unstarted jobs it held right after (0: a
@@ -478,6 +492,9 @@ class _Coalescer:
         regathering = loop.time() < self.regather_until
         if regathering:
             self.returned += 1
+            self._in_n += 1
+        else:
+            self._out_n += 1
         s = self.client.settings
         if len(batch) >= s.chunk_size:
             self.flush(key)
@@ -486,10 +503,10 @@ class _Coalescer:
         elif len(batch) == 1:
             if self.would_wait(queue) and s.coalesce_max_ms > s.coalesce_ms:
                 self.held.add(key)
-                # Waiting on our own jobs, it would only queue behind them: held until one ends.
-                hold = s.coalesce_hold_ms if self._all_busy(queue) else s.coalesce_max_ms
+                # Closed loop: held until one of our jobs ends, then sent with its submitters.
+                hold = s.coalesce_hold_ms if self.closed_loop and self._all_busy(queue) else s.coalesce_max_ms
                 self._arm(key, hold / 1000)
-            elif regathering and self.returned < self.returning:
+            elif regathering and self.closed_loop and self.returned < self.returning:
                 self._regather(key)
             else:
                 self._arm(key, s.coalesce_ms / 1000)
@@ -497,17 +514,39 @@ class _Coalescer:
 
     def results_arrived(self, items: int) -> None:
         """Results for ``items`` awaited items arrived (their submitters are about to hear): what
-        was held for a busy worker now gathers for those submitters' next submits, unless every
-        worker still has one of this client's jobs (a job sent now would still wait)."""
+        was held for a busy worker goes now (closed loop: with those submitters' next submits),
+        unless every worker still has one of this client's jobs (a job sent now would still wait)."""
         now = asyncio.get_running_loop().time()
+        self._judge_loop(now)
         if now >= self.regather_until:
             self.returning = self.returned = 0
         self.returning += items
         self.regather_until = now + self.client.settings.coalesce_max_ms / 1000
         for key in list(self.held):
             if not self._all_busy(key[0]):
-                self.held.discard(key)
-                self._regather(key)
+                if self.closed_loop:
+                    self.held.discard(key)
+                    self._regather(key)
+                else:
+                    self.flush(key)
+
+    def _judge_loop(self, now: float) -> None:
+        """Closed-loop traffic (each submitter waits for its answer before sending again) shows as
+        submits crowding into the windows just after results; open-loop traffic arrives at the
+        same rate inside and outside them. Where windows cover most of the time (results come
+        faster than ``coalesce_max_ms``) the two cannot be told apart, and nothing is assumed."""
+        if self._mark is not None:
+            inside = max(0.0, min(now, self.regather_until) - self._mark)
+            self._in_s += inside
+            self._out_s += max(0.0, now - self._mark - inside)
+        self._mark = now
+        # The +1: an outside with no submit yet is evidence of one, not of none.
+        self.closed_loop = (self._in_n >= self.LOOP_MIN_SUBMITS and self._out_s >= self._in_s > 0
+                            and self._in_n / self._in_s >= self.LOOP_RATIO * (self._out_n + 1) / self._out_s)
+        self._in_n *= self.LOOP_DECAY
+        self._in_s *= self.LOOP_DECAY
+        self._out_n *= self.LOOP_DECAY
+        self._out_s *= self.LOOP_DECAY
 
     def _regather(self, key: tuple[str, JobOptions]) -> None:
         """Send ``key``'s batch once every returning submitter is back, else at ``regather_until``."""

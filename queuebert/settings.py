@@ -96,14 +96,17 @@ class ClientSettings(_FromEnv):
     #: into shared jobs of up to ``chunk_size`` items, each item keeping its own result: a one-text
     #: job costs Redis ~40x what a text in a full job costs. 0: each submit is sent at once.
     coalesce_ms: float = 2.0
-    #: AsyncClient: how long a gathering batch waits at most for more submits while a job sent
-    #: now would wait behind a backlog, or while the submitters of results that just arrived are
-    #: expected back (see ``producer.async_client._Coalescer``).
+    #: AsyncClient: how long a gathering batch is held at most while a job sent now would only
+    #: wait (every worker serving the queue already has a job this client awaits, or the queue
+    #: holds unstarted jobs). It is sent earlier, once an awaited result arrives and a worker is
+    #: free: under load the requests that arrive during one job then share the next one. Under
+    #: closed-loop traffic, also how long after results a batch waits for their submitters to
+    #: send again (see ``producer.async_client._Coalescer``).
     coalesce_max_ms: float = 20.0
-    #: AsyncClient: while every worker serving the queue already has a job this client awaits, a
-    #: gathering batch is held until one of those results arrives, at most this long. Sent
-    #: earlier it would only queue behind them, and the submitters of those results, about to
-    #: send again, would miss it. The bound is for a job that does not end (its worker died).
+    #: AsyncClient, closed-loop traffic only: while every worker serving the queue already has a
+    #: job this client awaits, a gathering batch is held until one of those results arrives, at
+    #: most this long (a bound for a job whose worker died): their submitters, about to send
+    #: again, then share its job.
     coalesce_hold_ms: float = 1000.0
     #: AsyncClient: connections its pool opens at most; a caller beyond them waits for one to be
     #: free (up to 20 s) instead of failing. The result listener keeps one, a blocked

@@ -35,14 +35,30 @@ def pipeline_reference(model_dir: str, texts: list[str], device: str = "cpu") ->
 LOG_DIR = Path(os.environ.get("QB_TEST_LOG_DIR", "/tmp/queuebert-test-logs"))
 
 
-def start_worker(url: str, model: Path, name: str, **env: str) -> LoggedProcess:
+#: `queuebert worker` with every forward taking ``forward_s`` longer: a tiny model's forward made
+#: as long as a real model's on a CPU, for tests of what clients do while a worker is busy.
+_SLOWED_WORKER = """
+import sys, time
+from worker.engine import Engine
+run_batch = Engine.run_batch
+def slowed(self, *args, **kwargs):
+    time.sleep({forward_s})
+    return run_batch(self, *args, **kwargs)
+Engine.run_batch = slowed
+from queuebert.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_worker(url: str, model: Path, name: str, forward_s: float = 0.0, **env: str) -> LoggedProcess:
     """A `queuebert worker` process on CPU in float32 with a 1 s heartbeat (``env`` overrides any
-    ``QUEUEBERT_*``); its JSON log is in ``proc.log_path``."""
+    ``QUEUEBERT_*``), each forward ``forward_s`` slower; its JSON log is in ``proc.log_path``."""
     from conftest import PYTHON, REPO, subprocess_env
 
     settings = {"QUEUEBERT_MODEL": str(model), "QUEUEBERT_DTYPE": "float32", "QUEUEBERT_DEVICE": "cpu",
                 "QUEUEBERT_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1", **env}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    return start_process([PYTHON, "-m", "queuebert.cli", "worker", "--name", name, "--log-format", "json"],
+    program = ["-c", _SLOWED_WORKER.format(forward_s=forward_s)] if forward_s else ["-m", "queuebert.cli"]
+    return start_process([PYTHON, *program, "worker", "--name", name, "--log-format", "json"],
                          env=subprocess_env(url, **settings), cwd=REPO,
                          log_path=LOG_DIR / f"{name}-{time.time():.0f}.log")

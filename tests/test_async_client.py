@@ -10,6 +10,7 @@ while coroutines wait for them, as with a real worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import threading
@@ -17,12 +18,13 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio
-from helpers import run_burst
+from helpers import run_burst, start_worker
 
 import producer.async_client
 import producer.client
@@ -30,6 +32,7 @@ from producer import AsyncClient, Client, ResumeError
 from producer.jobs import JOBS_PER_ROUND_TRIP, JobOptions
 from queuebert import keys
 from queuebert.connection import connect_async
+from queuebert.procs import stop_processes
 from queuebert.settings import ClientSettings
 
 QUEUE_KEY = "rq:queue:default"
@@ -505,11 +508,9 @@ def test_coalescing_gathers_longer_while_the_queue_has_a_backlog(redis_server, c
 @pytest.mark.parametrize("workers_listed", [1, 2])
 def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
         conn, redis_server, engines, loop, workers_listed):
-    """Nagle for jobs: while this client awaits as many jobs as workers serve the queue, new
-    submits are held (coalesce_hold_ms, here a minute, far past the 100 ms coalesce_max_ms),
-    and while the queue holds unstarted jobs for coalesce_max_ms (here 2.5 s). They go as one job
-    once a result arrives (and its submitter, who here never sends again, has had
-    coalesce_max_ms to come back); with a worker to spare a submit goes after the short window.
+    """Nagle for jobs: while this client awaits as many jobs as workers serve the queue (or the
+    queue holds unstarted jobs), new submits are held (here up to a minute) and go as one job the
+    moment a result arrives; with a worker to spare a submit goes after the short window.
 
     A thread waits on the queue as an idle worker does, so "first" is taken as it is pushed and
     the queue shows no backlog: only the awaited job can hold what follows."""
@@ -522,8 +523,7 @@ def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
     wait_until(lambda: any(c.get("cmd") == "blpop" for c in conn.client_list()))
 
     async def scenario() -> tuple[dict[str, int], dict[str, int], list[Any]]:
-        client = async_client(redis_server.url, f"qb-{queue}", queue=queue, coalesce_ms=2,
-                              coalesce_max_ms=100 if workers_listed == 1 else 2500, coalesce_hold_ms=60_000)
+        client = async_client(redis_server.url, f"qb-{queue}", queue=queue, coalesce_ms=2, coalesce_max_ms=60_000)
         first = await client.submit("the first, awaited")
         waiting = asyncio.ensure_future(first.result(timeout=120))
         later = []
@@ -563,55 +563,81 @@ def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
         assert after == {"batches": 3, "jobs": 3, "items": 6}
 
 
-@pytest.mark.parametrize("returners", [3, 1])
-def test_submitters_whose_results_just_arrived_share_the_next_job(conn, redis_server, engines, loop, returners):
-    """Closed-loop load over HTTP: answers reach their clients one by one, and each client sends
-    again some milliseconds later. With the worker free, the first to come back would go alone
-    after coalesce_ms and the rest would be held behind it (from then on two half-size jobs
-    alternate). Instead a batch waits until as many submits as results arrived have come, or
-    coalesce_max_ms after the results (what a submitter that never comes back costs).
 
-    A thread waits on the queue as an idle worker does, so the first job is taken as it is pushed
-    and the client sees no backlog: a worker is free when the answers go out."""
-    queue = f"regather-{returners}"
-    conn.sadd(f"rq:workers:{queue}", "rq:worker:listed-0")
-    taken: list[Any] = []
-    idle = threading.Thread(target=lambda: taken.append(conn.blpop([f"rq:queue:{queue}"], timeout=30)))
-    idle.start()
-    wait_until(lambda: any(c.get("cmd") == "blpop" for c in conn.client_list()))
+@contextlib.contextmanager
+def slowed_worker(conn: redis.Redis, url: str, model: Path, queue: str, forward_s: float) -> Iterator[None]:
+    """One real worker on ``queue`` (blocked on it while idle, so a client sending then sees no
+    backlog) whose forwards take ``forward_s``, as a CPU forward of ~32 texts does."""
+    proc = start_worker(url, model, f"slowed-{queue}", forward_s=forward_s, QUEUEBERT_QUEUES=queue)
+    try:
+        wait_until(lambda: conn.scard(f"rq:workers:{queue}") == 1, timeout=120)
+        yield
+    finally:
+        stop_processes([proc], 15)
 
-    async def scenario() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-        client = async_client(redis_server.url, f"qb-{queue}", queue=queue, coalesce_ms=2, coalesce_max_ms=2000)
-        firsts = await asyncio.gather(*(client.submit(f"first {i}") for i in range(3)))
-        sent_first = dict(client.coalesced)
-        await asyncio.gather(*(h.result(timeout=120) for h in firsts))
 
-        async def again(i: int) -> Any:  # each answer reaches its client 50 ms after the previous one
-            await asyncio.sleep(0.05 * i)
-            return await client.submit(f"again {i}")
+def test_closed_loop_submitters_come_back_together_as_one_job(conn, redis_server, tiny_models):
+    """Closed-loop load (HTTP clients each sending a new request when its answer comes back):
+    answers reach their clients one by one, each client sends again some milliseconds later (here
+    0, 10, 20 and 30 ms). Sent as it arrived, the first would go alone and the rest would be held
+    behind it, and the two parts would alternate from then on. Once the client has seen its
+    submits crowd in just after results, the submitters of arrived results are gathered into one
+    job, and what arrives while the worker has its job waits for that job's answers."""
+    queue = "closed-loop"
+    rounds, users = 10, 4
 
-        sends = [asyncio.ensure_future(again(i)) for i in range(returners)]
-        await asyncio.sleep(0.05 * returners + 0.3)  # well short of the 2 s bound
-        mid = dict(client.coalesced)
-        await asyncio.gather(*sends)
-        after = dict(client.coalesced)
+    async def scenario() -> list[str]:
+        client = async_client(redis_server.url, f"qb-{queue}", queue=queue, coalesce_ms=2, coalesce_max_ms=100)
+        sent: list[str] = []  # the job of each submit, in the order the submits returned
+
+        async def user(i: int) -> None:
+            for r in range(rounds):
+                handle = await client.submit(f"user {i} round {r}")
+                sent.append(handle.job_id)
+                assert (await handle.result(timeout=120))["label"]
+                await asyncio.sleep(0.01 * i)  # the answer reaches this client i x 10 ms later
+
+        await asyncio.gather(*(user(i) for i in range(users)))
         await close(client)
-        return sent_first, mid, after
+        return sent
 
-    fut = in_loop(loop, scenario())
-    idle.join()
-    conn.lpush(f"rq:queue:{queue}", taken[0][1])  # back to the queue, for the real worker
-    deadline = time.monotonic() + 120
-    while not fut.done():
-        assert time.monotonic() < deadline
-        run_burst(conn, engines["bert"], queues=[queue])
-        time.sleep(0.005)
-    sent_first, mid, after = fut.result()
-    assert sent_first == {"batches": 1, "jobs": 1, "items": 3}
-    if returners == 3:
-        # Sent as the third came back, 100 ms after the first and long before the bound.
-        assert mid == after == {"batches": 2, "jobs": 2, "items": 6}
-    else:
-        # Two of the three never came back: the one that did waited for them up to the bound.
-        assert mid == {"batches": 1, "jobs": 1, "items": 3}
-        assert after == {"batches": 2, "jobs": 2, "items": 4}
+    with slowed_worker(conn, redis_server.url, tiny_models["bert"], queue, 0.3):
+        sent = asyncio.run(scenario())
+    sizes = [sent.count(j) for j in dict.fromkeys(sent)]
+    assert sizes[0] == users  # sent together: one job
+    # Then the one that came back first went alone and the rest were held behind it: 1, 3, 1, 3.
+    # Settled within a few rounds, each job carries every user again. (The last may carry fewer:
+    # a user that went alone early is a round ahead and finishes first.)
+    assert sizes[-4:-1] == [users] * 3, sizes
+
+
+def test_open_loop_submits_are_not_held_for_submitters_that_do_not_come_back(conn, redis_server, tiny_models):
+    """Open-loop load (a request every 25 ms whatever the answers do): a submit is held no longer
+    than coalesce_max_ms behind a busy worker, as before any result arrived. Judged closed-loop,
+    submits would wait for the answers of the job in flight (~600 ms here)."""
+    queue = "open-loop"
+
+    async def scenario() -> tuple[list[float], list[bool]]:
+        client = async_client(redis_server.url, f"qb-{queue}", queue=queue, coalesce_ms=2, coalesce_max_ms=100)
+        held: list[float] = []
+        judged: list[bool] = []
+
+        async def request(i: int) -> None:
+            t = time.monotonic()
+            handle = await client.submit(f"request {i}")
+            held.append(time.monotonic() - t)
+            assert (await handle.result(timeout=120))["label"]
+            judged.append(client._coalescer.closed_loop)
+
+        tasks = []
+        for i in range(100):
+            tasks.append(asyncio.ensure_future(request(i)))
+            await asyncio.sleep(0.025)
+        await asyncio.gather(*tasks)
+        await close(client)
+        return held, judged
+
+    with slowed_worker(conn, redis_server.url, tiny_models["bert"], queue, 0.6):
+        held, judged = asyncio.run(scenario())
+    assert not any(judged)
+    assert max(held) < 0.4, sorted(held)[-5:]
