@@ -563,7 +563,6 @@ def test_submits_wait_for_an_awaited_result_only_while_every_worker_has_work(
         assert after == {"batches": 3, "jobs": 3, "items": 6}
 
 
-
 @contextlib.contextmanager
 def slowed_worker(conn: redis.Redis, url: str, model: Path, queue: str, forward_s: float) -> Iterator[None]:
     """One real worker on ``queue`` (blocked on it while idle, so a client sending then sees no
