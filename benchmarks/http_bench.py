@@ -670,16 +670,14 @@ class HttpBench:
             each = [round(a / b, 3) for a, b in zip(rows[x]["runs_texts_per_s"], rows[y]["runs_texts_per_s"])]
             return {"median": sorted(each)[len(each) // 2], "runs": each}
 
-        self.results["ratios"] = {"h1/h0b (gateway vs the in-process limit at the same 32 in flight; target >= 0.9)":
-                                  ratio("h1", "h0b"),
-                                  "h1/h0 (gateway at 32 in flight vs the Engine given all texts at once)": ratio("h1", "h0"),
-                                  "h1c/h0 (gateway at 256 in flight vs the Engine given all texts at once)":
-                                  ratio("h1c", "h0"),
-                                  "h1/h2 (gateway vs Infinity's server)": ratio("h1", "h2"),
-                                  "h3/h4 (AsyncClient vs Client, one-text jobs)": ratio("h3", "h4"),
-                                  "h3/h0 (AsyncClient vs in-process limit)": ratio("h3", "h0")}
-        self.results["paired_ratios"] = {name: paired(*name.split(" ")[0].split("/"))
-                                         for name in self.results["ratios"]}
+        ratios = [("h1", "h0b", "gateway vs the in-process limit at the same 32 in flight; target >= 0.9"),
+                  ("h1", "h0", "gateway at 32 in flight vs the Engine given all texts at once"),
+                  ("h1c", "h0", "gateway at 256 in flight vs the Engine given all texts at once"),
+                  ("h1", "h2", "gateway vs Infinity's server"),
+                  ("h3", "h4", "AsyncClient vs Client, one-text jobs"),
+                  ("h3", "h0", "AsyncClient vs in-process limit")]
+        self.results["ratios"] = {f"{x}/{y} ({what})": ratio(x, y) for x, y, what in ratios}
+        self.results["paired_ratios"] = {f"{x}/{y} ({what})": paired(x, y) for x, y, what in ratios}
 
     def close(self) -> None:
         self.procs.stop_all()

@@ -489,8 +489,8 @@ class _Coalescer:
         fut: asyncio.Future[AsyncHandle] = loop.create_future()
         batch = self.pending.setdefault(key, [])
         batch.append((item, fut))
-        regathering = loop.time() < self.regather_until
-        if regathering:
+        in_window = loop.time() < self.regather_until  # of results that just arrived
+        if in_window:
             self.returned += 1
             self._in_n += 1
         else:
@@ -506,7 +506,7 @@ class _Coalescer:
                 # Closed loop: held until one of our jobs ends, then sent with its submitters.
                 hold = s.coalesce_hold_ms if self.closed_loop and self._all_busy(queue) else s.coalesce_max_ms
                 self._arm(key, hold / 1000)
-            elif regathering and self.closed_loop and self.returned < self.returning:
+            elif in_window and self.closed_loop and self.returned < self.returning:
                 self._regather(key)
             else:
                 self._arm(key, s.coalesce_ms / 1000)
