@@ -24,6 +24,7 @@ One-text requests are gathered into shared jobs by the client (:class:`~producer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -135,6 +136,20 @@ class Gateway:
         self.metrics = Metrics()
         self._depth = Cached(self._read_depth, DEPTH_EVERY)
         self._served = Cached(self._read_served, MODEL_EVERY, keep_none=False)
+        #: Requests waiting for results, answered 503 just before a stop would cut them off.
+        self._waiting: set[asyncio.Future[Any]] = set()
+        self._cut = False
+
+    def begin_stop(self) -> None:
+        """A stop signal arrived (in the event loop's thread): requests still waiting for results
+        when the stop's grace is nearly over get a 503 (retry elsewhere) instead of a dropped
+        connection. Their jobs stay queued, so a retry finds the work done or under way."""
+        asyncio.get_running_loop().call_later(max(0.0, self.settings.stop_timeout - 1.0), self._cut_waiting)
+
+    def _cut_waiting(self) -> None:
+        self._cut = True
+        for waiting in list(self._waiting):
+            waiting.cancel()
 
     # -- shared checks ----------------------------------------------------------------------------
 
@@ -170,10 +185,18 @@ class Gateway:
         """Every handle's result, or 504 once ``request_timeout`` has passed (the jobs carry the
         same deadline, so none of them runs late for nobody)."""
         timeout = self.settings.request_timeout
+        waiting = asyncio.gather(*(h.result(timeout=timeout) for h in handles))
+        self._waiting.add(waiting)
         try:
-            got = await asyncio.wait_for(asyncio.gather(*(h.result(timeout=timeout) for h in handles)), timeout)
+            got = await asyncio.wait_for(waiting, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise tei.timed_out(timeout) from None
+        except asyncio.CancelledError:
+            if self._cut:
+                raise tei.stopping() from None
+            raise
+        finally:
+            self._waiting.discard(waiting)
         if any(r is None for r in got):
             raise tei.timed_out(timeout)
         return got  # type: ignore[return-value]
@@ -362,7 +385,7 @@ def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> 
                 response = await handler(request)
             except tei.TEIError as exc:
                 response = JSONResponse(exc.body(), status_code=exc.status,
-                                        headers={"Retry-After": "1"} if exc.status == 429 else None)
+                                        headers={"Retry-After": "1"} if exc.status in (429, 503) else None)
             gw.metrics.requests.labels(path, str(response.status_code)).inc()
             gw.metrics.seconds.labels(path).observe(time.perf_counter() - started)
             return response
@@ -383,12 +406,16 @@ def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> 
         route("/metrics", gw.metrics_page, ["GET"]),
     ]
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        await client.aclose()
+        try:
+            # Bounded: closing sends nothing, but a stop must not hang on a Redis that is frozen.
+            await asyncio.wait_for(client.aclose(), timeout=5)
+        except (TimeoutError, asyncio.TimeoutError):
+            log.warning("closing the Redis client timed out at shutdown")
 
-    app = Starlette(routes=routes, middleware=[Middleware(Auth, api_key=settings.api_key)],
-                    lifespan=lifespan)  # type: ignore[arg-type]
+    app = Starlette(routes=routes, middleware=[Middleware(Auth, api_key=settings.api_key)], lifespan=lifespan)
     app.state.gateway = gw
     return app
 
@@ -399,7 +426,18 @@ def serve(settings: GatewaySettings) -> int:
 
     log.info("gateway listening", host=settings.host, port=settings.port, queue=settings.queue,
              auth=bool(settings.api_key))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                lifespan="on", access_log=False)
+    app = create_app(settings)
+    gw: Gateway = app.state.gateway
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                gw.begin_stop()
+            super().handle_exit(sig, frame)
+
+    # A stop lets requests in flight finish for stop_timeout seconds (those still waiting then get
+    # a 503 a second before), then closes what is left, so the process ends within its grace.
+    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on",
+                          access_log=False, timeout_graceful_shutdown=settings.stop_timeout)).run()
     return 0
 

@@ -141,6 +141,12 @@ def unhealthy() -> TEIError:
     return TEIError.of(UNHEALTHY, UNHEALTHY_MESSAGE)
 
 
+def stopping() -> TEIError:
+    """503 for a request still waiting when the gateway's stop grace runs out (sent with
+    Retry-After: another replica, or this one restarted, can answer it)."""
+    return TEIError.of(UNHEALTHY, "the gateway is stopping: retry the request")
+
+
 def timed_out(seconds: float) -> TEIError:
     """504 for a request whose results did not arrive within ``seconds``."""
     return TEIError(TIMEOUT_STATUS, f"no result within {seconds:g} s", OVERLOADED)

@@ -18,9 +18,9 @@ import structlog
 from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
-from redis.sentinel import SentinelManagedConnection
 
 from .settings import DEFAULT_REDIS_URL, DEFAULT_REPLICA_ACK_TIMEOUT_MS, env_name
+from .upstream import CommandHooks, PipelineHooks, SentinelConnectionHooks, check_redis_hooks
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +60,7 @@ def _sentinel_client(url: str, redis_class: type[Any] = redis.Redis, sentinel_cl
     service, db = path[0], int(path[1]) if len(path) > 1 else 0
     auth = {"username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None}
+    check_redis_hooks()
     sentinel = Sentinel(hosts, socket_timeout=5, **{k: v for k, v in kwargs.items() if k == "socket_connect_timeout"})
     # The synchronous client reconnects through _CurrentMasterConnection (below); redis.asyncio's
     # sentinel connections keep redis-py's own.
@@ -67,7 +68,7 @@ def _sentinel_client(url: str, redis_class: type[Any] = redis.Redis, sentinel_cl
     return sentinel.master_for(service, redis_class=redis_class, db=db, **sync, **auth, **kwargs)  # type: ignore[arg-type]
 
 
-class _CurrentMasterConnection(SentinelManagedConnection):
+class _CurrentMasterConnection(SentinelConnectionHooks):
     """redis-py's sentinel connection, asking the sentinels for the master on every reconnect.
 
     redis-py asks them only when the pool hands out a connection: a command's own retries
@@ -77,19 +78,19 @@ class _CurrentMasterConnection(SentinelManagedConnection):
     producer or worker thread does nothing.
     """
 
-    def connect_to(self, address: tuple[str, int]) -> None:
+    def connect_to_address(self, address: tuple[str, int]) -> None:
         # Reached from redis-py's connect(), with an address fresh from the sentinels.
         self.host, self.port = address
-        super().connect_check_health(check_health=self.connection_pool.check_connection, retry_socket_connect=False)
+        self.open_socket(self.connection_pool.check_connection, False)
 
-    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+    def reconnect(self, check_health: bool, retry_socket_connect: bool) -> None:
         # Every other (re)connect, a command's retries included. One try per address, as in
         # connect(): the command's retry asks the sentinels again rather than retrying a master
         # that may be gone.
-        if not self._sock and self.connection_pool.is_master:
+        if not self.has_socket and self.connection_pool.is_master:
             self.host, self.port = self.connection_pool.get_master_address()
             retry_socket_connect = False
-        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+        self.open_socket(check_health, retry_socket_connect)
 
 
 def connect(
@@ -265,7 +266,7 @@ class _MissingAckLog:
 _missing_acks = _MissingAckLog()
 
 
-class _AckingMixin:
+class _AckingMixin(CommandHooks):
     """What :class:`AckingRedis` and :class:`AckingPipeline` share: the ``WAIT`` and its check."""
 
     #: Set per class by :func:`acking_redis_class` (class attributes, so RQ code that rebuilds a
@@ -283,7 +284,7 @@ class _AckingMixin:
         raise ReplicaAckTimeout(f"{command}: {acked} of {self.replica_acks} replica(s) acknowledged it "
                                 f"within {self.replica_ack_timeout_ms} ms")
 
-    def _send_command_parse_response(self, conn: Any, command_name: Any, *args: Any, **options: Any) -> Any:
+    def send_and_parse(self, conn: Any, command_name: Any, *args: Any, **options: Any) -> Any:
         """A write and its ``WAIT`` go out together (one round trip, the same connection: ``WAIT``
         counts the acks of this connection's own writes). Runs inside redis-py's retry loop, so a
         missing ack disconnects and re-sends the command like a dropped connection would.
@@ -291,7 +292,7 @@ class _AckingMixin:
         Blocking writes (``BLMOVE`` with a timeout) work unchanged: Redis runs the queued ``WAIT``
         once the blocked command returns."""
         if not is_write(command_name):
-            return super()._send_command_parse_response(conn, command_name, *args, **options)  # type: ignore[misc]
+            return super().send_and_parse(conn, command_name, *args, **options)
         conn.send_packed_command(conn.pack_commands([args, self._wait_args()]))
         error: redis.ResponseError | None = None
         response = None
@@ -311,19 +312,19 @@ class _AckingMixin:
         return response
 
 
-class AckingPipeline(_AckingMixin, Pipeline):
+class AckingPipeline(_AckingMixin, PipelineHooks):
     """A pipeline whose writes count only once ``replica_acks`` replicas have them.
 
     Non-transactional: ``WAIT`` goes out as the last command of the same round trip.
     Transactional: ``WAIT`` follows ``EXEC`` in a second round trip on the same connection (inside
     ``MULTI`` it would not block). Commands sent before ``MULTI`` while watching (``WATCH``, reads)
-    go through :meth:`_send_command_parse_response` like single commands.
+    go through :meth:`send_and_parse` like single commands.
     """
 
-    def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
+    def run_pipeline(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
         if not any(is_write(args[0]) for args, _ in commands):
-            return super()._execute_pipeline(connection, commands, raise_on_error)
-        responses = super()._execute_pipeline(connection, [*commands, (self._wait_args(), {})], False)
+            return super().run_pipeline(connection, commands, raise_on_error)
+        responses = super().run_pipeline(connection, [*commands, (self._wait_args(), {})], False)
         acked = responses.pop()
         if raise_on_error:
             self.raise_first_error(commands, responses)
@@ -332,9 +333,9 @@ class AckingPipeline(_AckingMixin, Pipeline):
         self._check_acks(acked, f"pipeline of {len(commands)}")
         return responses
 
-    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
+    def run_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
         watched = self.watching
-        data = super()._execute_transaction(connection, commands, raise_on_error)
+        data = super().run_transaction(connection, commands, raise_on_error)
         if not any(is_write(args[0]) for args, _ in commands):
             return data
         connection.send_command(*self._wait_args())
@@ -367,6 +368,7 @@ class AckingRedis(_AckingMixin, redis.Redis):
 def acking_redis_class(replica_acks: int, timeout_ms: int = DEFAULT_REPLICA_ACK_TIMEOUT_MS) -> type[AckingRedis]:
     """An :class:`AckingRedis` subclass bound to ``replica_acks`` and ``timeout_ms`` (a class, so
     ``Sentinel.master_for(redis_class=...)`` and ``from_url`` can build it)."""
+    check_redis_hooks()
     settings = {"replica_acks": replica_acks, "replica_ack_timeout_ms": timeout_ms}
     pipeline_class = type(f"AckingPipeline{replica_acks}", (AckingPipeline,), settings)
     return type(f"AckingRedis{replica_acks}", (AckingRedis,), {**settings, "pipeline_class": pipeline_class})

@@ -26,6 +26,7 @@ from rq.job import Job
 
 from .keys import JOB_FUNC, ON_FAILURE
 from .serializer import ForeignJobError, check_job_function
+from .upstream import callback_name
 
 log = structlog.get_logger(__name__)
 
@@ -52,9 +53,9 @@ class QueuebertJob(Job):
 
     def check_names(self) -> None:
         """Refuse the job unless everything it names is queuebert's (raises :class:`ForeignJobError`)."""
-        check_callback("success", self._success_callback_name)
-        check_callback("failure", self._failure_callback_name)
-        check_callback("stopped", self._stopped_callback_name)
+        check_callback("success", callback_name(self, "success"))
+        check_callback("failure", callback_name(self, "failure"))
+        check_callback("stopped", callback_name(self, "stopped"))
         # Loading the payload through queuebert's serializer already refuses a foreign function;
         # checking here too keeps the guard when this class is paired with another serializer.
         check_job_function(self.func_name, self.instance)
@@ -71,17 +72,17 @@ class QueuebertJob(Job):
 
     @property
     def success_callback(self) -> Any:
-        check_callback("success", self._success_callback_name)
+        check_callback("success", callback_name(self, "success"))
         return super().success_callback
 
     @property
     def failure_callback(self) -> Any:
-        check_callback("failure", self._failure_callback_name)
+        check_callback("failure", callback_name(self, "failure"))
         return super().failure_callback
 
     @property
     def stopped_callback(self) -> Any:
-        check_callback("stopped", self._stopped_callback_name)
+        check_callback("stopped", callback_name(self, "stopped"))
         return super().stopped_callback
 
     def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:

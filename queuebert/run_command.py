@@ -34,9 +34,6 @@ from queuebert.settings import WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
 
-# Given SIGTERM, a worker finishes its batch in progress and gives back the rest before it exits;
-# one still running after this is killed, and recovery hands its jobs on like any dead worker's.
-WORKER_STOP_GRACE = 15.0
 
 
 class RunFailed(RuntimeError):
@@ -65,7 +62,9 @@ def _start_workers(args: argparse.Namespace, url: str, stack: ExitStack) -> list
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     log_dir = None if args.verbose else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="queuebert-run-")))
     procs: list[LoggedProcess] = []
-    stack.callback(stop_processes, procs, WORKER_STOP_GRACE)  # also stops those started before a failure
+    # Given SIGTERM, a worker finishes its batch in progress and gives back the rest before it exits;
+    # one still running after its grace is killed, and recovery hands its jobs on like any dead worker's.
+    stack.callback(stop_processes, procs, WorkerSettings.from_env().stop_grace)  # also those started before a failure
     for i in range(args.workers):
         # Their own session: a Ctrl-C reaches this process, which stops them in order.
         procs.append(start_process(_worker_command(args, url, i), env=env, new_session=True,

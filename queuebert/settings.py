@@ -134,6 +134,10 @@ class GatewaySettings(_FromEnv):
     max_concurrent_requests: int = 512
     #: Largest JSON body accepted by the TEI routes (TEI's --payload-limit); /runs streams any size.
     max_body_bytes: int = 2_000_000
+    #: Seconds a stopping gateway lets requests in flight finish before it closes their
+    #: connections (uvicorn's ``timeout_graceful_shutdown``). Their jobs stay queued; a client
+    #: that retries elsewhere gets the same work done. Keep it below the orchestrator's grace.
+    stop_timeout: float = 10.0
 
 
 @dataclass
@@ -168,6 +172,12 @@ class WorkerSettings(_FromEnv):
     #: worker's jobs are recovered within 3-4 times this (its executions live 3 intervals; the
     #: next maintenance pass, at most one interval later, requeues them).
     heartbeat_interval: int = 10
+    #: Seconds a stopping worker gives Redis, once its batch in progress is done, to take the
+    #: results it computed, the jobs it gives back and its deregistration. What Redis has not
+    #: taken by then (Redis gone, frozen or refusing writes) stays in the started registry, where
+    #: any worker recovers it, as a killed worker's. With the batch in progress, this bounds a
+    #: stop: keep it below the orchestrator's grace period (Kubernetes: 30 s).
+    stop_timeout: float = 15.0
     #: Durability (as ClientSettings): each write waits (``WAIT``) until this many replicas acknowledge it; a write
     #: they do not acknowledge within ``replica_ack_timeout_ms`` counts as not written and is
     #: retried. 0 (default): a write counts once the master has it, and a master lost before it
@@ -179,3 +189,9 @@ class WorkerSettings(_FromEnv):
     log_level: str = "info"
     metrics_port: int | None = None
     name: str | None = None
+
+    @property
+    def stop_grace(self) -> float:
+        """Seconds a parent waits for a stopping worker process before killing it: the worker's
+        own bound for Redis (``stop_timeout``) plus 10 s for its batch in progress and its exit."""
+        return self.stop_timeout + 10.0

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from queuebert.procs import LoggedProcess, start_process
+from queuebert.procs import LoggedProcess, free_port, start_process
 from queuebert.settings import WorkerSettings
 
 
@@ -62,3 +62,32 @@ def start_worker(url: str, model: Path, name: str, forward_s: float = 0.0, **env
     return start_process([PYTHON, *program, "worker", "--name", name, "--log-format", "json"],
                          env=subprocess_env(url, **settings), cwd=REPO,
                          log_path=LOG_DIR / f"{name}-{time.time():.0f}.log")
+
+
+def start_gateway(url: str, queue: str, **flags: str) -> tuple[LoggedProcess, str]:
+    """A `queuebert serve` process on a free port (``flags`` as its long options), once it answers;
+    returns it and its base URL."""
+    import httpx
+    from conftest import PYTHON, REPO, subprocess_env
+
+    port = free_port()
+    cmd = [PYTHON, "-m", "queuebert.cli", "serve", "--redis-url", url, "--queue", queue, "--port", str(port),
+           "--log-format", "json"]
+    for flag, value in flags.items():
+        cmd += [f"--{flag.replace('_', '-')}", value]
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    proc = start_process(cmd, env=subprocess_env(url), cwd=REPO, log_path=LOG_DIR / f"gateway-{queue}-{port}.log")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(base + "/metrics", headers=auth_headers(flags), timeout=1)
+            return proc, base
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.log_path.read_text() if proc.log_path else "gateway exited"
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.1)
+
+
+def auth_headers(flags: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {flags['api_key']}"} if "api_key" in flags else {}

@@ -18,36 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import PYTHON, REPO, subprocess_env
-from helpers import LOG_DIR, start_worker
+from helpers import start_gateway, start_worker
 
-from queuebert.procs import LoggedProcess, free_port, start_process, stop_processes
+from queuebert.procs import LoggedProcess, stop_processes
 
 API_KEY = "s3cret-token"
-
-
-def start_gateway(url: str, queue: str, **flags: str) -> tuple[LoggedProcess, str]:
-    port = free_port()
-    cmd = [PYTHON, "-m", "queuebert.cli", "serve", "--redis-url", url, "--queue", queue, "--port", str(port),
-           "--log-format", "json"]
-    for flag, value in flags.items():
-        cmd += [f"--{flag.replace('_', '-')}", value]
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    proc = start_process(cmd, env=subprocess_env(url), cwd=REPO, log_path=LOG_DIR / f"gateway-{queue}-{port}.log")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(base + "/metrics", headers=_auth(flags), timeout=1)
-            return proc, base
-        except httpx.TransportError:
-            assert proc.poll() is None, proc.log_path.read_text() if proc.log_path else "gateway exited"
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.1)
-
-
-def _auth(flags: dict[str, str]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {flags['api_key']}"} if "api_key" in flags else {}
 
 
 def _pipeline(model: Path, inputs: list, **kwargs) -> list:

@@ -24,6 +24,7 @@ from queuebert import keys
 from queuebert.results import encode_results, record_job
 from queuebert.schema import error_result
 from queuebert.serializer import JSONSerializer
+from queuebert.upstream import unknown_job_attributes
 from worker import rq_completion
 from worker.job_store import CompleteArgs, CompleteJobArgs, Completion, JobStore, TakenJob
 
@@ -346,8 +347,8 @@ def test_take_reports_what_the_fast_path_does_not_implement(conn):
     assert {t.id: t.rq_features for t in taken} == {"plain": None, "repeated": "repeats_left",
                                                      "limited": "rate_limit_key", "kept-not": None, "newer": None}
     assert {t.id for t in taken if rq_completion.needs_rq(t, DEFAULT_TTL)} == {"repeated", "limited", "kept-not"}
-    # A newer RQ's fields: the fast path cannot know what they mean (every job then goes to RQ).
-    assert rq_completion.unknown_job_fields() == frozenset()
+    # A newer RQ's features: the fast path cannot know what they mean (every job then goes to RQ).
+    assert unknown_job_attributes() == frozenset()
 
 
 def test_result_ttl_zero_is_refused_before_any_write(conn):
@@ -484,17 +485,17 @@ def test_micro_benchmark_python_per_job(conn):
 
 
 def test_a_newer_rq_sends_every_job_to_rqs_handlers(monkeypatch):
-    """A job field the installed RQ writes that queuebert does not know (a newer RQ's feature)."""
+    """A job attribute the installed RQ has that queuebert does not know (a newer RQ's feature)."""
+    init = Job.__init__
 
-    def to_dict(self: Job, include_meta: bool = True, include_result: bool = True) -> dict[str, Any]:
-        obj = {"created_at": "", "data": b""}
-        obj["a_new_feature"] = 1
-        return obj
+    def newer_init(self: Job, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.a_new_feature = None
 
-    monkeypatch.setattr(Job, "to_dict", to_dict)
+    monkeypatch.setattr(Job, "__init__", newer_init)
     rq_completion._fast_path_usable.cache_clear()
     try:
-        assert rq_completion.unknown_job_fields() == {"a_new_feature"}
+        assert unknown_job_attributes() == {"a_new_feature"}
         job = TakenJob(id="j", queue_index=0, execution_id="e", created_at=0.0, started_us=0, data=b"",
                        enqueued_at=None, result_ttl=600, has_dependencies=False)
         assert rq_completion.needs_rq(job, DEFAULT_TTL)

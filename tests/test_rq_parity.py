@@ -45,7 +45,7 @@ from rq.worker import SimpleWorker
 import producer.client
 import worker.tasks
 from producer import Client
-from queuebert import keys
+from queuebert import keys, upstream
 from queuebert.job import QueuebertJob
 from queuebert.schema import job_kwargs
 from queuebert.serializer import JSONSerializer
@@ -60,12 +60,28 @@ def rq_queue(conn: redis.Redis, name: str = QUEUE) -> Queue:
     return Queue(name, connection=conn, serializer=JSONSerializer, job_class=QueuebertJob)
 
 
+class RQSimpleWorker(SimpleWorker):
+    """RQ's SimpleWorker with queuebert's command listener, which writes nothing to Redis: RQ's own
+    may wait up to a minute to stop under redis-py 8.2 (it races the unsubscribe reply), and the
+    worker hash it registered, kept 60 s after its death, would be gone from the snapshot."""
+
+    commands: upstream.CommandListener | None = None
+
+    def subscribe(self) -> None:
+        self.commands = upstream.CommandListener(self.connection, self.pubsub_channel_name, self.handle_payload)
+        self.commands.start()
+
+    def unsubscribe(self) -> None:
+        if self.commands is not None:
+            self.commands.stop()
+
+
 def run_simple_worker(conn: redis.Redis, engine: Any, queues: list[str]) -> None:
     """RQ's own worker, as ``rq worker -w rq.worker.SimpleWorker --serializer ... --job-class ...``
     would run it (the engine is the process's cached one, as a stock worker would load it)."""
     worker.tasks._engine = engine
     try:
-        w = SimpleWorker([rq_queue(conn, q) for q in queues], connection=conn, name=WORKER,
+        w = RQSimpleWorker([rq_queue(conn, q) for q in queues], connection=conn, name=WORKER,
                          serializer=JSONSerializer, job_class=QueuebertJob)
         w.work(burst=True, logging_level="WARNING")
     finally:

@@ -76,6 +76,20 @@ def test_run_end_to_end_and_redis_stopped(reviews, tmp_path, tiny_models):
     assert _wait_gone(_redis_pid(proc.stderr))
 
 
+def test_run_stops_its_worker_without_killing_it(tmp_path, tiny_models):
+    """A normal run ends with its worker stopping by itself (under redis-py 8.2 every run waited out
+    the grace and SIGKILLed it)."""
+    three = tmp_path / "three.txt"
+    three.write_text("good\nbad\nfine\n")
+    proc = subprocess.run([*QB, "run", str(three), "-o", str(tmp_path / "o.jsonl"),
+                           "--model", str(tiny_models["bert"]), "--dtype", "float32", "--no-progress", "--log-format", "json", "--log-level", "info"],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
+    assert "did not stop in time" not in proc.stderr, proc.stderr[-3000:]
+    assert '"level": "warning"' not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_run_on_error_fail_stops_and_cleans_up(reviews, tiny_models):
     proc = subprocess.run([*QB, "run", str(reviews), "--on-error", "fail", "--model", str(tiny_models["bert"]),
                            "--no-progress", "--log-format", "json"],

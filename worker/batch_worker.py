@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from queuebert import keys
+from queuebert import keys, upstream
 from queuebert.job import QueuebertJob
 from queuebert.serializer import JSONSerializer
 from queuebert.settings import WorkerSettings
@@ -55,6 +56,10 @@ from .slots import Finished, Inflight
 from .taker import Taker
 
 log = structlog.get_logger(__name__)
+
+
+class _StopWhileStarting(BaseException):
+    """A stop signal while the worker registers (a BaseException: no retry loop swallows it)."""
 
 
 class BatchWorker(SimpleWorker):
@@ -76,11 +81,14 @@ class BatchWorker(SimpleWorker):
             kwargs["name"] = self.settings.name
         super().__init__(queues, *args, **kwargs)
         # Queues built by `rq worker` carry its serializer (pickle by default); ours are JSON.
-        self.queues = [Queue(q.name, connection=self.connection, serializer=JSONSerializer, job_class=QueuebertJob)
-                       for q in self.queues]
-        self._ordered_queues = self.queues[:]
+        upstream.set_worker_queues(self, [Queue(q.name, connection=self.connection, serializer=JSONSerializer,
+                                                job_class=QueuebertJob) for q in self.queues])
         self.engine = engine
         self._stop = threading.Event()
+        #: Reads RQ's command channel (``rq shutdown``...) in place of RQ's pub/sub thread.
+        self.commands: upstream.CommandListener | None = None
+        #: True while the worker registers: nothing is held yet, so a stop signal ends it at once.
+        self._starting = False
         self._signals = 0  # counted: a burst ending sets _stop too, which is not a first signal
         self.inflight = Inflight()
         self.finished = Finished()
@@ -121,22 +129,30 @@ class BatchWorker(SimpleWorker):
         if self._signals > 1:
             log.warning("second stop signal, exiting now", worker=self.name)
             os._exit(1)
-        log.info("stopping after the batch in progress", worker=self.name, signal=signum)
-        self._shutdown_requested_date = now()
         self._stop.set()
+        if self._starting:
+            # Registering holds nothing, and a registration step may be blocked on a Redis that
+            # does not answer: raising here is what interrupts it.
+            log.info("stopping before the worker started", worker=self.name, signal=signum)
+            raise _StopWhileStarting
+        log.info("stopping after the batch in progress", worker=self.name, signal=signum)
+        upstream.note_shutdown_requested(self)
 
-    def _install_signal_handlers(self) -> None:
+    def _handle_stop_signals(self) -> None:
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
 
+    def subscribe(self) -> None:
+        """RQ's command channel, read by :class:`queuebert.upstream.CommandListener`: RQ's own
+        listener made every exit wait up to a minute under redis-py 8.2."""
+        listener = upstream.CommandListener(self.connection, self.pubsub_channel_name, self.handle_payload)
+        listener.start()
+        self.commands = listener
+
     def unsubscribe(self) -> None:
-        """RQ's, with the command listener told to stop before the unsubscribe wakes it. The other
-        way round, a listener that wakes first waits again (up to a minute) and RQ's join gives up
-        on it only after a second: a second added to a worker's exit now and then."""
-        listener = getattr(self, "pubsub_thread", None)
-        if listener is not None:
-            listener.stop()
-        super().unsubscribe()
+        """Stops reading commands within about a second, sending nothing to Redis."""
+        if self.commands is not None:
+            self.commands.stop()
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -155,8 +171,9 @@ class BatchWorker(SimpleWorker):
         self.pool = pool = BatchScheduler(engine.max_batch_size, engine.max_batch_tokens)
         self.metrics = WorkerMetrics(model=engine.m.name, device=str(engine.m.device))
         self.metrics.load.labels(**self.metrics.labels).set(engine.m.load_seconds)
-        self.store = store = JobStore.for_worker(self, self._ordered_queues)
-        self.taker = Taker(connection=self.connection, store=store, queues=self._ordered_queues, engine=engine,
+        queues = upstream.ordered_queues(self)
+        self.store = store = JobStore.for_worker(self, queues)
+        self.taker = Taker(connection=self.connection, store=store, queues=queues, engine=engine,
                            pool=pool, settings=s, inflight=self.inflight, finished=self.finished,
                            outages=self.outages, execution_ttl=self.get_heartbeat_ttl(None),  # type: ignore[arg-type]
                            stop=self._stop)
@@ -177,9 +194,18 @@ class BatchWorker(SimpleWorker):
         if self.settings.metrics_port:
             metrics.serve(self.settings.metrics_port)
             log.info("serving metrics", port=self.settings.metrics_port)
-        self._install_signal_handlers()
-        if not self._register(logging_level or "WARNING"):
-            self._teardown()
+        self._handle_stop_signals()
+        self._starting = True
+        try:
+            registered = self._register(logging_level or "WARNING")
+        except _StopWhileStarting:
+            registered = False
+        finally:
+            self._starting = False
+        if not registered:
+            # Stopped before it took anything: only the worker key (if written) to remove.
+            self._bounded(self._deregister, self.settings.stop_timeout)
+            self.unsubscribe()
             return False
         taking = self._thread(lambda: taker.run(burst), "qb-take")
         completing = self._thread(completer.run, "qb-complete")
@@ -189,20 +215,56 @@ class BatchWorker(SimpleWorker):
         finally:
             self._stop.set()
             pool.close()
-            taking.join(timeout=30)
-            taker.return_unstarted()
-            self.finished.close()
-            completing.join(timeout=60)
-            if completing.is_alive():  # still retrying a Redis that refuses writes: stop waiting
-                self._abandon.set()
-                completing.join(timeout=10)
-            # Whatever is still held (a completion Redis kept refusing, jobs a dying thread left
-            # behind) goes back to its queue.
-            taker.give_back(self.inflight.held(), "not completed")
-            self._teardown()
+            self._hand_back(taking, completing)
             log.info("worker stopped", worker=self.name, jobs=self.completed_jobs, items=self.completed_items,
                      **({"fatal": repr(self.fatal)} if self.fatal is not None else {}))
         return self.completed_jobs > 0
+
+    def _hand_back(self, taking: threading.Thread, completing: threading.Thread) -> None:
+        """Once compute has ended: complete what was computed, give back what was not, deregister.
+
+        All of it talks to Redis, so it runs in a thread of its own that gets ``stop_timeout``
+        seconds: a Redis that is gone, frozen or refusing writes cannot hold the worker past its
+        orchestrator's grace period. What Redis has not taken by then stays in the started
+        registry (and RQ's intermediate list), where any worker recovers it once its executions
+        expire, as for a killed worker.
+        """
+        timeout = self.settings.stop_timeout
+        deadline = time.monotonic() + timeout
+
+        def left(reserve: float = 0.0) -> float:
+            return max(0.0, deadline - time.monotonic() - reserve)
+
+        def hand_back() -> None:
+            assert self.taker is not None
+            taking.join(left(reserve=timeout / 2))
+            self.taker.return_unstarted()
+            self.finished.close()
+            # Completing is worth most of the time (results are computed work); giving back and
+            # deregistering are each one call.
+            completing.join(left(reserve=min(3.0, timeout / 4)))
+            if completing.is_alive():  # still retrying a Redis that refuses writes: stop waiting
+                self._abandon.set()
+                completing.join(left())
+            # Whatever is still held (a completion Redis kept refusing, jobs a dying thread left
+            # behind) goes back to its queue.
+            self.taker.give_back(self.inflight.held(), "not completed")
+            self._deregister()
+
+        if not self._bounded(hand_back, left()):
+            self._abandon.set()
+            log.warning("stopping without Redis's answer: what the worker still holds is recovered from the "
+                        "started registry once its executions expire", stop_timeout_s=timeout,
+                        held=len(self.inflight.held()))
+        self.unsubscribe()
+
+    def _bounded(self, target: Callable[[], None], timeout: float) -> bool:
+        """Run ``target`` in a daemon thread for up to ``timeout`` seconds; False if it is still
+        running then (blocked on Redis: it ends with the process)."""
+        thread = threading.Thread(target=self._guarded, args=(target,), name="qb-stop", daemon=True)
+        thread.start()
+        thread.join(timeout + 0.5)
+        return not thread.is_alive()
 
     def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
         thread = threading.Thread(target=self._guarded, args=(target,), name=name, daemon=True)
@@ -255,11 +317,11 @@ class BatchWorker(SimpleWorker):
             if self.pool is not None:
                 self.pool.close()
 
-    def _teardown(self) -> None:
+    def _deregister(self) -> None:
         """RQ's ``register_death``, tolerating a Redis that refuses writes: the worker key then
         expires by itself and its jobs are recovered from the started registry."""
         try:
-            self.teardown()
+            self.register_death()
         except redis.RedisError as exc:
             log.warning("could not deregister the worker; its key expires by itself", error=str(exc))
 
@@ -317,7 +379,7 @@ class BatchWorker(SimpleWorker):
                 expired = registry.get_expired_job_ids()
                 if expired:
                     log.warning("recovering abandoned jobs", queue=q.name, jobs=len(expired))
-                    registry.cleanup(exception_handlers=self._exc_handlers)
+                    registry.cleanup(exception_handlers=upstream.exception_handlers(self))
 
     def _started_registry(self, q: Queue) -> StartedJobRegistry:
         # Failure callbacks run under a death penalty; the signal-based default only works in the
@@ -331,8 +393,9 @@ class BatchWorker(SimpleWorker):
             if not q.acquire_maintenance_lock():
                 continue
             try:
-                self._started_registry(q).cleanup(exception_handlers=self._exc_handlers)
-                clean_registries(q, self._exc_handlers)
+                handlers = upstream.exception_handlers(self)
+                self._started_registry(q).cleanup(exception_handlers=handlers)
+                clean_registries(q, handlers)
                 worker_registration.clean_worker_registry(q)
                 q.intermediate_queue.cleanup(self, q)
             finally:

@@ -9,8 +9,8 @@ only the bookkeeping of these is RQ's:
 - **repeats** (``Repeat``): RQ schedules the next run;
 - **rate limits** (``RateLimit``): RQ releases the job's slot and promotes a waiting job;
 - **result TTL 0**: RQ deletes the job at once;
-- **every job**, when the installed RQ writes job fields this module does not know (a newer RQ's
-  features: :func:`unknown_job_fields`);
+- **every job**, when the installed RQ's jobs have attributes the fast path does not know (a newer
+  RQ's features: :func:`queuebert.upstream.unknown_job_attributes`);
 - **dependents** (``depends_on``): RQ moves them to its ready registry in the same transaction as
   the completion, so a worker that dies in between leaves them where maintenance finds them. The
   dependents set can appear while a job runs, so ``complete.lua`` decides this one, atomically,
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 from rq import Queue
 from rq.exceptions import NoSuchJobError
-from rq.job import JobStatus
 from rq.utils import now
 
 from queuebert.results import encode_results, record_job
 from queuebert.schema import INVALID_JOB, ItemResult, JobRequest, is_error
+from queuebert.upstream import set_job_finished, unknown_job_attributes
 
 from .tasks import job_error_results
 
@@ -41,21 +41,6 @@ if TYPE_CHECKING:
     from .job_store import JobStore, TakenJob
 
 log = structlog.get_logger(__name__)
-
-#: Job hash fields whose meaning the fast path implements: RQ 3's ``Job.to_dict`` without the
-#: fields of :data:`RQ_FEATURES` (a job with those completes through RQ's handlers).
-FAST_PATH_FIELDS = frozenset({
-    "created_at", "data", "origin", "description", "enqueued_at", "started_at", "ended_at", "last_heartbeat",
-    "worker_name", "status", "timeout", "result_ttl", "failure_ttl", "ttl", "meta", "group_id",
-    # Callbacks: queuebert's job class refuses any but its failure callback, which runs on failure only.
-    "success_callback_name", "failure_callback_name", "stopped_callback_name",
-    "success_callback_timeout", "failure_callback_timeout", "stopped_callback_timeout",
-    # Only read on failure (handle_job_failure) or by RQ's job class; a success changes none of them.
-    "retries_left", "retry_intervals", "number_of_retries", "enqueue_at_front_on_retry", "exc_info", "result",
-    "webhooks",  # queuebert's job class sends none (queuebert.job)
-    # Dependencies of this job (the fast path expires their key as job.cleanup does) and enqueue options.
-    "dependency_id", "dependency_ids", "allow_dependency_failures", "enqueue_at_front",
-})
 
 #: RQ features whose jobs complete through RQ's handlers: the job hash field that marks a job as
 #: using one (``take.lua`` reads it; non-empty means used), and the fields that come with it.
@@ -65,31 +50,12 @@ RQ_FEATURES: dict[str, tuple[str, ...]] = {
 }
 
 
-def unknown_job_fields() -> frozenset[str]:
-    """Fields the installed RQ's ``Job.to_dict`` can write that this module does not know: a newer
-    RQ's features, whose meaning the fast path cannot know. Read from RQ's source once per
-    process; empty if the source is not available (then the parity test is the guard)."""
-    import inspect
-    import re
-
-    from rq.job import Job
-
-    try:
-        source = inspect.getsource(Job.to_dict)
-    except (OSError, TypeError):
-        return frozenset()
-    written = set(re.findall(r"""['"]([a-z_]+)['"]\s*:""", source))  # {'field': ...}
-    written |= set(re.findall(r"""\w+\[['"]([a-z_]+)['"]\]\s*=""", source))  # obj['field'] = ...
-    known = FAST_PATH_FIELDS | set(RQ_FEATURES) | {f for extra in RQ_FEATURES.values() for f in extra}
-    return frozenset(written - known)
-
-
 @functools.cache
 def _fast_path_usable() -> bool:
-    unknown = unknown_job_fields()
+    unknown = unknown_job_attributes()
     if unknown:
-        log.warning("this RQ writes job fields the fast path does not know: every job completes through "
-                    "RQ's own handlers", fields=sorted(unknown))
+        log.warning("this RQ's jobs have attributes the fast path does not know: every job completes through "
+                    "RQ's own handlers", attributes=sorted(unknown))
     return not unknown
 
 
@@ -146,8 +112,7 @@ def complete_with_rq(worker: Any, store: JobStore, f: Finished) -> None:
     if job is None:
         return
     job.ended_at = now()
-    job._result = f.results
-    job._status = JobStatus.FINISHED
+    set_job_finished(job, f.results)
     run = f.request.run if f.request is not None else None
     with connection.pipeline(transaction=False) as pipe:
         if run:

@@ -53,10 +53,12 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: WorkerSettings, devices: list[str], grace: float = 60.0):
+    def __init__(self, settings: WorkerSettings, devices: list[str], grace: float | None = None):
         self.settings = settings
         self.devices = devices
-        self.grace = grace
+        # Each child bounds its own stop (its batch in progress, then stop_timeout for Redis); the
+        # margin is for that batch. The supervisor then ends within an orchestrator's usual grace.
+        self.grace = grace if grace is not None else settings.stop_grace
         self.children = [Child(i, d) for i, d in enumerate(devices)]
         self.stopping = False
 
