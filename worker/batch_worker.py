@@ -150,7 +150,7 @@ class BatchWorker(SimpleWorker):
         self.commands = listener
 
     def unsubscribe(self) -> None:
-        """Stops reading commands within about a second, sending nothing to Redis."""
+        """Stops reading commands (a tenth of a second; at most 2 s with Redis gone), sending nothing to Redis."""
         if self.commands is not None:
             self.commands.stop()
 
