@@ -1,0 +1,110 @@
+"""A BatchWorker with a simulated device: can the rest of the worker feed a device of a given speed?
+
+Everything is the real worker (taking, decoding, tokenization, pooling, the engine's own collation
+into tensors, scoring, results, completion) except the model: after collation, a forward sleeps
+for ``padded tokens / --tokens-per-s`` seconds, releasing the GIL as a CUDA forward's wait does,
+and returns zero logits. The device's busy fraction (seconds asleep over the span from the first
+forward's start to the last one's end) says how well the worker keeps such a device fed.
+
+It runs against whatever ``worker`` package is first on ``PYTHONPATH``, so ``benchmarks/simdevice.py``
+can run an older checkout's worker with it::
+
+    python benchmarks/sim_worker.py --redis-url URL --model DIR --tokens-per-s 2e6 --burst --report out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and labels are used)")
+    parser.add_argument("--tokens-per-s", type=float, required=True, help="the simulated device's padded tokens/s")
+    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="as on CUDA (default 16384)")
+    parser.add_argument("--queue", action="append", default=None)
+    parser.add_argument("--burst", action="store_true")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--report", default=None, help="write the device's figures here (JSON) at exit")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--stages", action="store_true",
+                        help="measure CPU by stage (benchmarks/stages.py) into the report")
+    args = parser.parse_args(argv)
+
+    from queuebert import logs
+    from queuebert.connection import connect
+    from queuebert.settings import WorkerSettings
+    from worker.batch_worker import BatchWorker
+    from worker.engine import Engine
+    from worker.model import load_model
+
+    class SimulatedDevice(Engine):
+        """Engine whose forward is the engine's collation, then a sleep as long as the device
+        would take for the batch's padded tokens."""
+
+        tokens_per_s = args.tokens_per_s
+        busy = 0.0
+        rows = 0
+        padded = 0
+        first: float | None = None
+        last = 0.0
+
+        def forward(self, rows: list[list[int]]) -> np.ndarray:
+            began = time.perf_counter()
+            if self.first is None:
+                self.first = began
+            self.forward_calls += 1
+            batch = self._collate(rows)
+            padded = int(batch["input_ids"].numel())
+            asleep = time.perf_counter()
+            time.sleep(padded / self.tokens_per_s)
+            ended = time.perf_counter()
+            self.busy += ended - asleep
+            self.rows += len(rows)
+            self.padded += padded
+            self.last = ended
+            return np.zeros((len(rows), len(self.m.labels)), dtype=np.float32)
+
+        def report(self) -> dict[str, Any]:
+            span = self.last - self.first if self.first is not None else 0.0
+            return {"tokens_per_s": self.tokens_per_s, "forwards": self.forward_calls, "rows": self.rows,
+                    "padded_tokens": self.padded, "busy_s": self.busy, "span_s": span,
+                    "busy_fraction": self.busy / span if span else 0.0,
+                    "rows_per_s": self.rows / span if span else 0.0}
+
+    if args.stages:
+        import stages  # benchmarks/stages.py, beside this file
+
+        missing = stages.instrument({"sim_worker": argparse.Namespace(SimulatedDevice=SimulatedDevice)})
+    logs.configure("json", args.log_level)
+    settings = WorkerSettings.from_env(redis_url=args.redis_url, queues=args.queue or ["default"], burst=args.burst,
+                                       dtype="float32", device="cpu", max_batch_tokens=args.max_batch_tokens)
+    engine = SimulatedDevice(load_model(args.model, device="cpu", dtype="float32"), settings.max_batch_size,
+                             settings.max_batch_tokens)
+    worker = BatchWorker(settings.queues, connection=connect(settings.redis_url), settings=settings,
+                         engine=engine, name=args.name)
+    cpu_at_start = time.process_time()  # after imports and model loading: the worker's own work
+    worker.work(burst=args.burst)
+    if args.report:
+        cpu = time.process_time() - cpu_at_start
+        out: dict[str, Any] = {**engine.report(), "cpu_s": cpu}
+        if args.stages:
+            out["stages"] = stages.report(cpu, engine.rows)
+            out["stages_not_found"] = missing
+        Path(args.report).write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
