@@ -10,8 +10,8 @@ TORCH ?= torch==2.13.0
 EXTRAS := worker,embedded,http,test
 # A constraints file, not a requirements file: it pins versions without adding packages, so the same
 # lock serves every extra and every image, and a package that only another platform needs (the
-# lock is resolved on Linux, CPython 3.11) still installs, unpinned. Several of its pins need Python
-# 3.11+, though pyproject.toml admits 3.10 (where pip picks older releases).
+# lock is resolved on Linux, CPython 3.11) still installs, unpinned. queuebert, and several of the
+# lock's pins, need Python 3.11+.
 LOCK := requirements/lock.txt
 
 .PHONY: install test demo bench clean lock install-latest test-latest

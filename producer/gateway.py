@@ -19,6 +19,9 @@ Pressure: a request that would queue behind more than ``max_queue_depth`` jobs g
 ``Retry-After``; one whose results do not come within ``request_timeout`` gets 504, and its jobs
 carry that deadline, so a worker drops them instead of computing answers nobody waits for.
 One-text requests are gathered into shared jobs by the client (:class:`~producer.async_client.AsyncClient`).
+
+Errors: whatever fails, the client gets TEI's ``{"error", "error_type"}`` body with a status that
+says whose fault it is (:func:`http_error`), and the request is counted; never a traceback.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+import redis
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from rq import Queue, worker_registration
@@ -46,9 +51,10 @@ from queuebert import keys
 from queuebert.schema import ItemResult
 from queuebert.settings import GatewaySettings
 
-from . import readers, tei
+from . import jobs, readers, tei
 from .async_client import AsyncClient
-from .jobs import new_id
+from .client import RedisFull
+from .jobs import LostWrites, ResumeError, new_id
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +64,77 @@ T = TypeVar("T")
 #: under load a gateway answers many requests a millisecond, and either changes slowly.
 DEPTH_EVERY = 0.05
 MODEL_EVERY = 2.0
+
+#: What a run id given to the gateway may hold (``?run_id=`` and the ``/runs/{id}`` routes): what
+#: :func:`~producer.jobs.new_id` makes (32 hex digits) and what people name runs
+#: (``reviews-2024-06``, ``batch_7.retry``), but nothing that reads as a path (``/``, a leading
+#: ``.``), a Redis key's separator or hash tag (``:``, ``{``, ``}``), whitespace or control characters.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+#: An event id as ``GET /runs/{id}/events`` sends it: ``<stream entry id>/<index in the entry>``;
+#: a bare entry id resumes after that whole entry. Parts are Redis's unsigned 64-bit numbers.
+EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})(?:/(\d{1,9}))?")
+MAX_STREAM_PART = 2**64 - 1
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is one a run may have (:data:`RUN_ID`), else 422."""
+    if RUN_ID.fullmatch(run_id) is None:
+        raise tei.TEIError.of(tei.VALIDATION, f"{tei.VALIDATION_PREFIX}run_id {json.dumps(run_id)[:80]} must be "
+                                              "1-128 letters, digits, '_', '.' or '-', starting with a letter or digit")
+    return run_id
+
+
+class BodyTimeout(Exception):
+    """The client stopped sending its body for longer than ``body_timeout`` (408)."""
+
+
+def http_error(exc: Exception, route: str) -> tei.TEIError:
+    """What the client of ``route`` is told about ``exc``, always TEI's ``ErrorResponse``: bad input
+    4xx, Redis trouble 503 with Retry-After (nothing is wrong with the request: retry it), a bug
+    500 with its traceback in the log only."""
+    if isinstance(exc, tei.TEIError):
+        return exc
+    if isinstance(exc, ClientDisconnect):
+        return tei.TEIError(tei.CLIENT_CLOSED_STATUS, "the client closed the request", tei.VALIDATION)
+    if isinstance(exc, BodyTimeout):
+        return tei.body_timeout(str(exc))
+    if isinstance(exc, LostWrites):  # Redis lost acknowledged jobs: the same request again re-enqueues them
+        log.warning("Redis lost writes", route=route, error=str(exc))
+        return tei.TEIError.of(tei.UNHEALTHY, f"{exc}: send the same request again")
+    if isinstance(exc, ResumeError):  # a run id this body cannot continue: the client's to fix
+        return tei.TEIError(tei.CONFLICT_STATUS, str(exc), tei.VALIDATION)
+    if isinstance(exc, (RedisFull, redis.exceptions.RedisError)):
+        log.warning("Redis error", route=route, error=repr(exc))
+        return tei.redis_unavailable()
+    log.error("unexpected error", route=route, exc_info=exc)
+    return tei.internal()
+
+
+def _error_headers(status: int) -> dict[str, str] | None:
+    """Retry-After where a retry will do (429, 503); Connection: close where the body was left
+    unread (408, 413), so uvicorn does not go on reading the rest of it on a kept-alive connection."""
+    if status in (429, 503):
+        return {"Retry-After": "1"}
+    if status in (tei.BODY_TIMEOUT_STATUS, tei.TOO_LARGE_STATUS):
+        return {"Connection": "close"}
+    return None
+
+
+def resume_point(last_event_id: str) -> tuple[str, str, int]:
+    """``(start, entry_id, skip)`` for a ``Last-Event-ID``: read the run's stream from ``start``
+    and, in entry ``entry_id``, skip the first ``skip`` results. 422 for an id the gateway never
+    sent, before the stream starts (Redis would refuse it in the middle of the response)."""
+    if not last_event_id:
+        return "0-0", "", 0
+    match = EVENT_ID.fullmatch(last_event_id)
+    if match is None or max(int(match[1]), int(match[2])) > MAX_STREAM_PART:
+        raise tei.TEIError.of(tei.VALIDATION, f"{tei.VALIDATION_PREFIX}Last-Event-ID {json.dumps(last_event_id)[:80]} "
+                                              "is not an id of this stream's events (<ms>-<seq>/<index>)")
+    entry_id = f"{int(match[1])}-{int(match[2])}"  # as Redis writes it, to compare with what it returns
+    if match[3] is None:
+        return entry_id, entry_id, 0
+    return _previous_id(entry_id), entry_id, int(match[3]) + 1
 
 
 class Metrics:
@@ -216,12 +293,41 @@ class Gateway:
     # -- TEI routes ---------------------------------------------------------------------------------
 
     async def _body(self, request: Request) -> Any:
+        """The JSON body of a TEI route, never more than ``max_body_bytes`` of it held: a larger
+        Content-Length is refused before a byte is read, a chunked body once it passes the limit;
+        the whole body must arrive within ``body_timeout``."""
         tei.check_content_type(request.headers.get("content-type"))
-        raw = await request.body()
-        if len(raw) > self.settings.max_body_bytes:
-            raise tei.TEIError(413, f"body of {len(raw)} bytes, more than {self.settings.max_body_bytes}",
-                               tei.VALIDATION)
-        return tei.decode_body(raw)
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+            raise tei.too_large(declared, limit)
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.settings.body_timeout), contextlib.aclosing(request.stream()) as chunks:
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) > limit:
+                        raise tei.too_large(f"more than {len(body)}", limit)
+        except TimeoutError:
+            raise BodyTimeout(f"the body did not arrive within {self.settings.body_timeout:g} s") from None
+        return tei.decode_body(bytes(body))
+
+    async def _paced(self, request: Request) -> AsyncIterator[bytes]:
+        """A streamed body's chunks, each within ``body_timeout`` of asking for it (so time spent in
+        the gateway's own backpressure, not asking, never counts against the client)."""
+        chunks = request.stream()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.settings.body_timeout):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise BodyTimeout(f"the body paused for more than {self.settings.body_timeout:g} s") from None
+                yield chunk
+        finally:
+            await chunks.aclose()
 
     async def predict(self, request: Request) -> Response:
         parsed = tei.parse_predict(await self._body(request), max_client_batch_size=self.settings.max_client_batch_size)
@@ -272,43 +378,99 @@ class Gateway:
         """A JSONL body, enqueued as one run while it is read (never held whole). Lines are read
         as ``queuebert enqueue`` reads them (:func:`producer.readers.record_from_json_line`), with
         its options as query parameters (``text_field``, ``id_field``, ``text_pair_field``): a bare
-        string is a text, other fields go to ``meta``. An unreadable line is skipped and reported;
-        a client that disconnects mid-body gets the run sealed with what arrived, so its results
-        can still be read in full."""
+        string is a text, other fields go to ``meta``. An unreadable or over-long line is skipped
+        and reported.
+
+        An upload cut short (the client went away, or paused past ``body_timeout``) keeps what
+        arrived. Under a ``run_id`` the client chose, every whole chunk that arrived is written and
+        the run stays open: the same body sent again under that id enqueues only the rest and seals
+        it, as ``queuebert enqueue --run-id`` does (a part-filled chunk would not line up with the
+        retry's chunks, so those few lines wait for the retry). Under an id the gateway made up,
+        which that client never learned, the run is sealed with every line that arrived."""
         await self.admit()
         params = request.query_params
-        run_id = params.get("run_id") or new_id()
+        given = params.get("run_id") or None
+        run_id = check_run_id(given) if given is not None else new_id()
         fields = {"text_field": params.get("text_field") or "text", "id_field": params.get("id_field") or "id",
                   "text_pair_field": params.get("text_pair_field") or None}
+        plan = await self._run_plan(run_id)
+        already = plan.resume_from * plan.chunk_size  # items a resumed run lists already (skipped, not sent)
         bad: list[dict[str, Any]] = []
+        sent = 0  # items handed to enqueue_stream
+        kept = 0  # items it reported written (or skipped as written before)
+        cut: BaseException | None = None  # why the upload ended early
+        stop_after_write = False
+
+        def written(n: int) -> None:
+            nonlocal kept
+            kept += n
+            if stop_after_write and cut is not None:  # the chunks it held are in Redis now: stop before it seals
+                raise cut
+
+        async def lines() -> AsyncIterator[tuple[int, bytes | readers.InputError]]:
+            splitter = readers.LineSplitter(self.settings.max_line_bytes)
+            async for chunk in self._paced(request):
+                for line in splitter.feed(chunk):
+                    yield line
+            for line in splitter.end():
+                yield line
 
         async def items() -> AsyncIterator[dict[str, Any]]:
-            n = 0
-            buffer = b""
-            async for chunk in request.stream():
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    n += 1
+            # Items are handed over a whole chunk at a time, so that when the upload is cut,
+            # enqueue_stream holds only whole chunks and the part-filled one is still here.
+            nonlocal sent, cut, stop_after_write
+            held: list[dict[str, Any]] = []
+            try:
+                async for n, line in lines():
                     item = _jsonl_item(line, n, bad, fields)
-                    if item is not None:
-                        yield item
-            if buffer.strip():
-                item = _jsonl_item(buffer, n + 1, bad, fields)
-                if item is not None:
-                    yield item
+                    if item is None:
+                        continue
+                    held.append(item)
+                    if len(held) == plan.chunk_size:
+                        for whole in held:
+                            sent += 1
+                            yield whole
+                        held = []
+            except (ClientDisconnect, BodyTimeout) as exc:
+                cut = exc
+            if cut is not None and given is not None:
+                if plan.sealed or sent <= max(kept, already):
+                    raise cut  # nothing waits to be written
+                stop_after_write = True  # enqueue_stream writes what it holds, then written() stops it
+                return
+            for item in held:
+                yield item
 
         try:
-            run = await self.client.enqueue_stream(items(), run_id=run_id)
-        except ClientDisconnect:
-            total = await self.client.seal(run_id)
-            log.warning("client disconnected during its upload: run sealed with what arrived", run=run_id, items=total)
-            return Response(status_code=499)
-        self.metrics.items.labels("/runs").inc(run.enqueued)
+            run = await self.client.enqueue_stream(items(), run_id=run_id, on_progress=written)
+        except (ClientDisconnect, BodyTimeout) as exc:
+            raise self._upload_cut(exc, run_id, kept, sealed=False) from None
+        if cut is not None:
+            raise self._upload_cut(cut, run_id, run.enqueued, sealed=True)
+        self.metrics.items.labels("/runs").inc(run.enqueued - run.skipped)
         return JSONResponse({"run_id": run_id, "enqueued": run.enqueued, "unreadable_lines": bad}, status_code=201)
 
+    async def _run_plan(self, run_id: str) -> jobs.ResumePlan:
+        """How ``enqueue_stream`` will continue the run (its chunk size, the jobs it lists, whether
+        it is sealed), read as it reads them; a run this body cannot continue is a 409."""
+        async with self.client.connection.pipeline(transaction=False) as pipe:
+            pipe.get(keys.run_cursor(run_id))
+            pipe.hmget(keys.run_meta(run_id), *jobs.RESUME_FIELDS)
+            raw_cursor, stored = await pipe.execute()
+        return jobs.resume_plan(self.client.settings, run_id, raw_cursor, stored, None, None, log)
+
+    def _upload_cut(self, why: BaseException, run_id: str, kept: int, *, sealed: bool) -> BaseException:
+        """What to raise for an upload cut short, once what arrived is kept: the disconnect (499,
+        which nobody reads) or a 408 that says what was kept and how to send the rest."""
+        then = "sealed with them" if sealed else f"send the same body again with run_id={run_id} to enqueue the rest"
+        log.warning("upload cut short: kept what arrived", run=run_id, items=kept, sealed=sealed,
+                    why="client disconnected" if isinstance(why, ClientDisconnect) else str(why))
+        if isinstance(why, BodyTimeout):
+            return tei.body_timeout(f"{why}: run {run_id} kept the {kept} items that arrived; {then}")
+        return why
+
     async def _known(self, run_id: str) -> dict[str, int]:
-        progress = await self.client.run_progress(run_id)
+        progress = await self.client.run_progress(check_run_id(run_id))
         if not progress["jobs"] and not progress["sealed"]:
             raise tei.TEIError(404, f"no run {run_id}", "NotFound")
         return progress
@@ -332,19 +494,21 @@ class Gateway:
         ``<stream entry id>/<index in the entry>``: a client that reconnects with Last-Event-ID gets
         exactly the results after that one, also when it dropped in the middle of an entry."""
         run_id = request.path_params["run_id"]
-        await self._known(run_id)
         last = request.headers.get("last-event-id") or request.query_params.get("last_event_id") or ""
-        entry_id, _, index = last.partition("/")
-        skip = int(index) + 1 if index.isdigit() else 0
-        start = _previous_id(entry_id) if entry_id and skip else (entry_id or "0-0")
+        start, entry_id, skip = resume_point(last)
+        await self._known(run_id)
 
         async def events() -> AsyncIterator[dict[str, Any]]:
-            subscription = self.client.subscribe(run_id, last_id=start)
-            async for stream_id, _job, results in subscription.entries():
-                first = skip if stream_id == entry_id else 0
-                for i, result in enumerate(results[first:], first):
-                    yield {"id": f"{stream_id}/{i}", "event": "result", "data": json.dumps(result, ensure_ascii=False)}
-            yield {"event": "end", "data": json.dumps(await self.client.run_progress(run_id))}
+            try:
+                subscription = self.client.subscribe(run_id, last_id=start)
+                async for stream_id, _job, results in subscription.entries():
+                    first = skip if stream_id == entry_id else 0
+                    for i, result in enumerate(results[first:], first):
+                        yield {"id": f"{stream_id}/{i}", "event": "result",
+                               "data": json.dumps(result, ensure_ascii=False)}
+                yield {"event": "end", "data": json.dumps(await self.client.run_progress(run_id))}
+            except Exception as exc:  # the status is sent already: say it in an event, then end
+                yield {"event": "error", "data": json.dumps(http_error(exc, "/runs/{run_id}/events").body())}
 
         return EventSourceResponse(events(), ping=15)
 
@@ -352,8 +516,13 @@ class Gateway:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _jsonl_item(line: bytes, n: int, bad: list[dict[str, Any]], fields: dict[str, Any]) -> dict[str, Any] | None:
-    """One line of a run's body as an item, or None (blank, or reported in ``bad``)."""
+def _jsonl_item(line: bytes | readers.InputError, n: int, bad: list[dict[str, Any]],
+                fields: dict[str, Any]) -> dict[str, Any] | None:
+    """One line of a run's body as an item, or None (blank, or reported in ``bad``, as is a line
+    the splitter refused)."""
+    if isinstance(line, readers.InputError):
+        bad.append({"line": n, "error": str(line)})
+        return None
     if not line.strip():
         return None
     try:
@@ -383,9 +552,9 @@ def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> 
             started = time.perf_counter()
             try:
                 response = await handler(request)
-            except tei.TEIError as exc:
-                response = JSONResponse(exc.body(), status_code=exc.status,
-                                        headers={"Retry-After": "1"} if exc.status in (429, 503) else None)
+            except Exception as exc:
+                error = http_error(exc, path)
+                response = JSONResponse(error.body(), status_code=error.status, headers=_error_headers(error.status))
             gw.metrics.requests.labels(path, str(response.status_code)).inc()
             gw.metrics.seconds.labels(path).observe(time.perf_counter() - started)
             return response
@@ -437,7 +606,11 @@ def serve(settings: GatewaySettings) -> int:
 
     # A stop lets requests in flight finish for stop_timeout seconds (those still waiting then get
     # a 503 a second before), then closes what is left, so the process ends within its grace.
+    # limit_concurrency answers 503 past that many connections and requests, before the process
+    # runs out of file descriptors; idle keep-alive connections close after keep_alive_timeout.
     Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on",
-                          access_log=False, timeout_graceful_shutdown=settings.stop_timeout)).run()
+                          access_log=False, timeout_graceful_shutdown=settings.stop_timeout,
+                          limit_concurrency=settings.limit_concurrency,
+                          timeout_keep_alive=settings.keep_alive_timeout)).run()
     return 0
 

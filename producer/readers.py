@@ -181,6 +181,58 @@ def _json_line(raw: str | bytes, line_no: int) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InputError(line_no, f"not valid JSON: {exc.msg}") from None
+    except UnicodeDecodeError:  # bytes (the gateway's lines) that are not UTF-8
+        raise InputError(line_no, "not valid JSON: not UTF-8") from None
+    except RecursionError:  # json's C scanner recurses once per nesting level
+        raise InputError(line_no, "not valid JSON: nested too deeply") from None
+
+
+class LineSplitter:
+    """The lines of a byte stream that arrives in chunks (an HTTP body), numbered from 1.
+
+    Linear in the bytes fed: each chunk is searched once for line ends and a line's pieces are
+    appended to one buffer, so a line cut into many chunks is never re-joined or re-searched (the
+    gateway's first splitter re-split the whole pending line on every chunk: quadratic in a line's
+    length). A line longer than ``max_line_bytes`` is reported once as an :class:`InputError` and
+    the rest of it is dropped as it arrives, so memory stays bounded by the limit."""
+
+    def __init__(self, max_line_bytes: int):
+        self.max_line_bytes = max_line_bytes
+        self._line = bytearray()
+        self._dropping = False  # the current line is over the limit (already reported)
+        self._number = 0  # lines ended so far
+
+    def feed(self, chunk: bytes) -> list[tuple[int, bytes | InputError]]:
+        """The lines that ``chunk`` ends (without their ``\n``), or their errors."""
+        out: list[tuple[int, bytes | InputError]] = []
+        view = memoryview(chunk)
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            self._take(view[start:end], out)
+            self._number += 1
+            if not self._dropping:
+                out.append((self._number, bytes(self._line)))
+            self._line.clear()
+            self._dropping = False
+            start = end + 1
+        self._take(view[start:], out)
+        return out
+
+    def end(self) -> list[tuple[int, bytes | InputError]]:
+        """The last line, when the stream does not end with a line end."""
+        last = [(self._number + 1, bytes(self._line))] if self._line and not self._dropping else []
+        self._line.clear()
+        return last
+
+    def _take(self, piece: memoryview, out: list[tuple[int, bytes | InputError]]) -> None:
+        if self._dropping or not piece:
+            return
+        self._line += piece
+        if len(self._line) > self.max_line_bytes:
+            out.append((self._number + 1, InputError(self._number + 1,
+                                                     f"longer than {self.max_line_bytes} bytes: skipped")))
+            self._line.clear()
+            self._dropping = True
 
 
 def _unreadable(exc: InputError, on_error: str, errors: list[InputError] | None) -> None:

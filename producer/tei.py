@@ -74,6 +74,17 @@ BAD_JSON_STATUS = 400
 BAD_CONTENT_TYPE_STATUS = 415
 #: A request whose result did not come in time (no TEI counterpart: TEI waits for ever).
 TIMEOUT_STATUS = 504
+#: A body over the gateway's limit (TEI: axum's ``DefaultBodyLimit``, from ``--payload-limit``).
+TOO_LARGE_STATUS = 413
+#: A body the client did not send within the gateway's ``body_timeout`` (TEI has no such limit).
+BODY_TIMEOUT_STATUS = 408
+#: ``POST /runs`` under a run id whose run this body cannot continue (queuebert's own route).
+CONFLICT_STATUS = 409
+#: The client went away before its request was answered (nginx's "client closed request"): only
+#: the gateway's log and metrics ever see it.
+CLIENT_CLOSED_STATUS = 499
+#: A failure the gateway did not expect (a bug): the client gets this body, never a traceback.
+INTERNAL_STATUS = 500
 
 # TEI's messages, word for word, where a client or a person may match on them.
 EMPTY_INPUT = "Input validation error: `inputs` cannot be empty"  # core tokenization.rs, via Display
@@ -152,6 +163,27 @@ def timed_out(seconds: float) -> TEIError:
     return TEIError(TIMEOUT_STATUS, f"no result within {seconds:g} s", OVERLOADED)
 
 
+def too_large(size: int | str, limit: int) -> TEIError:
+    """413 for a body over ``limit`` bytes (``size``: its length, or what is known of it)."""
+    return TEIError(TOO_LARGE_STATUS, f"body of {size} bytes, more than {limit}", VALIDATION)
+
+
+def body_timeout(message: str) -> TEIError:
+    """408 for a body that did not arrive in time."""
+    return TEIError(BODY_TIMEOUT_STATUS, message, VALIDATION)
+
+
+def redis_unavailable() -> TEIError:
+    """503 while Redis refuses, fails or cannot be reached (sent with Retry-After: nothing is wrong
+    with the request; the details go to the gateway's log, not to the client)."""
+    return TEIError.of(UNHEALTHY, "Redis is unavailable: retry the request")
+
+
+def internal() -> TEIError:
+    """500 for an error the gateway did not expect (logged with its traceback there)."""
+    return TEIError(INTERNAL_STATUS, "internal error", BACKEND)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a worker publishes about its model (``queuebert.keys.WORKER_MODEL_FIELDS``)."""
@@ -219,7 +251,7 @@ def _bad_json(reason: str) -> TEIError:
 
 def decode_body(raw: bytes | str) -> Any:
     """The JSON value of a request body; 400 for what serde_json would not parse (bad UTF-8,
-    bad syntax, ``NaN``/``Infinity``), as TEI's extractor answers. Lone surrogates (``"\\ud800"``),
+    bad syntax, ``NaN``/``Infinity``, nesting too deep to parse), as TEI's extractor answers. Lone surrogates (``"\\ud800"``),
     which serde_json also refuses, are caught where texts are read (``predict_inputs``,
     ``parse_rerank``), so a big body is not walked twice."""
     try:
@@ -227,6 +259,8 @@ def decode_body(raw: bytes | str) -> Any:
         return json.loads(text, parse_constant=_refuse_constant)
     except (UnicodeError, ValueError) as exc:
         raise _bad_json(str(exc)) from None
+    except RecursionError:  # json's C scanner recurses per nesting level; serde_json stops at 128
+        raise _bad_json("recursion limit exceeded") from None
 
 
 def _invalid(message: str) -> TEIError:

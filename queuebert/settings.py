@@ -132,8 +132,23 @@ class GatewaySettings(_FromEnv):
     max_client_batch_size: int = 32
     #: What /info reports as TEI's max_concurrent_requests (the gateway itself has no fixed limit).
     max_concurrent_requests: int = 512
-    #: Largest JSON body accepted by the TEI routes (TEI's --payload-limit); /runs streams any size.
+    #: Largest JSON body accepted by the TEI routes (TEI's --payload-limit): a larger declared
+    #: Content-Length is refused (413) before any of the body is read, a chunked body as soon as
+    #: it passes the limit. /runs streams any size.
     max_body_bytes: int = 2_000_000
+    #: Longest line of a ``POST /runs`` body: a longer one is skipped and reported in
+    #: ``unreadable_lines`` (its bytes dropped as they arrive), so one line cannot fill the memory.
+    max_line_bytes: int = 1_000_000
+    #: Seconds a client may take to send a TEI route's whole body, and the longest a ``POST /runs``
+    #: body may pause between chunks (the gateway's own backpressure waits do not count): a
+    #: slow or stalled upload then gets 408 and frees its connection instead of holding it forever.
+    body_timeout: float = 30.0
+    #: Connections and requests at once (uvicorn's ``limit_concurrency``) beyond which a new
+    #: request gets 503 at once: keeps the process below its file-descriptor limit (often 1,024,
+    #: with up to ``max_connections`` Redis connections of its own). Raise it with ``ulimit -n``.
+    limit_concurrency: int | None = 800
+    #: Seconds an idle keep-alive connection is kept open (uvicorn's ``timeout_keep_alive``).
+    keep_alive_timeout: float = 5.0
     #: Seconds a stopping gateway lets requests in flight finish before it closes their
     #: connections (uvicorn's ``timeout_graceful_shutdown``). Their jobs stay queued; a client
     #: that retries elsewhere gets the same work done. Keep it below the orchestrator's grace.
