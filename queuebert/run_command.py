@@ -35,7 +35,6 @@ from queuebert.settings import WorkerSettings, env_name
 log = structlog.get_logger(__name__)
 
 
-
 class RunFailed(RuntimeError):
     pass
 
