@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=None, help="git ref of the old code to run beside this one")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.exists() else None)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="classifier directory (default: the built default model, else MiniLM-L6 from its wheel)")
     parser.add_argument("--out", type=Path, default=harness.BENCH_DIR / "results")
     args = parser.parse_args(argv)
     speeds = [float(s) for s in args.speeds.split(",")]
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="qb-simdevice-"))
     codes = checkouts(args.baseline, tmp)
     try:
-        model, model_desc = harness.prepare_model(tmp)
+        model, model_desc = (args.model, str(args.model)) if args.model else harness.prepare_model(tmp)
         harness.say(f"{len(texts)} texts of {corpus.name}; model {model_desc}; codes {list(codes)}; speeds {speeds}")
         rows: list[dict[str, Any]] = []
         for rep in range(args.repeats):

