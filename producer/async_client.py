@@ -19,6 +19,8 @@ One client belongs to one event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import itertools
 import sys
 import time
@@ -46,6 +48,16 @@ from .jobs import JOBS_PER_ROUND_TRIP, JobOptions, ResumeError, new_id, resume_h
 log = structlog.get_logger(__name__)
 
 __all__ = ["AsyncClient", "AsyncHandle", "AsyncRun", "AsyncSubscription"]
+
+
+class _Setting(enum.Enum):
+    """A keyword left to the client's settings (where None already means "none")."""
+
+    SETTING = "setting"
+
+
+#: ``enqueue_stream(job_ttl=SETTING)``: the jobs' deadline is ``ClientSettings.job_ttl``.
+SETTING = _Setting.SETTING
 
 
 @dataclass
@@ -138,7 +150,7 @@ class AsyncSubscription:
             self.last_id = last[0][0].decode() if last else "0-0"
         cursor = self.last_id
         while True:
-            reply = await conn.xread({stream: cursor}, count=500, block=self.block_ms)
+            reply = await conn.xread({stream: cursor}, count=500, block=fit_block_ms(conn, self.block_ms))
             got = False
             for _name, entries in reply or []:
                 for entry_id, fields in entries:
@@ -181,6 +193,16 @@ class AsyncSubscription:
 
     def __aiter__(self) -> AsyncIterator[ItemResult]:
         return self._items()
+
+
+def fit_block_ms(connection: Any, block_ms: int) -> int:
+    """``block_ms`` for a blocking read (XREAD BLOCK) on ``connection``, shortened to half its
+    socket timeout: a read that blocks as long as the socket waits would fail as a timeout every
+    time nothing arrives, and reconnect."""
+    socket_timeout = connection.connection_pool.connection_kwargs.get("socket_timeout")
+    if socket_timeout:
+        return min(block_ms, max(1, int(socket_timeout * 500)))
+    return block_ms
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -362,11 +384,7 @@ class _ResultListener:
                         fut.set_result(outcome)
 
     def _block_ms(self) -> int:
-        block = self.BLOCK_MS if self.can_unblock else self.POLL_MS
-        socket_timeout = self.client.connection.connection_pool.connection_kwargs.get("socket_timeout")
-        if socket_timeout:  # a read must come back before the socket gives up on it
-            block = min(block, max(1, int(socket_timeout * 500)))
-        return block
+        return fit_block_ms(self.client.connection, self.BLOCK_MS if self.can_unblock else self.POLL_MS)
 
     def _collect(self, name: bytes | str, entries: list[Any]) -> tuple[set[asyncio.Future[_Outcome]], _Outcome]:
         """The waiters of a result stream XREAD returned (no longer awaited) and their outcome."""
@@ -620,12 +638,16 @@ class AsyncClient:
         self._owns_connection = False
 
     @classmethod
-    def from_url(cls, url: str | None = None, queue: str | None = None, **overrides: Any) -> AsyncClient:
-        """A client on ``url`` (default ``QUEUEBERT_REDIS_URL``); no I/O until the first call."""
+    def from_url(cls, url: str | None = None, queue: str | None = None, *, socket_timeout: float | None = None,
+                 **overrides: Any) -> AsyncClient:
+        """A client on ``url`` (default ``QUEUEBERT_REDIS_URL``); no I/O until the first call.
+        ``socket_timeout``: seconds a command's reply may take before that attempt fails (None:
+        forever; blocking reads then block less, :func:`fit_block_ms`)."""
         settings = ClientSettings.from_env(redis_url=resolve_url(url), queue=queue, **overrides)
+        extra = {} if socket_timeout is None else {"socket_timeout": socket_timeout}
         client = cls(connect_async(settings.redis_url, replica_acks=settings.replica_acks,
                                    replica_ack_timeout_ms=settings.replica_ack_timeout_ms,
-                                   max_connections=settings.max_connections), settings)
+                                   max_connections=settings.max_connections, **extra), settings)
         client._owns_connection = True
         return client
 
@@ -731,12 +753,16 @@ class AsyncClient:
         queue: str | None = None,
         on_progress: Callable[[int], Any] | None = None,
         keep_handles: bool = False,
+        job_ttl: float | None | _Setting = SETTING,
     ) -> AsyncRun:
         """Enqueue a (sync or async) iterable lazily, in pipelined round trips, as one run:
         ``Client.enqueue_stream`` on asyncio, with the same backpressure (``max_pending``), full
         Redis waits (:class:`RedisFull`), once-only rounds (WATCH on the run's cursor) and resume
         by ``run_id`` (:class:`ResumeError`, :class:`~producer.jobs.LostWrites`).
-        ``on_progress`` may be a coroutine function."""
+        ``on_progress`` may be a coroutine function. ``job_ttl`` (seconds a job may wait before
+        it is dropped; None: no deadline) overrides the client's ``job_ttl`` for this run: one
+        client can serve interactive requests with a deadline and long streams without one."""
+        settings = self.settings if job_ttl is SETTING else dataclasses.replace(self.settings, job_ttl=job_ttl)
         run = AsyncRun(self, run_id or new_id())
         async with self.connection.pipeline(transaction=False) as pipe:
             pipe.get(keys.run_cursor(run.id))
@@ -791,7 +817,8 @@ class AsyncClient:
         async def flush() -> None:
             start = position - len(batch)
             job_ids, round_progress = await self._enqueue_round(batch, run, start, chunk_size,
-                                                                JobOptions(top_k, function_to_apply), queue, full)
+                                                                JobOptions(top_k, function_to_apply), queue, full,
+                                                                settings)
             for job_id, items in zip(job_ids, batch):
                 if keep_handles:
                     run.handles.extend(AsyncHandle(self, job_id, it["id"], run.id, n) for n, it in enumerate(items))
@@ -828,14 +855,15 @@ class AsyncClient:
 
     async def _enqueue_round(
         self, chunks: list[list[Item]], run: AsyncRun, start: int, chunk_size: int, options: JobOptions,
-        queue: str | None, full: _AsyncFullWait,
+        queue: str | None, full: _AsyncFullWait, settings: ClientSettings | None = None,
     ) -> tuple[list[str], dict[str, int]]:
         """``Client._enqueue_round`` on asyncio: one transaction, WATCHing the run's cursor, so a
-        round whose reply was lost is looked up rather than applied twice."""
+        round whose reply was lost is looked up rather than applied twice. ``settings``: the run's
+        (its own ``job_ttl``), else the client's."""
         end = start + len(chunks)
         job_ids = [new_id() for _ in chunks]
-        commands = jobs.enqueue_commands(self.settings, queue or self.settings.queue, chunks, job_ids, run.id, options,
-                                         chunk_size=chunk_size, cursor_end=end)
+        commands = jobs.enqueue_commands(settings or self.settings, queue or self.settings.queue, chunks, job_ids,
+                                         run.id, options, chunk_size=chunk_size, cursor_end=end)
         meta = keys.run_meta(run.id)
         cursor_key = keys.run_cursor(run.id)
         ttl = self.settings.result_ttl

@@ -17,8 +17,15 @@ Routes:
 
 Pressure: a request that would queue behind more than ``max_queue_depth`` jobs gets 429 with
 ``Retry-After``; one whose results do not come within ``request_timeout`` gets 504, and its jobs
-carry that deadline, so a worker drops them instead of computing answers nobody waits for.
+carry that deadline, so a worker drops them instead of computing answers nobody waits for. A run
+(``POST /runs``) is read later by whoever asks, so its jobs have no deadline unless its caller
+asks for one (``?job_ttl=``).
 One-text requests are gathered into shared jobs by the client (:class:`~producer.async_client.AsyncClient`).
+
+Outages: whatever Redis does (refuses, drops, freezes), a TEI request ends within
+``request_timeout`` (504, or 503 once Redis has failed), and ``/health`` and ``/info`` within
+``redis_timeout`` (503): every command has a socket timeout, and each request a bound of its own
+over all of its commands and their retries.
 
 Errors: whatever fails, the client gets TEI's ``{"error", "error_type"}`` body with a status that
 says whose fault it is (:func:`http_error`), and the request is counted; never a traceback.
@@ -75,6 +82,27 @@ RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 #: a bare entry id resumes after that whole entry. Parts are Redis's unsigned 64-bit numbers.
 EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})(?:/(\d{1,9}))?")
 MAX_STREAM_PART = 2**64 - 1
+
+
+#: Longest ``?job_ttl=`` a run may ask for (ten years): a bound keeps ``time.time() + job_ttl`` a
+#: Unix time a worker can compare (``1e400`` parses as infinity).
+MAX_JOB_TTL = 10 * 365 * 86_400.0
+
+
+def check_job_ttl(raw: str | None) -> float | None:
+    """The ``?job_ttl=`` of ``POST /runs``: seconds each of the run's jobs may wait before a worker
+    drops it (``deadline_exceeded``); absent or empty: no deadline. Anything but a positive number
+    of seconds is 422, so a typo never silently drops a whole run."""
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_JOB_TTL:  # also false for nan and inf
+        raise tei.TEIError.of(tei.VALIDATION, f"{tei.VALIDATION_PREFIX}job_ttl {json.dumps(raw)[:40]} must be a "
+                                              f"number of seconds above 0 and at most {MAX_JOB_TTL:g}")
+    return value
 
 
 def check_run_id(run_id: str) -> str:
@@ -230,6 +258,17 @@ class Gateway:
 
     # -- shared checks ----------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def within(self, seconds: float, error: Callable[[], tei.TEIError]) -> AsyncIterator[None]:
+        """Bounds what runs inside to ``seconds``, then raises ``error()``. Each Redis command has a
+        socket timeout, but its retries (which ride out a restart) take it past any request's
+        timeout on a frozen Redis: the bound is the request's, over all of them."""
+        try:
+            async with asyncio.timeout(seconds):
+                yield
+        except TimeoutError:
+            raise error() from None
+
     async def queue_depth(self) -> int:
         return await self._depth.get()
 
@@ -244,8 +283,10 @@ class Gateway:
 
     async def served(self) -> tuple[tei.ModelInfo, int] | None:
         """The model the queue's workers say they serve (cached for MODEL_EVERY seconds; while no
-        worker says, read again at each call)."""
-        return await self._served.get()
+        worker says, read again at each call); 503 when Redis does not answer within
+        ``redis_timeout``."""
+        async with self.within(self.settings.redis_timeout, tei.redis_unavailable):
+            return await self._served.get()
 
     async def _read_served(self) -> tuple[tei.ModelInfo, int] | None:
         """On the client's own connection: the queue's workers as RQ registers them, then the
@@ -280,15 +321,18 @@ class Gateway:
 
     async def submit(self, items: tuple[Any, ...] | list[Any], route: str, top_k: int | None = None,
                      function_to_apply: str | None = None) -> list[ItemResult]:
-        """One input through the coalescing ``submit``; several as one job of their own."""
-        await self.admit()
-        self.metrics.items.labels(route).inc(len(items))
-        options = {"top_k": top_k, "function_to_apply": function_to_apply}
-        if len(items) == 1:
-            handles = [await self.client.submit(dict(items[0]), **options)]
-        else:
-            handles = await self.client.submit_many([dict(i) for i in items], chunk_size=len(items), **options)
-        return await self.results(handles)
+        """One input through the coalescing ``submit``; several as one job of their own. Admission,
+        enqueue and results together take at most ``request_timeout`` (504), whatever Redis does."""
+        timeout = self.settings.request_timeout
+        async with self.within(timeout, lambda: tei.timed_out(timeout)):
+            await self.admit()
+            self.metrics.items.labels(route).inc(len(items))
+            options = {"top_k": top_k, "function_to_apply": function_to_apply}
+            if len(items) == 1:
+                handles = [await self.client.submit(dict(items[0]), **options)]
+            else:
+                handles = await self.client.submit_many([dict(i) for i in items], chunk_size=len(items), **options)
+            return await self.results(handles)
 
     # -- TEI routes ---------------------------------------------------------------------------------
 
@@ -359,12 +403,16 @@ class Gateway:
         return JSONResponse(tei.predict_response(parsed, results, served[0].labels if served else None))
 
     async def health(self, request: Request) -> Response:
-        """200 when Redis answers and a worker serves the queue; else TEI's 503."""
+        """200 when Redis answers and a worker serves the queue; else TEI's 503, within
+        ``redis_timeout`` also when Redis does not answer at all (a load balancer's probe must
+        not hang on a frozen Redis)."""
         try:
-            await self.client.connection.ping()
-        except Exception:
+            async with asyncio.timeout(self.settings.redis_timeout):
+                await self.client.connection.ping()
+                serving = await self.served()
+        except Exception:  # noqa: BLE001 - whatever failed, the answer is "not healthy"
             raise tei.unhealthy() from None
-        if await self.served() is None:
+        if serving is None:
             raise tei.unhealthy()
         return Response(status_code=200)
 
@@ -386,14 +434,19 @@ class Gateway:
         the run stays open: the same body sent again under that id enqueues only the rest and seals
         it, as ``queuebert enqueue --run-id`` does (a part-filled chunk would not line up with the
         retry's chunks, so those few lines wait for the retry). Under an id the gateway made up,
-        which that client never learned, the run is sealed with every line that arrived."""
-        await self.admit()
+        which that client never learned, the run is sealed with every line that arrived.
+
+        Its jobs have no deadline (a run is read whenever its caller comes for it, not by a request
+        that gives up after ``request_timeout``) unless ``?job_ttl=`` asks for one."""
         params = request.query_params
         given = params.get("run_id") or None
         run_id = check_run_id(given) if given is not None else new_id()
+        job_ttl = check_job_ttl(params.get("job_ttl"))
         fields = {"text_field": params.get("text_field") or "text", "id_field": params.get("id_field") or "id",
                   "text_pair_field": params.get("text_pair_field") or None}
-        plan = await self._run_plan(run_id)
+        async with self.within(self.settings.request_timeout, tei.redis_unavailable):
+            await self.admit()
+            plan = await self._run_plan(run_id)
         already = plan.resume_from * plan.chunk_size  # items a resumed run lists already (skipped, not sent)
         bad: list[dict[str, Any]] = []
         sent = 0  # items handed to enqueue_stream
@@ -442,7 +495,7 @@ class Gateway:
                 yield item
 
         try:
-            run = await self.client.enqueue_stream(items(), run_id=run_id, on_progress=written)
+            run = await self.client.enqueue_stream(items(), run_id=run_id, on_progress=written, job_ttl=job_ttl)
         except (ClientDisconnect, BodyTimeout) as exc:
             raise self._upload_cut(exc, run_id, kept, sealed=False) from None
         if cut is not None:
@@ -470,7 +523,9 @@ class Gateway:
         return why
 
     async def _known(self, run_id: str) -> dict[str, int]:
-        progress = await self.client.run_progress(check_run_id(run_id))
+        check_run_id(run_id)
+        async with self.within(self.settings.request_timeout, tei.redis_unavailable):
+            progress = await self.client.run_progress(run_id)
         if not progress["jobs"] and not progress["sealed"]:
             raise tei.TEIError(404, f"no run {run_id}", "NotFound")
         return progress
@@ -542,9 +597,9 @@ def _previous_id(entry_id: str) -> str:
 
 def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> Starlette:
     """The ASGI app; ``client`` defaults to one on ``settings.redis_url`` whose jobs carry the
-    request timeout as their deadline."""
+    request timeout as their deadline (the TEI routes'; runs choose their own)."""
     client = client or AsyncClient.from_url(settings.redis_url, queue=settings.queue,
-                                            job_ttl=settings.request_timeout)
+                                            job_ttl=settings.request_timeout, socket_timeout=settings.redis_timeout)
     gw = Gateway(client, settings)
 
     def route(path: str, handler: Callable[[Request], Awaitable[Response]], methods: list[str]) -> Route:

@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None,
                    help=f"bearer token every route but /health requires (default: ${env_name('api_key')} or none)")
     p.add_argument("--request-timeout", type=float, default=None,
-                   help=f"seconds a request waits for results before 504; its jobs' deadline (default: {g.request_timeout:g})")
+                   help=f"seconds a TEI request waits for results before 504; its jobs' deadline "
+                        f"(POST /runs: none unless ?job_ttl=) (default: {g.request_timeout:g})")
     p.add_argument("--max-queue-depth", type=int, default=None,
                    help=f"queued jobs beyond which requests get 429 (default: {g.max_queue_depth}; 0: no limit)")
     p.add_argument("--max-client-batch-size", type=int, default=None,

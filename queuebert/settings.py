@@ -124,8 +124,14 @@ class GatewaySettings(_FromEnv):
     port: int = 8080
     #: Bearer token every route but /health requires (TEI's --api-key); None: no auth.
     api_key: str | None = None
-    #: Seconds a request waits for its results before 504; its jobs carry it as their deadline.
+    #: Seconds a request waits for its results before 504; the jobs of the TEI routes carry it as
+    #: their deadline (a ``POST /runs`` run has none unless its caller asks, ``?job_ttl=``).
     request_timeout: float = 30.0
+    #: Seconds one Redis command of the gateway may take before its socket gives up on it (each
+    #: retry gets as long again), and the longest ``/health`` and ``/info`` wait for Redis before
+    #: 503: a frozen Redis (SIGSTOP, a stalled host) fails fast instead of holding requests for
+    #: minutes. Blocking reads block for less than this (see ``producer.async_client``).
+    redis_timeout: float = 5.0
     #: Jobs queued beyond which requests get 429 with Retry-After (0: no limit).
     max_queue_depth: int = 10_000
     #: Inputs per /predict or /rerank request (TEI's --max-client-batch-size).
@@ -185,8 +191,10 @@ class WorkerSettings(_FromEnv):
     max_items_per_job: int = 10_000
     #: Seconds: how often executions are heartbeated and abandoned jobs looked for; a killed
     #: worker's jobs are recovered within 3-4 times this (its executions live 3 intervals; the
-    #: next maintenance pass, at most one interval later, requeues them).
-    heartbeat_interval: int = 10
+    #: next maintenance pass, at most one interval later, requeues them). 2 s: 6-8 s, well inside
+    #: the gateway's 30 s request timeout (at 10 s, 30-40 s: past it, and those requests got 504),
+    #: for a few small Redis commands per worker every 2 s.
+    heartbeat_interval: int = 2
     #: Seconds a stopping worker gives Redis, once its batch in progress is done, to take the
     #: results it computed, the jobs it gives back and its deregistration. What Redis has not
     #: taken by then (Redis gone, frozen or refusing writes) stays in the started registry, where

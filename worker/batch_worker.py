@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -277,17 +278,14 @@ class BatchWorker(SimpleWorker):
         read-only Redis waits for it instead of dying. False if stopped meanwhile."""
         from rq.logutils import setup_loghandlers
 
-        engine = self.engine
-        assert engine is not None
         setup_loghandlers(logging_level, name="rq.worker")
         setup_loghandlers(logging_level, name="rq.job")
         steps = [
             self.register_birth,
             self.subscribe,
-            # Beside RQ's fields, so `queuebert stats` can say what each worker serves.
-            lambda: self.connection.hset(self.key, mapping=dict(zip(keys.WORKER_MODEL_FIELDS, (
-                engine.m.name, str(engine.m.device), str(engine.m.dtype).removeprefix("torch."),
-                json.dumps(engine.m.labels), engine.m.max_length, engine.m.function)))),
+            # Beside RQ's fields, so `queuebert stats` and the gateway's /info can say what each
+            # worker serves.
+            lambda: self.connection.hset(self.key, mapping=self._model_fields()),
             lambda: self.set_state(WorkerStatus.IDLE),
         ]
         outage = self.outages["heartbeat"]
@@ -301,6 +299,36 @@ class BatchWorker(SimpleWorker):
                         return False
         outage.recovered()
         log.info("worker started", worker=self.name, queues=self.queue_names())
+        return True
+
+    def _model_fields(self) -> dict[str, Any]:
+        """queuebert's fields in the worker hash (``keys.WORKER_MODEL_FIELDS``): the model served."""
+        engine = self.engine
+        assert engine is not None
+        return dict(zip(keys.WORKER_MODEL_FIELDS, (
+            engine.m.name, str(engine.m.device), str(engine.m.dtype).removeprefix("torch."),
+            json.dumps(engine.m.labels), engine.m.max_length, engine.m.function)))
+
+    def _register_again_if_forgotten(self) -> bool:
+        """Register again when Redis no longer lists this worker (it restarted without
+        persistence, or was flushed): otherwise RQ's tools, ``queuebert stats`` and the gateway's
+        ``/health`` and ``/info`` would never see it again, though it keeps serving its queues.
+        The same writes as :meth:`_register` (RQ's ``register_birth``: its hash, the worker sets,
+        the TTL; then the model fields and the state) in one transaction; not the subscription,
+        which redis-py renews on reconnect. ``register_birth`` itself refuses here: the heartbeat
+        has already recreated part of the hash. True if it registered."""
+        if self._stop.is_set() or self.connection.sismember(self.redis_workers_keys, self.key):
+            return False  # a stopping worker deregisters: it must not come back
+        self.last_heartbeat = now()
+        with self.connection.pipeline() as pipe:
+            pipe.delete(self.key)  # the partial hash the heartbeat recreated
+            pipe.hset(self.key, mapping={**self.serialize(), **self._model_fields()})
+            self.set_state(self.get_state(), pipeline=pipe)
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl + 60)
+            pipe.execute()
+        log.warning("Redis had forgotten this worker (restarted without persistence?): registered it again",
+                    worker=self.name, queues=self.queue_names())
         return True
 
     def _guarded(self, target: Callable[[], None]) -> None:
@@ -334,8 +362,9 @@ class BatchWorker(SimpleWorker):
 
     def _heartbeat_loop(self) -> None:
         """Each interval: extend the executions of held jobs (first: it is what keeps them from
-        being recovered under us), the worker's own heartbeat, then maintenance. Each step rides
-        out Redis errors on its own; a failing step never skips the ones after it."""
+        being recovered under us), register again if Redis forgot the worker, the worker's own
+        heartbeat, then maintenance. Each step rides out Redis errors on its own; a failing step
+        never skips the ones after it."""
         interval = self.settings.heartbeat_interval
         beat, upkeep = self.outages["heartbeat"], self.outages["maintenance"]
         while not self._stop.wait(interval):
@@ -344,6 +373,7 @@ class BatchWorker(SimpleWorker):
             try:
                 assert self.store is not None
                 self.store.heartbeat(jobs, ttl)
+                self._register_again_if_forgotten()
                 self._publish_redis_state()
                 self.heartbeat(ttl + 60)
                 beat.recovered()
@@ -380,6 +410,31 @@ class BatchWorker(SimpleWorker):
                 if expired:
                     log.warning("recovering abandoned jobs", queue=q.name, jobs=len(expired))
                     registry.cleanup(exception_handlers=upstream.exception_handlers(self))
+                self._recover_intermediate(q)
+
+    #: Puts a job from RQ's intermediate list back at the front of its queue, unless a take script
+    #: has moved it on meanwhile (then the LREM finds nothing and nothing is pushed).
+    _REQUEUE_INTERMEDIATE = ("if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then "
+                             "redis.call('LPUSH', KEYS[2], ARGV[1]) return 1 end return 0")
+
+    def _recover_intermediate(self, q: Queue) -> None:
+        """Requeue jobs stuck in RQ's intermediate list: a worker blocked for work BLMOVEs a job
+        there and its take script moves it on within a round trip, so one still there 3 heartbeat
+        intervals after a recovery pass first saw it belongs to a worker that died in between.
+        RQ's own cleanup (in maintenance) waits a minute, then counts it as a failure: with the
+        gateway's 30 s request timeout, that request got 504. The first-seen marks are RQ's."""
+        intermediate = q.intermediate_queue
+        patience = timedelta(seconds=3 * self.settings.heartbeat_interval)
+        for job_id in intermediate.get_job_ids():
+            first_seen = intermediate.get_first_seen(job_id)
+            if first_seen is None:
+                intermediate.set_first_seen(job_id)
+                continue
+            if now() - first_seen <= patience:
+                continue
+            if self.connection.eval(self._REQUEUE_INTERMEDIATE, 2, intermediate.key, q.key, job_id):
+                log.warning("requeued a job a dead worker left in RQ's intermediate list", queue=q.name, job=job_id)
+            self.connection.delete(intermediate.get_first_seen_key(job_id))
 
     def _started_registry(self, q: Queue) -> StartedJobRegistry:
         # Failure callbacks run under a death penalty; the signal-based default only works in the
