@@ -27,11 +27,12 @@ _started: list[LoggedProcess] = []
 
 @pytest.fixture(autouse=True)
 def _reap() -> Iterator[None]:
-    """A failed test must not leave workers or gateways behind."""
+    """A failed test must not leave workers or gateways behind. Killed, not stopped: nothing here
+    tests a stop, and a worker whose Redis a test closed already would wait out its stop_timeout."""
     yield
     procs = [p for p in _started if p.poll() is None]
     _started.clear()
-    stop_processes(procs, 10)
+    stop_processes(procs, 10, sig=signal.SIGKILL)
 
 
 def _keep(proc: LoggedProcess) -> LoggedProcess:
