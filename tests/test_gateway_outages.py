@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import redis
-from helpers import start_gateway, start_worker
+from helpers import reap, start_gateway, start_worker
 from rq import Queue
 
 from producer.embedded_redis import RedisServer
-from queuebert.procs import LoggedProcess, stop_processes
+from queuebert.procs import LoggedProcess
 from queuebert.serializer import JSONSerializer
 
 _started: list[LoggedProcess] = []
@@ -27,12 +27,10 @@ _started: list[LoggedProcess] = []
 
 @pytest.fixture(autouse=True)
 def _reap() -> Iterator[None]:
-    """A failed test must not leave workers or gateways behind. Killed, not stopped: nothing here
-    tests a stop, and a worker whose Redis a test closed already would wait out its stop_timeout."""
+    # Killed, not stopped: nothing here tests a stop, and a worker whose Redis a test closed
+    # already would wait out its stop_timeout.
     yield
-    procs = [p for p in _started if p.poll() is None]
-    _started.clear()
-    stop_processes(procs, 10, sig=signal.SIGKILL)
+    reap(_started)
 
 
 def _keep(proc: LoggedProcess) -> LoggedProcess:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import build_tiny_model
-from helpers import start_worker
+from helpers import reap, start_worker
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
@@ -53,13 +53,8 @@ _started: list[LoggedProcess] = []
 
 @pytest.fixture(autouse=True)
 def _reap_workers():
-    """A failing assertion must not leave worker processes behind."""
     yield
-    while _started:
-        proc = _started.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    reap(_started)
 
 
 def _log(proc: LoggedProcess) -> str:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 from conftest import PYTHON, REPO, subprocess_env
-from helpers import LOG_DIR, start_gateway, start_worker
+from helpers import LOG_DIR, reap, start_gateway, start_worker
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
@@ -39,13 +39,8 @@ _started: list[subprocess.Popen[bytes]] = []
 
 @pytest.fixture(autouse=True)
 def _reap() -> Iterator[None]:
-    """A failed bound must not leave processes (or a frozen Redis) behind."""
     yield
-    while _started:
-        proc = _started.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    reap(_started)
 
 
 def _worker(url: str, model: Path, name: str, forward_s: float = 0.0, **env: str) -> LoggedProcess:

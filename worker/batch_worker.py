@@ -412,11 +412,6 @@ class BatchWorker(SimpleWorker):
                     registry.cleanup(exception_handlers=upstream.exception_handlers(self))
                 self._recover_intermediate(q)
 
-    #: Puts a job from RQ's intermediate list back at the front of its queue, unless a take script
-    #: has moved it on meanwhile (then the LREM finds nothing and nothing is pushed).
-    _REQUEUE_INTERMEDIATE = ("if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then "
-                             "redis.call('LPUSH', KEYS[2], ARGV[1]) return 1 end return 0")
-
     def _recover_intermediate(self, q: Queue) -> None:
         """Requeue jobs stuck in RQ's intermediate list: a worker blocked for work BLMOVEs a job
         there and its take script moves it on within a round trip, so one still there 3 heartbeat
@@ -432,7 +427,8 @@ class BatchWorker(SimpleWorker):
                 continue
             if now() - first_seen <= patience:
                 continue
-            if self.connection.eval(self._REQUEUE_INTERMEDIATE, 2, intermediate.key, q.key, job_id):
+            store = self.store if self.store is not None else JobStore.for_worker(self, upstream.ordered_queues(self))
+            if store.requeue_intermediate(q, job_id):
                 log.warning("requeued a job a dead worker left in RQ's intermediate list", queue=q.name, job=job_id)
             self.connection.delete(intermediate.get_first_seen_key(job_id))
 

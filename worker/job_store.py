@@ -306,6 +306,7 @@ class JobStore:
         self._give_back_script = self._register("give_back.lua", {
             **prefixes, **_layouts(None, HeldJobArgs), "QUEUED": JobStatus.QUEUED.value})
         self._state_script = self._register("state.lua", {})
+        self._requeue_intermediate_script = self._register("requeue_intermediate.lua", {})
 
     def _register(self, name: str, constants: dict[str, Any]) -> Any:
         return self.connection.register_script(_source(name, tuple(sorted(constants.items(), key=_by_name))))
@@ -437,6 +438,11 @@ class JobStore:
         for job in reversed(jobs):
             args += HeldJobArgs(id=job.id, execution_id=job.execution_id, queue=job.queue_index + 1)
         return int(self._give_back_script(keys=keys_, args=args))
+
+    def requeue_intermediate(self, queue: Queue, job_id: str) -> bool:
+        """Put a job from ``queue``'s intermediate list back at its front, unless a take moved it
+        on meanwhile; True if it went back."""
+        return bool(self._requeue_intermediate_script(keys=[queue.intermediate_queue_key, queue.key], args=[job_id]))
 
     def delete_executions(self, jobs: Sequence[TakenJob], pipeline: Any) -> None:
         """Queue on ``pipeline`` what ``Execution.delete`` does for each job (for a job whose hash
