@@ -84,7 +84,7 @@ DATA="$DEV/texts-mixed.jsonl.gz"
 [[ -f "$DATA" ]] || DATA=../shared/data/texts-mixed.jsonl
 
 # 1. The GPU benchmark (~5 min on an H200 at 10,000 texts).
-timeout 330 "$PY" benchmarks/gpu.py --device "$DEVICE" --data "$DATA" --texts "$TEXTS" \
+timeout 290 "$PY" benchmarks/gpu.py --device "$DEVICE" --data "$DATA" --texts "$TEXTS" \
     --model "MiniLM-L6 (random weights)=$WORK/models/minilm-l6" --model "BERT-base size=$WORK/models/bert-base" \
     --queue-workers 1,2 --out "$WORK/gpu" ${QB_GPU_ARGS:-} || echo "gpu.py ended with $?"
 # 2. The worker's CPU path on this host's cores (simulated device): stage profile and device rows.
@@ -92,8 +92,8 @@ base=${QB_BASELINE:+--baseline $QB_BASELINE}
 model="--model $WORK/models/minilm-l6"
 timeout 60 "$PY" benchmarks/stage_profile.py --data "$DATA" --texts "$TEXTS" --repeats 1 $base $model \
     --out "$WORK/cpu" || echo "stage_profile.py ended with $?"
-timeout 90 "$PY" benchmarks/simdevice.py --data "$DATA" --texts "$TEXTS" --repeats 1 --speeds 2e6,8e6,3.2e7 $base \
-    $model --out "$WORK/cpu" || echo "simdevice.py ended with $?"
+timeout 120 "$PY" benchmarks/simdevice.py --data "$DATA" --texts "$TEXTS" --repeats 1 --speeds 2e6,8e6,3.2e7 $base \
+    --processes 1,2,4 $model --out "$WORK/cpu" || echo "simdevice.py ended with $?"
 for f in gpu/results.json gpu/results.md cpu/stages.json cpu/simdevice.json cpu/simdevice.md; do
     [[ -f "$WORK/$f" ]] && cp "$WORK/$f" "$OUT/${f//\//-}"
 done

@@ -15,6 +15,7 @@ can run an older checkout's worker with it::
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--stages", action="store_true",
                         help="measure CPU by stage (benchmarks/stages.py) into the report")
+    parser.add_argument("--device-lock", default=None,
+                        help="a file several sim workers lock around each forward: one simulated device "
+                             "shared by several worker processes, as replicas on one GPU share it")
     args = parser.parse_args(argv)
 
     from queuebert import logs
@@ -61,15 +65,25 @@ def main(argv: list[str] | None = None) -> int:
         last = 0.0
 
         def forward(self, rows: list[list[int]]) -> np.ndarray:
-            began = time.perf_counter()
+            # time.monotonic: one clock for every process on the machine, so the reports of
+            # workers sharing a device can be put on one time line.
+            began = time.monotonic()
             if self.first is None:
                 self.first = began
             self.forward_calls += 1
             batch = self._collate(rows)
             padded = int(batch["input_ids"].numel())
-            asleep = time.perf_counter()
-            time.sleep(padded / self.tokens_per_s)
-            ended = time.perf_counter()
+            if lock_fd is not None:
+                # The device runs one process's forward at a time (a GPU time-slices the
+                # contexts of processes without MPS); flock waits with the GIL released.
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                asleep = time.monotonic()
+                time.sleep(padded / self.tokens_per_s)
+                ended = time.monotonic()
+            finally:
+                if lock_fd is not None:
+                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
             self.busy += ended - asleep
             self.rows += len(rows)
             self.padded += padded
@@ -80,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             span = self.last - self.first if self.first is not None else 0.0
             return {"tokens_per_s": self.tokens_per_s, "forwards": self.forward_calls, "rows": self.rows,
                     "padded_tokens": self.padded, "busy_s": self.busy, "span_s": span,
+                    "first": self.first, "last": self.last,
                     "busy_fraction": self.busy / span if span else 0.0,
                     "rows_per_s": self.rows / span if span else 0.0}
 
+    lock_fd = os.open(args.device_lock, os.O_RDWR | os.O_CREAT) if args.device_lock else None
     if args.stages:
         import stages  # benchmarks/stages.py, beside this file
 

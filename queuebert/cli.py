@@ -210,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (with --devices: port, port+1, ...)")
     p.add_argument("--devices", default=None,
-                   help="comma-separated devices (cuda:0,cuda:1): one supervised worker process per device")
+                   help="comma-separated devices (cuda:0,cuda:1): supervised worker processes on each")
+    p.add_argument("--workers-per-device", type=int, default=None, metavar="N",
+                   help="worker processes per device, each with its own copy of the model: several keep a "
+                        "fast GPU fed where one process's CPU cannot (default: 1)")
     _redis_flag(p)
     _log_flags(p)
     return parser
@@ -356,10 +359,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ImportError as exc:
         log.error("the worker needs torch and transformers: pip install 'queuebert[worker]'", error=str(exc))
         return 2
-    if args.devices:
+    if settings.workers_per_device < 1:
+        log.error("--workers-per-device must be at least 1", workers_per_device=settings.workers_per_device)
+        return 2
+    if args.devices or settings.workers_per_device > 1:
         from worker.supervisor import run_supervisor
 
-        return run_supervisor(settings, [d.strip() for d in args.devices.split(",") if d.strip()])
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else [settings.device]
+        return run_supervisor(settings, devices)
     return run_worker(settings)
 
 

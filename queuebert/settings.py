@@ -212,6 +212,11 @@ class WorkerSettings(_FromEnv):
     log_level: str = "info"
     metrics_port: int | None = None
     name: str | None = None
+    #: Worker processes per device, supervised together. One interpreter's CPU path (decode,
+    #: tokenize, collate, score, serialise) cannot keep a fast GPU busy, and the GIL caps it however
+    #: many cores the host has; several processes feed one device the way several replicas per GPU
+    #: do in other servers. Each holds its own copy of the model in the device's memory.
+    workers_per_device: int = 1
 
     @property
     def stop_grace(self) -> float:

@@ -16,6 +16,7 @@ from rq.job import Job
 
 from producer import Client
 from queuebert.serializer import JSONSerializer
+from queuebert.settings import WorkerSettings
 
 
 def _free_port() -> int:
@@ -182,14 +183,31 @@ def test_supervisor_runs_one_worker_per_device_and_restarts_the_dead(conn, redis
     try:
         names = ("rq:worker:sup-0", "rq:worker:sup-1")
         _wait_for(lambda: all(conn.exists(n) for n in names))
-        pid0 = int(conn.hget(names[0], "pid"))
-        os.kill(pid0, signal.SIGKILL)
-        conn.delete(names[0])  # the dead worker's key would only expire later
-        _wait_for(lambda: conn.exists(names[0]) and int(conn.hget(names[0], "pid")) != pid0)
+        os.kill(int(conn.hget(names[0], "pid")), signal.SIGKILL)
+        # The dead worker's registration outlives it; its replacement registers under a name of its own.
+        _wait_for(lambda: conn.exists("rq:worker:sup-0-r1"))
         handle = Client.from_url(redis_server.url).submit("served by a supervised worker")
         assert handle.result(timeout=60)["label"]
     finally:
         sup.send_signal(signal.SIGTERM)
         sup.wait(timeout=90)
     assert sup.returncode == 0
-    assert not any(conn.exists(n) and not conn.hexists(n, "death") for n in ("rq:worker:sup-0", "rq:worker:sup-1"))
+    assert not any(conn.exists(n) and not conn.hexists(n, "death") for n in ("rq:worker:sup-0-r1", "rq:worker:sup-1"))
+
+
+def test_workers_per_device_share_the_host_threads(tmp_path):
+    """Each of N processes on a host gets an equal share of its cores for the tokenizer (and, on a
+    CPU device, for torch), unless the environment already says; one process gets no say."""
+    from worker.supervisor import Supervisor, shared_host_env
+
+    cores = len(os.sched_getaffinity(0))
+    assert shared_host_env(1, "cuda:0", {}) == {}
+    share = str(max(1, cores // 2))
+    assert shared_host_env(2, "cuda:0", {}) == {"RAYON_NUM_THREADS": share}
+    assert shared_host_env(2, "cpu", {}) == {"RAYON_NUM_THREADS": share, "OMP_NUM_THREADS": share}
+    assert shared_host_env(2, "cpu", {"OMP_NUM_THREADS": "7"}) == {"RAYON_NUM_THREADS": share}
+    assert shared_host_env(4 * cores, "cpu", {})["OMP_NUM_THREADS"] == "1"
+    sup = Supervisor(WorkerSettings(workers_per_device=3, name="w"), ["cuda:0", "cuda:1"])
+    assert [c.device for c in sup.children] == ["cuda:0"] * 3 + ["cuda:1"] * 3
+    child = sup._child_settings(sup.children[4])
+    assert (child.device, child.name, child.workers_per_device) == ("cuda:1", "w-4", 1)

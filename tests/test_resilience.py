@@ -163,6 +163,58 @@ def test_chaos_sigkill_workers_nothing_lost(conn, redis_server, medium_model):
     print(f"chaos: {n} texts, {len(recoveries)} kills, 0 lost, recovery seconds {[round(r, 1) for r in recoveries]}")
 
 
+def _registered_pids(conn: redis.Redis, prefix: str) -> dict[str, int]:
+    """Live workers whose name starts with ``prefix``: name -> pid (RQ keeps the pid in the hash)."""
+    out = {}
+    for key in conn.smembers("rq:workers"):
+        name = key.decode().removeprefix("rq:worker:")
+        pid = conn.hget(key, "pid")
+        if name.startswith(prefix) and pid and not conn.hexists(key, "death"):
+            out[name] = int(pid)
+    return out
+
+
+def test_chaos_sigkill_replicas_of_one_device_nothing_lost(conn, redis_server, medium_model):
+    """`--workers-per-device 2`: the supervisor's processes share one device; each is SIGKILLed in
+    turn mid-run, the supervisor starts it again, and every item still comes back exactly once."""
+    n = int(os.environ.get("QB_CHAOS_TEXTS", "3000"))
+    kills = int(os.environ.get("QB_CHAOS_KILLS", "3"))
+    client = Client.from_url(redis_server.url, retries=10)
+    run = client.enqueue_stream(_texts(n), chunk_size=4)
+    supervisor = _start_worker(redis_server.url, medium_model, "replicas", QUEUEBERT_WORKERS_PER_DEVICE="2")
+    deadline = time.time() + 60
+    while len(_registered_pids(conn, "replicas-")) < 2:
+        assert time.time() < deadline and supervisor.poll() is None, _log(supervisor)[-2000:]
+        time.sleep(0.1)
+    started = StartedJobRegistry("default", connection=conn)
+    killed: set[str] = set()
+    for k in range(kills):
+        time.sleep(1.0)
+        assert not run.is_done(), "the run ended before every kill happened: raise QB_CHAOS_TEXTS"
+        live = _registered_pids(conn, "replicas-")
+        victim = sorted(name for name in live if name not in killed)[k % 2]
+        held = started.get_job_ids(cleanup=False)
+        os.kill(live[victim], signal.SIGKILL)
+        killed.add(victim)
+        killed_at = time.time()
+        # The supervisor starts a new process under a new name (the dead one's is still registered).
+        while len(set(_registered_pids(conn, "replicas-")) - killed) < 2:
+            assert supervisor.poll() is None, _log(supervisor)[-2000:]
+            assert time.time() - killed_at < 60, "the supervisor did not replace the killed worker within 60 s"
+            time.sleep(0.1)
+        while any(conn.hget(f"rq:job:{j}", "worker_name") == victim.encode() and j in
+                  started.get_job_ids(cleanup=False) for j in held):
+            assert time.time() - killed_at < 60, "abandoned jobs not recovered within 60 s"
+            time.sleep(0.1)
+    _assert_exactly_once(client, run.id, n, timeout=300)
+    supervisor.send_signal(signal.SIGTERM)
+    supervisor.wait(timeout=60)
+    assert supervisor.returncode == 0, _log(supervisor)[-2000:]
+    # The killed ones' registrations outlive them (until RQ's cleanup); the stopped ones deregistered.
+    assert set(_registered_pids(conn, "replicas-")) <= killed, "a stopped worker is still registered"
+    assert _log(supervisor).count('"worker process died, restarting"') == kills
+
+
 def test_redis_killed_and_restarted_mid_run(tmp_path, medium_model):
     n = int(os.environ.get("QB_RESTART_TEXTS", "1500"))
     # appendfsync always: a kill -9 loses no acknowledged write (see README, "Persistence").

@@ -1,6 +1,9 @@
-"""``queuebert worker --devices cuda:0,cuda:1``: one worker process per device, restarted if it dies.
+"""``queuebert worker --devices cuda:0,cuda:1 --workers-per-device N``: N worker processes per
+device, each restarted if it dies.
 
-A model on a GPU belongs to one process, so several GPUs mean several workers. The supervisor
+A model on a GPU belongs to one process, so several GPUs mean several workers; and one process's
+CPU path cannot feed a fast GPU, so a device may have several (each with its own copy of the
+model: replicas, as other servers run several per GPU). The supervisor
 passes each child its settings through ``QUEUEBERT_*`` variables (the same way a container is
 configured), turns SIGTERM/SIGINT into one graceful SIGTERM per child (killing those still running
 after ``grace`` seconds, or at once on a second signal), and restarts a child that exits with an
@@ -22,6 +25,25 @@ from queuebert.procs import LoggedProcess, kill_processes, start_process, stop_p
 from queuebert.settings import WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
+
+
+def shared_host_env(processes: int, device: str, env: dict[str, str]) -> dict[str, str]:
+    """Thread counts for one of ``processes`` workers on this host, where ``env`` does not set
+    them: an equal share of the cores each. Each worker's Rust tokenizer (rayon) and torch's CPU
+    kernels otherwise start a thread per core in every process, and N processes then run N times
+    as many threads as there are cores, switching among them."""
+    if processes <= 1:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = str(max(1, cores // processes))
+    out = {}
+    if "RAYON_NUM_THREADS" not in env:
+        out["RAYON_NUM_THREADS"] = share
+    if "OMP_NUM_THREADS" not in env and not device.startswith("cuda"):
+        # A CUDA worker's CPU threads run little besides the tokenizer; a CPU worker's forward
+        # is all CPU, so the cores are split between its processes.
+        out["OMP_NUM_THREADS"] = share
+    return out
 
 
 def settings_env(settings: WorkerSettings) -> dict[str, str]:
@@ -59,17 +81,23 @@ class Supervisor:
         # Each child bounds its own stop (its batch in progress, then stop_timeout for Redis); the
         # margin is for that batch. The supervisor then ends within an orchestrator's usual grace.
         self.grace = grace if grace is not None else settings.stop_grace
-        self.children = [Child(i, d) for i, d in enumerate(devices)]
+        per_device = max(1, settings.workers_per_device)
+        self.children = [Child(i, d) for i, d in enumerate(d for d in devices for _ in range(per_device))]
         self.stopping = False
 
     def _child_settings(self, child: Child) -> WorkerSettings:
         base = self.settings.name or f"{os.uname().nodename}-{os.getpid()}"
         port = self.settings.metrics_port + child.index if self.settings.metrics_port else None
-        return dataclasses.replace(self.settings, device=child.device, name=f"{base}-{child.index}",
-                                   metrics_port=port)
+        # A restarted child takes a name of its own: a killed worker's registration outlives it
+        # (until its TTL, minutes), and RQ refuses to register a name that is still active.
+        name = f"{base}-{child.index}" + (f"-r{child.restarts}" if child.restarts else "")
+        # workers_per_device=1: a child is one worker, not a supervisor of its own.
+        return dataclasses.replace(self.settings, device=child.device, name=name, metrics_port=port,
+                                   workers_per_device=1)
 
     def _start(self, child: Child) -> None:
         env = dict(os.environ)
+        env.update(shared_host_env(len(self.children), child.device, env))
         env.update(settings_env(self._child_settings(child)))
         if child.device.startswith("cuda:"):
             # Each child sees only its own GPU, as cuda:0, so libraries that ignore the device
