@@ -493,11 +493,11 @@ def test_a_newer_rq_sends_every_job_to_rqs_handlers(monkeypatch):
         self.a_new_feature = None
 
     monkeypatch.setattr(Job, "__init__", newer_init)
-    rq_completion._fast_path_usable.cache_clear()
+    rq_completion.fast_path_usable.cache_clear()
     try:
         assert unknown_job_attributes() == {"a_new_feature"}
         job = TakenJob(id="j", queue_index=0, execution_id="e", created_at=0.0, started_us=0, data=b"",
                        enqueued_at=None, result_ttl=600, has_dependencies=False)
         assert rq_completion.needs_rq(job, DEFAULT_TTL)
     finally:
-        rq_completion._fast_path_usable.cache_clear()
+        rq_completion.fast_path_usable.cache_clear()

@@ -47,7 +47,7 @@ class Completer:
         self.completed_items = 0
         # Whether the fast path suits this RQ is read from RQ's source: once, here, while the
         # worker starts, rather than on its first completion (a few ms of the first results).
-        rq_completion._fast_path_usable()
+        rq_completion.fast_path_usable()
 
     def run(self) -> None:
         """Until :meth:`Finished.close`: take everything finished, write it, retry while Redis refuses."""

@@ -168,11 +168,6 @@ class TakenJob:
         """``<job id>:<execution id>``, the member RQ keeps in the started registry."""
         return f"{self.id}:{self.execution_id}"
 
-    @property
-    def started_at(self) -> datetime:
-        """The job hash's ``started_at`` (what ``job.started_at`` would be), for wait metrics."""
-        return _EPOCH + timedelta(microseconds=self.started_us)
-
     def decode(self) -> tuple[str, list[Any], dict[str, Any]]:
         """``(func_name, args, kwargs)`` as ``Job.func_name/args/kwargs`` would give them.
 

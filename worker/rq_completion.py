@@ -51,7 +51,7 @@ RQ_FEATURES: dict[str, tuple[str, ...]] = {
 
 
 @functools.cache
-def _fast_path_usable() -> bool:
+def fast_path_usable() -> bool:
     unknown = unknown_job_attributes()
     if unknown:
         log.warning("this RQ's jobs have attributes the fast path does not know: every job completes through "
@@ -59,8 +59,8 @@ def _fast_path_usable() -> bool:
     return not unknown
 
 
-class Finished(Protocol):
-    """A job the worker has computed (``worker.batch_worker.Slot``)."""
+class ComputedJob(Protocol):
+    """A job the worker has computed (what this module reads of a :class:`worker.slots.Slot`)."""
 
     job: TakenJob
     queue: Queue
@@ -71,20 +71,20 @@ class Finished(Protocol):
 
 def needs_rq(job: TakenJob, default_result_ttl: int) -> bool:
     """Whether ``job`` must complete through RQ's handlers rather than the fast path."""
-    if job.rq_features or not _fast_path_usable():
+    if job.rq_features or not fast_path_usable():
         return True
     return (job.result_ttl if job.result_ttl is not None else default_result_ttl) == 0
 
 
-def complete(worker: Any, store: JobStore, finished: Sequence[Finished]) -> None:
+def complete(worker: Any, store: JobStore, finished: Sequence[ComputedJob]) -> None:
     """Write the success of every job in ``finished``: the fast path for the jobs it implements, in
     one script call, RQ's ``handle_job_success`` for the others. Marks each ``written`` once it
     is, so a caller retrying after a Redis error writes nothing twice."""
     from .job_store import Completion
 
     fast: list[Completion] = []
-    by_id: dict[str, Finished] = {}
-    to_rq: list[Finished] = []
+    by_id: dict[str, ComputedJob] = {}
+    to_rq: list[ComputedJob] = []
     for f in finished:
         if needs_rq(f.job, worker.default_result_ttl):
             to_rq.append(f)
@@ -104,7 +104,7 @@ def complete(worker: Any, store: JobStore, finished: Sequence[Finished]) -> None
         f.written = True
 
 
-def complete_with_rq(worker: Any, store: JobStore, f: Finished) -> None:
+def complete_with_rq(worker: Any, store: JobStore, f: ComputedJob) -> None:
     """What RQ's worker does once ``job.perform()`` has returned ``f.results``: the run record
     (as ``worker.tasks.classify`` writes it), then ``handle_job_success``."""
     connection = worker.connection
@@ -123,7 +123,7 @@ def complete_with_rq(worker: Any, store: JobStore, f: Finished) -> None:
     worker.handle_job_success(job, f.queue, f.queue.started_job_registry, f.job.execution(connection, worker.name))
 
 
-def fail(worker: Any, store: JobStore, f: Finished, error: str, kind: str = INVALID_JOB) -> None:
+def fail(worker: Any, store: JobStore, f: ComputedJob, error: str, kind: str = INVALID_JOB) -> None:
     """A job that cannot run: RQ's ``handle_job_failure`` with ``error`` as its reason (retried while
     it has retries left, as RQ's worker retries a job whose function raised); once it is failed
     for good, its items reach the run as error results, as ``worker.tasks.on_job_failed`` writes
