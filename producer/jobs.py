@@ -139,6 +139,27 @@ def job_data(settings: ClientSettings, items: list[Item], run_id: str | None, op
     )
 
 
+def count_items(commands: Sequence[Command], counts: dict[str, int]) -> None:
+    """Add each job's item count (``keys.JOB_ITEM_COUNT``) to the HSET that writes its hash.
+
+    Riding in RQ's own HSET costs no command. RQ writes a job hash with one
+    ``hset(key, mapping=...)`` (``Job.save``); a future RQ that writes it otherwise fails here,
+    loudly, instead of leaving jobs that the queue-depth gauge would count as one item each.
+    """
+    tagged = set()
+    for c in commands:
+        if c.name != "hset" or "mapping" not in c.kwargs or not c.args:
+            continue
+        key = c.args[0].decode() if isinstance(c.args[0], bytes) else str(c.args[0])
+        job_id = key.removeprefix(Job.redis_job_namespace_prefix)
+        if key.startswith(Job.redis_job_namespace_prefix) and job_id in counts:
+            c.kwargs["mapping"][keys.JOB_ITEM_COUNT] = counts[job_id]
+            tagged.add(job_id)
+    if len(tagged) != len(counts):
+        raise RuntimeError(f"RQ's enqueue wrote no job hash for {sorted(set(counts) - tagged)[:3]} "
+                           "as one HSET mapping: queuebert cannot record their item counts")
+
+
 def enqueue_commands(
     settings: ClientSettings, queue: str, chunks: Sequence[list[Item]], job_ids: Sequence[str], run_id: str,
     options: JobOptions, *, chunk_size: int | None = None, cursor_end: int | None = None,
@@ -155,6 +176,7 @@ def enqueue_commands(
     q.redis_server_version = _RECORDING_SERVER_VERSION
     q.enqueue_many([job_data(settings, list(c), run_id, options, j) for c, j in zip(chunks, job_ids)],
                    pipeline=recorder)  # type: ignore[arg-type]
+    count_items(recorder.commands, {j: len(c) for c, j in zip(chunks, job_ids)})
     pipe = recorder
     meta = keys.run_meta(run_id)
     ttl = settings.result_ttl

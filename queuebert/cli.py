@@ -20,7 +20,7 @@ from producer.readers import DEFAULT_ID_FIELD, FORMATS
 from . import logs
 from .connection import RedisUnavailable
 from .schema import DEFAULT_HYPOTHESIS_TEMPLATE
-from .settings import ClientSettings, GatewaySettings, WorkerSettings, env_name
+from .settings import ClientSettings, ExporterSettings, GatewaySettings, WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
 
@@ -184,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"queued jobs beyond which requests get 429 (default: {g.max_queue_depth}; 0: no limit)")
     p.add_argument("--max-client-batch-size", type=int, default=None,
                    help=f"inputs per /predict or /rerank request (default: {g.max_client_batch_size})")
+    _redis_flag(p)
+    _log_flags(p)
+
+    e = ExporterSettings()
+    p = sub.add_parser("exporter", help="Prometheus gauges of each queue's depth in items, for an autoscaler",
+                       description="Serves /metrics: queuebert_queue_items{queue,state} (texts waiting or started, "
+                                   "not RQ's job count), queuebert_queue_oldest_item_age_seconds{queue}, read from "
+                                   "Redis at each scrape. Run one per Redis. Needs the http extra.")
+    p.add_argument("--host", default=None, help=f"address to listen on (default: {e.host})")
+    p.add_argument("--port", type=int, default=None, help=f"port (default: {e.port})")
+    p.add_argument("--queue", action="append", default=None,
+                   help="queue to export even while empty; repeat for several (every queue RQ knows is exported)")
     _redis_flag(p)
     _log_flags(p)
 
@@ -396,6 +408,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(GatewaySettings.from_env(**{k: v for k, v in vars(args).items() if k in names and v is not None}))
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    try:
+        from producer.exporter import run_exporter
+    except ImportError as exc:
+        log.error("the exporter needs the http extra: pip install 'queuebert[http]'", error=str(exc))
+        return 2
+    names = {f for f in ExporterSettings.__dataclass_fields__}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.queue:
+        overrides["queues"] = args.queue
+    return run_exporter(ExporterSettings.from_env(**overrides))
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     try:
         from modelbuild.default_model import build_default_model
@@ -408,7 +433,8 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker, "run": cmd_run, "model": cmd_model,
-            "stats": cmd_stats, "rerank": cmd_run, "zero-shot": cmd_run, "serve": cmd_serve}
+            "stats": cmd_stats, "rerank": cmd_run, "zero-shot": cmd_run, "serve": cmd_serve,
+            "exporter": cmd_exporter}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -96,6 +96,7 @@ class _CurrentMasterConnection(SentinelConnectionHooks):
 def connect(
     url: str | None = None, *, retries: int = 8, check: bool = True,
     replica_acks: int | None = None, replica_ack_timeout_ms: int | None = None,
+    socket_timeout: float | None = None,
 ) -> redis.Redis:
     """A client for ``url``; ``check`` pings once so a wrong URL fails here, with the URL named.
 
@@ -105,6 +106,9 @@ def connect(
     ``replica_acks`` (default: ``QUEUEBERT_REPLICA_ACKS``, else 0) above 0 returns an
     :class:`AckingRedis`: each write is followed by ``WAIT replica_acks replica_ack_timeout_ms``
     and retried until enough replicas acknowledge it.
+
+    ``socket_timeout`` bounds each command (None: a command waits as long as Redis takes): for a
+    caller that must answer in time whatever Redis does, such as a metrics scrape.
     """
     url = resolve_url(url)
     acks, ack_timeout_ms = _replica_ack_settings(replica_acks, replica_ack_timeout_ms)
@@ -114,6 +118,7 @@ def connect(
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30,
         socket_connect_timeout=5,
+        **({"socket_timeout": socket_timeout} if socket_timeout is not None else {}),
     )
     if url.startswith(SENTINEL_SCHEME):
         client = _sentinel_client(url, redis_class=redis_class, **options)

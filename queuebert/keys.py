@@ -24,6 +24,13 @@ ON_FAILURE = "worker.tasks.on_job_failed"
 #: for `queuebert stats` and the HTTP gateway's ``/info``.
 WORKER_MODEL_FIELDS = ("qb_model", "qb_device", "qb_dtype", "qb_labels", "qb_max_length", "qb_scoring")
 
+#: Field queuebert adds to each RQ job hash (``rq:job:<id>``) it enqueues: how many items the job
+#: carries. RQ's queue list counts jobs, which hold 1 to 64 texts each (more for a coalesced or
+#: chunked run), so waiting work in items is the sum of this field over the queued job ids
+#: (``queuebert/lua/queue_depth.lua``). It is written in the same HSET as RQ's own fields and never
+#: changes, so a job requeued by RQ (a retry, a killed worker's recovery) carries it back with it.
+JOB_ITEM_COUNT = "qb_item_count"
+
 #: Sorted set of run ids by creation time, for `queuebert stats`.
 RUNS = f"{PREFIX}:runs"
 

@@ -223,3 +223,34 @@ class WorkerSettings(_FromEnv):
         """Seconds a parent waits for a stopping worker process before killing it: the worker's
         own bound for Redis (``stop_timeout``) plus 10 s for its batch in progress and its exit."""
         return self.stop_timeout + 10.0
+    #: Prometheus metrics, and the worker's probes (``/livez``, ``/readyz``: worker/probes.py), on
+    #: this port. None: neither is served.
+    #: Seconds without a heartbeat after which ``/livez`` fails (while the heartbeat thread is not
+    #: riding out a Redis error, which is weather, not a hang): a thread blocked that long, e.g. on
+    #: a Redis that stopped answering mid-command, is worth a restart. Keep it well above
+    #: ``heartbeat_interval``.
+    liveness_timeout: float = 30.0
+
+
+@dataclass
+class ExporterSettings(_FromEnv):
+    """``queuebert exporter``: queue depth in items for an autoscaler (``QUEUEBERT_<FIELD>``).
+
+    One small process per Redis (not per worker: workers scaled to zero export nothing, and that is
+    exactly when the autoscaler must see the queue fill).
+    """
+
+    redis_url: str = DEFAULT_REDIS_URL
+    #: Queues always exported, at 0 while empty or not yet created (an autoscaler's query then
+    #: has a value to read before the first job); every other queue RQ knows of is exported too.
+    queues: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 9180
+    #: Jobs per queue whose item counts a scrape reads one by one (about 2 us of Redis time each);
+    #: the items of jobs beyond them are estimated from ``depth_sample`` of them
+    #: (``queuebert_queue_items_estimated`` is then 1).
+    depth_scan: int = 1000
+    depth_sample: int = 100
+    #: Seconds a scrape waits for Redis before it answers without the queue series (and
+    #: ``queuebert_exporter_redis_up`` 0): a scrape must not hang on a frozen Redis.
+    redis_timeout: float = 5.0

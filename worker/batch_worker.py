@@ -52,6 +52,7 @@ from .engine import Engine
 from .job_store import JobStore
 from .metrics import WorkerMetrics
 from .outage import Outage
+from .probes import WorkerProbes
 from .scheduler import BatchScheduler
 from .slots import Finished, Inflight
 from .taker import Taker
@@ -103,6 +104,9 @@ class BatchWorker(SimpleWorker):
         self.completer: Completer | None = None
         #: Set when a thread died of a bug: the worker stops and the process exits non-zero.
         self.fatal: BaseException | None = None
+        #: The worker's own threads (take, complete, heartbeat), started once it registered: what
+        #: its liveness probe checks (worker.probes).
+        self.loops: list[threading.Thread] = []
         #: Set when shutdown can wait no longer for the completer (Redis refusing writes).
         self._abandon = threading.Event()
         self.outages = {name: Outage(name, on_change=self._on_outage)
@@ -193,7 +197,7 @@ class BatchWorker(SimpleWorker):
         assert pool is not None and taker is not None and compute is not None and completer is not None
         assert metrics is not None
         if self.settings.metrics_port:
-            metrics.serve(self.settings.metrics_port)
+            metrics.serve(self.settings.metrics_port, probes=WorkerProbes(self))
             log.info("serving metrics", port=self.settings.metrics_port)
         self._handle_stop_signals()
         self._starting = True
@@ -270,6 +274,7 @@ class BatchWorker(SimpleWorker):
     def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
         thread = threading.Thread(target=self._guarded, args=(target,), name=name, daemon=True)
         thread.start()
+        self.loops.append(thread)
         return thread
 
     def _register(self, logging_level: str) -> bool:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one worker, served on ``--metrics-port``.
+"""Prometheus metrics of one worker, served on ``--metrics-port`` (beside its probes: :mod:`worker.probes`).
 
 Every series carries the model and device as labels, so a dashboard over many workers can split by
 them. A private registry per worker keeps several workers in one process (tests) apart.
@@ -6,7 +6,9 @@ them. A private registry per worker keeps several workers in one process (tests)
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .probes import WorkerProbes, serve_http
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -45,8 +47,9 @@ class WorkerMetrics:
         for component in ("take", "complete", "heartbeat", "maintenance"):
             self.redis_down.labels(**self.labels, component=component)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0", probes: WorkerProbes | None = None) -> None:
+        """Metrics on ``port``, with the worker's ``/readyz`` and ``/livez`` when ``probes`` is given."""
+        serve_http(self.registry, port, addr, probes)
 
     def observe_batches(self, per_batch: list[tuple[int, int, float]], waits: list[float]) -> None:
         texts, tokens, forward = (m.labels(**self.labels) for m in (self.batch_texts, self.batch_tokens, self.forward))
