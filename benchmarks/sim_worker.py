@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--model", required=True, help="checkpoint directory (its tokenizer and labels are used)")
     parser.add_argument("--tokens-per-s", type=float, required=True, help="the simulated device's padded tokens/s")
-    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="as on CUDA (default 16384)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="padded tokens per forward (default: the worker's default on CUDA)")
     parser.add_argument("--queue", action="append", default=None)
     parser.add_argument("--burst", action="store_true")
     parser.add_argument("--name", default=None)
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--stages", action="store_true",
                         help="measure CPU by stage (benchmarks/stages.py) into the report")
+    parser.add_argument("--host-ms", type=float, default=0.0,
+                        help="CPU milliseconds each forward spends holding the GIL before the device "
+                             "runs it: the eager forward's kernel launches on a real GPU (default 0)")
     parser.add_argument("--device-lock", default=None,
                         help="a file several sim workers lock around each forward: one simulated device "
                              "shared by several worker processes, as replicas on one GPU share it")
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from queuebert.connection import connect
     from queuebert.settings import WorkerSettings
     from worker.batch_worker import BatchWorker
+    import torch
+
+    from worker import engine as engine_module
     from worker.engine import Engine
     from worker.model import load_model
 
@@ -73,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             self.forward_calls += 1
             batch = self._collate(rows)
             padded = int(batch["input_ids"].numel())
+            if host_s:
+                # Python and torch's dispatcher launching the forward's kernels: CPU time under
+                # the GIL, per forward whatever its size (MiniLM-L6 eager: ~830 aten calls).
+                until = time.thread_time() + host_s
+                while time.thread_time() < until:
+                    pass
             if lock_fd is not None:
                 # The device runs one process's forward at a time (a GPU time-slices the
                 # contexts of processes without MPS); flock waits with the GIL released.
@@ -98,14 +111,21 @@ def main(argv: list[str] | None = None) -> int:
                     "busy_fraction": self.busy / span if span else 0.0,
                     "rows_per_s": self.rows / span if span else 0.0}
 
+    host_s = args.host_ms / 1000
     lock_fd = os.open(args.device_lock, os.O_RDWR | os.O_CREAT) if args.device_lock else None
     if args.stages:
         import stages  # benchmarks/stages.py, beside this file
 
         missing = stages.instrument({"sim_worker": argparse.Namespace(SimulatedDevice=SimulatedDevice)})
     logs.configure("json", args.log_level)
+    # Batches as the worker cuts them on CUDA, unless QUEUEBERT_* or --max-batch-tokens say otherwise.
+    # (A checkout from before default_batch_size had 64 rows on every device.)
+    cuda = torch.device("cuda")
+    rows = getattr(engine_module, "default_batch_size", lambda device: 64)(cuda)
     settings = WorkerSettings.from_env(redis_url=args.redis_url, queues=args.queue or ["default"], burst=args.burst,
-                                       dtype="float32", device="cpu", max_batch_tokens=args.max_batch_tokens)
+                                       dtype="float32", device="cpu")
+    settings.max_batch_size = settings.max_batch_size or rows
+    settings.max_batch_tokens = args.max_batch_tokens or settings.max_batch_tokens or engine_module.default_batch_tokens(cuda)
     engine = SimulatedDevice(load_model(args.model, device="cpu", dtype="float32"), settings.max_batch_size,
                              settings.max_batch_tokens)
     worker = BatchWorker(settings.queues, connection=connect(settings.redis_url), settings=settings,

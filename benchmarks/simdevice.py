@@ -121,6 +121,9 @@ def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speeds", default="5e5,2e6,8e6", help="padded tokens per second, comma-separated")
+    parser.add_argument("--host-ms", type=float, default=0.0,
+                        help="CPU ms each forward holds the GIL for, as an eager forward's kernel launches "
+                             "do on a real GPU (sim_worker.py --host-ms; default 0)")
     parser.add_argument("--processes", default="1",
                         help="worker processes sharing the device, comma-separated counts; the baseline "
                              "runs with one (default 1)")
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             for speed in speeds:
                 for name, code, n in configs:
                     label = f"{name.replace(' ', '')}-{speed:.0e}-r{rep}"
-                    r = run_one(code, model, texts, speed, logdir, label, processes=n)
+                    r = run_one(code, model, texts, speed, logdir, label, processes=n,
+                                extra_args=["--host-ms", str(args.host_ms)] if args.host_ms else None)
                     rows.append({"repeat": rep, "code": name, "speed": speed, "texts_per_s": r["rows_per_s"],
                                  "busy": r["busy_fraction"], "vs_tokenizer": r["rows_per_s"] / tok, **r,
                                  "loadavg": os.getloadavg()[0]})
@@ -159,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         names = [c[0] for c in configs]
         summary = summarise(rows, names, speeds)
         result = {"machine": harness.machine_info(), "corpus": corpus.describe(), "model": model_desc,
+                  "host_ms": args.host_ms,
                   "baseline": args.baseline, "rows": rows, "summary": summary}
         (args.out / "simdevice.json").write_text(json.dumps(result, indent=1))
-        (args.out / "simdevice.md").write_text(markdown(summary, names, rows, len(texts), corpus.name))
-        print(markdown(summary, names, rows, len(texts), corpus.name))
+        (args.out / "simdevice.md").write_text(markdown(summary, names, rows, len(texts), corpus.name, args.host_ms))
+        print(markdown(summary, names, rows, len(texts), corpus.name, args.host_ms))
     finally:
         remove_checkouts(codes, tmp)
     return 0
@@ -219,7 +224,7 @@ def summarise(rows: list[dict[str, Any]], names: list[str], speeds: list[float])
 
 
 def markdown(summary: list[dict[str, Any]], names: list[str], rows: list[dict[str, Any]], n: int,
-             corpus: str) -> str:
+             corpus: str, host_ms: float = 0.0) -> str:
     tok = statistics.median(r["texts_per_s"] for r in rows if r["code"] == "tokenizer alone")
     ratio = [c for c in names if c != "old" and "old" in names]
     head = "| device (padded tokens/s) | " + " | ".join(
@@ -227,7 +232,7 @@ def markdown(summary: list[dict[str, Any]], names: list[str], rows: list[dict[st
         f" | {c}/old" for c in ratio) + " |"
     lines = [(f"{n} texts of {corpus}, stream jobs of 64 queued first, then burst workers (\"x2\": two processes "
               f"sharing the simulated device); medians of {len({r['repeat'] for r in rows})} interleaved repeats. "
-              f"Tokenizer alone: {tok:,.0f} texts/s."), "",
+              f"Tokenizer alone: {tok:,.0f} texts/s. Host CPU per forward (--host-ms): {host_ms:g} ms."), "",
              head, "|" + "---|" * (1 + 3 * len(names) + len(ratio))]
     for e in summary:
         cells = [f"{e['speed']:,.0f}"]

@@ -98,7 +98,7 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: bf16 on CUDA that supports it (else fp16), bf16 on CPUs with native bf16, else fp32")
-    p.add_argument("--max-batch-size", type=int, default=None, help=f"texts per forward (default: {d.max_batch_size})")
+    p.add_argument("--max-batch-size", type=int, default=None, help="texts per forward (default: 64 on CPU, 512 on CUDA)")
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="padded tokens per forward (default: 4096 on CPU, 16384 on CUDA)")
     p.add_argument("--max-wait-ms", type=float, default=None,

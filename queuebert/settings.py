@@ -172,7 +172,9 @@ class WorkerSettings(_FromEnv):
     trust_remote_code: bool = False
     device: str = "auto"
     dtype: str = "auto"
-    max_batch_size: int = 64
+    #: Rows per forward batch. None: by device (64 on a CPU, 512 on CUDA, where the token budget
+    #: bounds all but the shortest texts; see worker.engine.default_batch_size).
+    max_batch_size: int | None = None
     #: Padded tokens per forward batch (rows x longest row): bounds memory and keeps batches
     #: of long texts small and batches of short texts large. None: by device (see Engine).
     max_batch_tokens: int | None = None
@@ -182,7 +184,8 @@ class WorkerSettings(_FromEnv):
     #: work, so sorting has plenty to sort (padding ~1.04x on mixed texts), yet a worker never holds
     #: so much of a short burst that other workers idle (at 4,096, one worker took a whole
     #: 2,000-text stream and 2 workers ran slower than 1).
-    max_pool_items: int = 1024
+    #: None: four batches' worth, at least 1,024 (1,024 on a CPU, 2,048 on CUDA).
+    max_pool_items: int | None = None
     #: Jobs taken per Redis round trip.
     take_jobs: int = 256
     #: Texts longer than this (characters) get an error result instead of a tokenizer stall.

@@ -173,7 +173,7 @@ class BatchWorker(SimpleWorker):
         Nothing here talks to Redis; :meth:`work` calls it, tests may call it alone."""
         engine = self.load_engine()
         s = self.settings
-        self.pool = pool = BatchScheduler(engine.max_batch_size, engine.max_batch_tokens)
+        self.pool = pool = BatchScheduler(engine.max_batch_size, engine.max_batch_tokens, s.max_pool_items)
         self.metrics = WorkerMetrics(model=engine.m.name, device=str(engine.m.device))
         self.metrics.load.labels(**self.metrics.labels).set(engine.m.load_seconds)
         queues = upstream.ordered_queues(self)

@@ -83,6 +83,17 @@ def plan_batches(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: 
     return spans
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Rows per forward, where the token budget does not bound a batch first. On a GPU only very
+    short texts reach it: each eager forward costs the host milliseconds of kernel launches under
+    the GIL whatever its size (MiniLM-L6: ~830 ATen calls, 4.8 ms of CPU for a one-row forward on
+    a CPU here), so 64-row forwards of short texts would spend the worker's CPU launching kernels
+    (a simulated GPU with 3 ms of it per forward: 1.26x the texts/s at 512 rows against 64, the
+    same 16,384-token budget, so no more device memory; benchmarks/README.md). A CPU's batches
+    stay small to stay in cache."""
+    return 512 if device.type == "cuda" else 64
+
+
 def default_batch_tokens(device: torch.device) -> int:
     """CPUs run best on batches that stay in cache (measured here with MiniLM on 1,000 mixed
     texts: 4,096 padded tokens gave 82 texts/s in fp32 and 146 in bf16, against 72 and 135 at
@@ -106,9 +117,9 @@ def _is_oom(exc: BaseException) -> bool:
 class Engine:
     """The model plus the batching rules; call :meth:`encode` then :meth:`run`."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, max_batch_tokens: int | None = None):
+    def __init__(self, loaded: LoadedModel, max_batch_size: int | None = None, max_batch_tokens: int | None = None):
         self.m = loaded
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size or default_batch_size(loaded.device)
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(loaded.device)
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self.pin = loaded.device.type == "cuda"

@@ -44,9 +44,12 @@ class BatchScheduler:
     #: Seconds a batch may wait for a burst's items being tokenized to land (see next_batch).
     FILL_WAIT = 0.1
 
-    def __init__(self, max_batch_size: int, max_batch_tokens: int):
+    def __init__(self, max_batch_size: int, max_batch_tokens: int, capacity: int | None = None):
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        #: Items the taker keeps here (``max_pool_items``): by default four batches' worth, at
+        #: least 1,024, so that sorting has several batches to sort into.
+        self.capacity = capacity or max(1024, 4 * max_batch_size)
         self._cond = threading.Condition()
         self._keys: list[tuple[int, int]] = []  # (token length, seq), ascending
         self._entries: dict[int, Entry] = {}
@@ -56,7 +59,9 @@ class BatchScheduler:
         self._sweep_seq = 0  # the last seq when the current sweep began
         self._pending = 0  # items taken and being tokenized, not yet added
         self._queued = False  # more jobs were still queued at the last take
-        self.fill_items = 4 * max_batch_size  # a pool this big sorts well enough to start on
+        # A pool this big sorts well enough to start on (never more than the taker will put here:
+        # a burst's batches would each wait FILL_WAIT for items that cannot come).
+        self.fill_items = min(4 * max_batch_size, self.capacity)
         self._closed = False
 
     def __len__(self) -> int:

@@ -61,8 +61,8 @@ class Taker:
         self.done = threading.Event()
 
     def run(self, burst: bool) -> None:
-        """Keep the pool filled up to ``max_pool_items`` while compute runs. With nothing queued,
-        block on the queue (Redis wakes us when a job arrives); with the pool full, back off so the
+        """Keep the pool filled up to its capacity (``max_pool_items``) while compute runs. With
+        nothing queued, block on the queue (Redis wakes us when a job arrives); with the pool full, back off so the
         poll does not steal the cores the forward needs."""
         s = self.settings
         pool = self.pool
@@ -71,7 +71,7 @@ class Taker:
         sized = False
         try:
             while not self._stop.is_set():
-                room = s.max_pool_items - len(pool)
+                room = pool.capacity - len(pool)
                 if room <= 0:
                     time.sleep(pause)
                     pause = min(pause * 2, 0.02)
