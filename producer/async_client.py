@@ -33,11 +33,12 @@ import redis
 import redis.asyncio
 import structlog
 from rq import Queue, worker_registration
+from rq.job import Job
 from rq.results import Result
 
 from queuebert import keys
 from queuebert.connection import connect_async, resolve_url
-from queuebert.results import decode_entry, finish_consumed
+from queuebert.results import decode_entry, finish_consumed, forget_run
 from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, Item, ItemResult, normalize_item
 from queuebert.settings import ClientSettings
 
@@ -60,6 +61,26 @@ class _Setting(enum.Enum):
 SETTING = _Setting.SETTING
 
 
+@dataclass(eq=False)
+class _RunClaim:
+    """The jobs of one run made by ``submit``/``submit_many`` whose handles are not all released."""
+
+    run_id: str
+    jobs: int
+
+
+@dataclass(eq=False)
+class _JobClaim:
+    """What the handles of one job made by this client share: how many of them are not yet
+    released (:meth:`AsyncClient.release`). Held by the handles only, so a caller that never
+    releases leaves nothing behind in the client."""
+
+    job_id: str
+    queue: str
+    holders: int
+    run: _RunClaim
+
+
 @dataclass
 class AsyncHandle:
     """One submitted item: where its result will appear."""
@@ -70,6 +91,9 @@ class AsyncHandle:
     run_id: str | None = None
     #: The item's position among its job's items (ids given by callers may repeat within a job).
     index: int | None = None
+    #: Shared with the other handles of its job (``submit``, ``submit_many``); None: not releasable.
+    _claim: _JobClaim | None = field(default=None, repr=False, compare=False)
+    _released: bool = field(default=False, repr=False, compare=False)
 
     async def result(self, timeout: float | None = 0) -> ItemResult | None:
         """The item's result; waits up to ``timeout`` seconds (None: forever, 0: just look).
@@ -89,6 +113,8 @@ class AsyncRun:
     handles: list[AsyncHandle] = field(default_factory=list)
     #: Items an earlier, interrupted enqueue of this run had already sent (resume).
     skipped: int = 0
+    #: The queue its jobs went to (a resumed run keeps the one it was started on).
+    queue: str | None = None
 
     async def progress(self) -> dict[str, int]:
         return await self.client.run_progress(self.id)
@@ -528,7 +554,27 @@ class _Coalescer:
                 self._regather(key)
             else:
                 self._arm(key, s.coalesce_ms / 1000)
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # The submitter went away (a client that disconnected): an item still gathering is
+            # never sent. One already on its way is left out of its job's holders by _send (the
+            # future is cancelled), so a job nobody waits for any more is dropped once enqueued.
+            self._withdraw(key, fut)
+            raise
+
+    def _withdraw(self, key: tuple[str, JobOptions], fut: asyncio.Future[AsyncHandle]) -> None:
+        batch = self.pending.get(key)
+        if batch is None:
+            return
+        batch[:] = [entry for entry in batch if entry[1] is not fut]
+        if not batch:
+            del self.pending[key]
+            self.held.discard(key)
+            self.regathering.discard(key)
+            timer = self.timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
 
     def results_arrived(self, items: int) -> None:
         """Results for ``items`` awaited items arrived (their submitters are about to hear): what
@@ -616,9 +662,12 @@ class _Coalescer:
         self.batches += 1
         self.jobs += len(job_ids)
         self.items += len(items)
-        for index, (item, fut) in enumerate(batch):
-            if not fut.done():
-                fut.set_result(AsyncHandle(self.client, job_ids[0], item["id"], run_id, index))
+        waiting = [(index, item, fut) for index, (item, fut) in enumerate(batch) if not fut.done()]
+        claim = _JobClaim(job_ids[0], queue, len(waiting), _RunClaim(run_id, 1))
+        for index, item, fut in waiting:
+            fut.set_result(AsyncHandle(self.client, job_ids[0], item["id"], run_id, index, _claim=claim))
+        if not waiting:  # every submitter went away while it was sent: nobody will read it
+            self.client._forget_soon([claim], [claim.run])
 
 
 class AsyncClient:
@@ -719,7 +768,8 @@ class AsyncClient:
         options = JobOptions(top_k, function_to_apply)
         if self.settings.coalesce_ms <= 0:
             run_id, (job_id,), _, _ = await self._enqueue_run([[item]], queue, options)
-            return AsyncHandle(self, job_id, item["id"], run_id, 0)
+            return AsyncHandle(self, job_id, item["id"], run_id, 0, _claim=_JobClaim(job_id, queue, 1,
+                                                                                     _RunClaim(run_id, 1)))
         return await self._coalescer.submit(item, queue, options)
 
     async def submit_many(
@@ -730,7 +780,78 @@ class AsyncClient:
         """Items in jobs of ``chunk_size`` (1: one job per item); one handle per item, all in one run."""
         run = await self.enqueue_stream(items, chunk_size=chunk_size, top_k=top_k, function_to_apply=function_to_apply,
                                         queue=queue, run_id=run_id, max_pending=0, keep_handles=True)
+        by_job: dict[str, list[AsyncHandle]] = {}
+        for handle in run.handles:
+            by_job.setdefault(handle.job_id, []).append(handle)
+        run_claim = _RunClaim(run.id, len(by_job))
+        for job_id, handles in by_job.items():
+            claim = _JobClaim(job_id, run.queue or queue or self.settings.queue, len(handles), run_claim)
+            for handle in handles:
+                handle._claim = claim
         return run.handles
+
+    def release(self, handles: Iterable[AsyncHandle]) -> None:
+        """The caller is done with these handles (``submit``, ``submit_many``): their results were
+        delivered, or nobody waits for them any more. Once every handle of a job is released, the
+        job's Redis keys go: a job still queued is taken off its queue and deleted (nobody will
+        compute it), a finished one's hash (with its input texts), RQ result and finished-registry
+        entry are deleted; a job under way is left to finish and expire by its result TTL. Once
+        every job of the run is released, the run's keys go too, its meta hash left as a
+        one-field tombstone for the client's result TTL so that a late second completion cannot
+        bring the run back, and it leaves ``qb:runs``.
+
+        Handles of a coalesced job belong to several callers: the job stays until the last of
+        them releases, so releasing one never touches a neighbour's result. Handles not made
+        here, or released already, are ignored. Returns at once; the deletes run in the
+        background (awaited by :meth:`aclose`)."""
+        jobs_done: list[_JobClaim] = []
+        runs_done: list[_RunClaim] = []
+        for handle in handles:
+            claim = handle._claim
+            if claim is None or handle._released:
+                continue
+            handle._released = True
+            claim.holders -= 1
+            if claim.holders == 0:
+                jobs_done.append(claim)
+                claim.run.jobs -= 1
+                if claim.run.jobs == 0:
+                    runs_done.append(claim.run)
+        if jobs_done:
+            self._forget_soon(jobs_done, runs_done)
+
+    def _forget_soon(self, jobs_done: list[_JobClaim], runs_done: list[_RunClaim]) -> None:
+        self._spawn(self._forget(jobs_done, runs_done))
+
+    async def _forget(self, jobs_done: list[_JobClaim], runs_done: list[_RunClaim]) -> None:
+        """:meth:`release`'s deletes. A failure is only logged: what is left expires by its TTL."""
+        try:
+            async with self.connection.pipeline(transaction=False) as pipe:
+                for claim in jobs_done:
+                    pipe.hget(Job.key_for(claim.job_id), "status")
+                statuses = await pipe.execute()
+            dequeuing: list[tuple[_JobClaim, int]] = []  # a queued job and its LREM's reply index
+            async with self.connection.pipeline(transaction=False) as pipe:
+                for claim, status in zip(jobs_done, statuses):
+                    commands = jobs.forget_job_commands(claim.job_id, claim.queue, status)
+                    if commands and commands[0].name == "lrem":
+                        dequeuing.append((claim, len(pipe)))
+                    jobs.apply(commands, pipe)
+                for run in runs_done:
+                    await _maybe_await(forget_run(self.connection, pipe, run.run_id, self.settings.result_ttl))
+                if runs_done:
+                    pipe.zrem(keys.RUNS, *(run.run_id for run in runs_done))
+                replies = await pipe.execute()
+            dropped = [claim for claim, at in dequeuing if replies[at]]
+            if dropped:
+                async with self.connection.pipeline(transaction=False) as pipe:
+                    for claim in dropped:
+                        jobs.apply(jobs.drop_dequeued_commands(claim.job_id), pipe)
+                    await pipe.execute()
+                log.debug("released jobs dropped from their queue unstarted", jobs=len(dropped))
+        except redis.RedisError as exc:
+            log.warning("could not delete released jobs; they expire by their TTL", jobs=len(jobs_done),
+                        error=repr(exc))
 
     async def seal(self, run_id: str, total: int | None = None) -> int:
         """Mark the run complete on the producer side: ``total`` is now final."""
@@ -770,6 +891,7 @@ class AsyncClient:
             raw_cursor, stored = await pipe.execute()
         plan = jobs.resume_plan(self.settings, run.id, raw_cursor, stored, chunk_size, queue, log)
         chunk_size, queue, resume_from = plan.chunk_size, plan.queue, plan.resume_from
+        run.queue = queue or self.settings.queue
         max_pending = self.settings.max_pending if max_pending is None else max_pending
         counter = itertools.count()
 

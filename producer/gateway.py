@@ -21,6 +21,15 @@ carry that deadline, so a worker drops them instead of computing answers nobody 
 (``POST /runs``) is read later by whoever asks, so its jobs have no deadline unless its caller
 asks for one (``?job_ttl=``).
 One-text requests are gathered into shared jobs by the client (:class:`~producer.async_client.AsyncClient`).
+Result streams (``/runs/{id}/events``, ``/runs/{id}/results``) have a Redis connection pool of their
+own, ``max_streams`` connections, one per open stream, and past it a new stream gets 429: however
+many clients subscribe, the TEI routes and ``/health`` keep their connections.
+
+What a TEI request leaves in Redis: once its answer is in hand, or nobody waits for it any more
+(504, the client went away), its handles are released (:meth:`AsyncClient.release`): a job still
+queued that no other request of the job waits for is taken off the queue unstarted (as TEI drops
+the queued work of a client that disconnected), a finished one is deleted with its run; what a
+worker is computing expires ``answer_ttl`` after it finishes.
 
 Outages: whatever Redis does (refuses, drops, freezes), a TEI request ends within
 ``request_timeout`` (504, or 503 once Redis has failed), and ``/health`` and ``/info`` within
@@ -35,8 +44,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,10 +67,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from queuebert import keys
 from queuebert.schema import ItemResult
-from queuebert.settings import GatewaySettings
+from queuebert.settings import ClientSettings, GatewaySettings
 
 from . import jobs, readers, tei
-from .async_client import AsyncClient
+from .async_client import AsyncClient, AsyncHandle
 from .client import RedisFull
 from .jobs import LostWrites, ResumeError, new_id
 
@@ -232,12 +243,70 @@ class Cached(Generic[T]):
             self._reading = None
 
 
-class Gateway:
-    """The routes' shared state: the client, the settings, the cached queue depth and model."""
+class _Holding(Response):
+    """A streamed response that gives its stream slot back once it ends, however it ends (sent
+    whole, the client gone, the server stopping)."""
 
-    def __init__(self, client: AsyncClient, settings: GatewaySettings):
+    def __init__(self, response: Response, release: Callable[[], None]):
+        self.response = response
+        self.release = release
+        self.status_code = response.status_code
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self.release()
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone away. Only once the body has been read whole: what
+    ``receive`` brings after it is the disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or ClientDisconnect (499, which nobody reads) as soon as the client goes
+    away, ``work`` then cancelled: uvicorn does not cancel a request whose client left, and the
+    request would otherwise wait out its timeout for an answer nobody reads."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the request's own timeout, or a stop: the work ends with it
+        task.cancel()
+        gone.cancel()
+        await asyncio.wait({task, gone})
+        if not task.cancelled():
+            task.exception()  # seen: it was cancelled into whatever it raised
+        raise
+    gone.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()
+    raise ClientDisconnect()
+
+
+class Gateway:
+    """The routes' shared state: the clients, the settings, the cached queue depth and model.
+
+    Three clients, for three lifetimes: ``client`` for the TEI routes (jobs with the request
+    timeout as deadline, results kept ``answer_ttl``), ``runs`` for ``POST /runs`` on the same
+    connections (no deadline, results kept the client's ``result_ttl``), ``streams`` with a pool
+    of its own, one connection per open stream (``max_streams``)."""
+
+    def __init__(self, client: AsyncClient, settings: GatewaySettings, runs: AsyncClient | None = None,
+                 streams: AsyncClient | None = None):
         self.client = client
+        self.runs = runs or client
+        self.streams = streams or client
         self.settings = settings
+        self.streams_open = 0
         self.metrics = Metrics()
         self._depth = Cached(self._read_depth, DEPTH_EVERY)
         self._served = Cached(self._read_served, MODEL_EVERY, keep_none=False)
@@ -248,7 +317,8 @@ class Gateway:
     def begin_stop(self) -> None:
         """A stop signal arrived (in the event loop's thread): requests still waiting for results
         when the stop's grace is nearly over get a 503 (retry elsewhere) instead of a dropped
-        connection. Their jobs stay queued, so a retry finds the work done or under way."""
+        connection. Like any request that ends unanswered, they release their jobs: one still
+        queued is dropped (the retry makes its own; nobody could read this one's answer)."""
         asyncio.get_running_loop().call_later(max(0.0, self.settings.stop_timeout - 1.0), self._cut_waiting)
 
     def _cut_waiting(self) -> None:
@@ -304,7 +374,8 @@ class Gateway:
         same deadline, so none of them runs late for nobody). Its caller, :meth:`submit`, bounds
         the whole request by that timeout; each handle also gives up after it."""
         timeout = self.settings.request_timeout
-        waiting = asyncio.gather(*(h.result(timeout=timeout) for h in handles))
+        waits = [asyncio.ensure_future(h.result(timeout=timeout)) for h in handles]
+        waiting = asyncio.gather(*waits)
         self._waiting.add(waiting)
         try:
             got = await waiting
@@ -316,24 +387,51 @@ class Gateway:
             raise
         finally:
             self._waiting.discard(waiting)
+            for wait in waits:  # one failed: the others stop waiting too
+                wait.cancel()
         if any(r is None for r in got):
             raise tei.timed_out(timeout)
         return got  # type: ignore[return-value]
 
-    async def submit(self, items: tuple[Any, ...] | list[Any], route: str, top_k: int | None = None,
+    async def submit(self, request: Request, items: tuple[Any, ...] | list[Any], route: str, top_k: int | None = None,
                      function_to_apply: str | None = None) -> list[ItemResult]:
         """One input through the coalescing ``submit``; several as one job of their own. Admission,
-        enqueue and results together take at most ``request_timeout`` (504), whatever Redis does."""
+        enqueue and results together take at most ``request_timeout`` (504), whatever Redis does;
+        a client that goes away meanwhile ends it at once (its queued work dropped, see
+        :meth:`_submit`)."""
         timeout = self.settings.request_timeout
         async with self.within(timeout, lambda: tei.timed_out(timeout)):
-            await self.admit()
-            self.metrics.items.labels(route).inc(len(items))
-            options = {"top_k": top_k, "function_to_apply": function_to_apply}
-            if len(items) == 1:
-                handles = [await self.client.submit(dict(items[0]), **options)]
-            else:
-                handles = await self.client.submit_many([dict(i) for i in items], chunk_size=len(items), **options)
+            return await _unless_disconnected(request, self._submit(items, route, top_k, function_to_apply))
+
+    async def _submit(self, items: tuple[Any, ...] | list[Any], route: str, top_k: int | None,
+                      function_to_apply: str | None) -> list[ItemResult]:
+        await self.admit()
+        self.metrics.items.labels(route).inc(len(items))
+        handles = await self._enqueue(items, {"top_k": top_k, "function_to_apply": function_to_apply})
+        try:
             return await self.results(handles)
+        finally:
+            # The answer is in hand, or nobody waits for it any more (504, the client gone, a
+            # stop): what only this request needed leaves Redis; a job still queued that no
+            # other request shares is dropped unstarted.
+            self.client.release(handles)
+
+    async def _enqueue(self, items: tuple[Any, ...] | list[Any], options: dict[str, Any]) -> list[AsyncHandle]:
+        if len(items) == 1:
+            # Cancelled while its item gathers or is being sent, the coalescer drops it itself.
+            return [await self.client.submit(dict(items[0]), **options)]
+        sending = asyncio.ensure_future(self.client.submit_many([dict(i) for i in items], chunk_size=len(items),
+                                                                **options))
+        try:
+            return await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            sending.add_done_callback(self._release_sent)  # released as soon as they are in
+            raise
+
+    def _release_sent(self, sending: asyncio.Future[list[AsyncHandle]]) -> None:
+        """The handles of a request that ended while its jobs were being enqueued."""
+        if not sending.cancelled() and sending.exception() is None:
+            self.client.release(sending.result())
 
     # -- TEI routes ---------------------------------------------------------------------------------
 
@@ -376,10 +474,10 @@ class Gateway:
 
     async def predict(self, request: Request) -> Response:
         parsed = tei.parse_predict(await self._body(request), max_client_batch_size=self.settings.max_client_batch_size)
-        return await self._predict(parsed, "/predict")
+        return await self._predict(request, parsed, "/predict")
 
-    async def _predict(self, parsed: tei.PredictRequest, route: str) -> Response:
-        results = await self.submit(parsed.items, route, None, parsed.function_to_apply)
+    async def _predict(self, request: Request, parsed: tei.PredictRequest, route: str) -> Response:
+        results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply)
         served = await self.served()
         labels = served[0].labels if served else None
         return JSONResponse(tei.predict_response(parsed, results, labels))
@@ -388,10 +486,10 @@ class Gateway:
         served = await self.served()
         parsed = tei.parse_rerank(await self._body(request), max_client_batch_size=self.settings.max_client_batch_size,
                                   model=served[0] if served else None)
-        return await self._rerank(parsed, "/rerank")
+        return await self._rerank(request, parsed, "/rerank")
 
-    async def _rerank(self, parsed: tei.RerankRequest, route: str) -> Response:
-        results = await self.submit(parsed.items, route, None, parsed.function_to_apply)
+    async def _rerank(self, request: Request, parsed: tei.RerankRequest, route: str) -> Response:
+        results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply)
         return JSONResponse(tei.rerank_response(parsed, results))
 
     async def root(self, request: Request) -> Response:
@@ -399,8 +497,8 @@ class Gateway:
         parsed = tei.parse_root(await self._body(request), max_client_batch_size=self.settings.max_client_batch_size,
                                 model=served[0] if served else None)
         if isinstance(parsed, tei.RerankRequest):
-            return await self._rerank(parsed, "/")
-        results = await self.submit(parsed.items, "/", parsed.top_k, parsed.function_to_apply)
+            return await self._rerank(request, parsed, "/")
+        results = await self.submit(request, parsed.items, "/", parsed.top_k, parsed.function_to_apply)
         return JSONResponse(tei.predict_response(parsed, results, served[0].labels if served else None))
 
     async def health(self, request: Request) -> Response:
@@ -496,7 +594,7 @@ class Gateway:
                 yield item
 
         try:
-            run = await self.client.enqueue_stream(items(), run_id=run_id, on_progress=written, job_ttl=job_ttl)
+            run = await self.runs.enqueue_stream(items(), run_id=run_id, on_progress=written, job_ttl=job_ttl)
         except (ClientDisconnect, BodyTimeout) as exc:
             raise self._upload_cut(exc, run_id, kept, sealed=False) from None
         if cut is not None:
@@ -511,7 +609,7 @@ class Gateway:
             pipe.get(keys.run_cursor(run_id))
             pipe.hmget(keys.run_meta(run_id), *jobs.RESUME_FIELDS)
             raw_cursor, stored = await pipe.execute()
-        return jobs.resume_plan(self.client.settings, run_id, raw_cursor, stored, None, None, log)
+        return jobs.resume_plan(self.runs.settings, run_id, raw_cursor, stored, None, None, log)
 
     def _upload_cut(self, why: BaseException, run_id: str, kept: int, *, sealed: bool) -> BaseException:
         """What to raise for an upload cut short, once what arrived is kept: the disconnect (499,
@@ -534,16 +632,39 @@ class Gateway:
     async def run_progress(self, request: Request) -> Response:
         return JSONResponse(await self._known(request.path_params["run_id"]))
 
+    def _open_stream(self, response: Callable[[], Response]) -> Response:
+        """``response()``, a result stream, if a stream slot is free (429 if not), holding the slot
+        until it ends. A stream waits on Redis (a blocking XREAD) most of the time it is open, so
+        each holds a connection of the streams' pool, which has ``max_streams``: with the cap,
+        a stream never waits for a connection, and the requests' pool is never touched."""
+        limit = self.settings.max_streams
+        if self.streams_open >= limit:
+            raise tei.streams_full(limit)
+        self.streams_open += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.streams_open -= 1
+
+        try:
+            return _Holding(response(), release)
+        except BaseException:
+            release()
+            raise
+
     async def run_results(self, request: Request) -> Response:
         """JSONL in input order, each line sent as soon as the results before it are in."""
         run_id = request.path_params["run_id"]
         await self._known(run_id)
 
         async def lines() -> AsyncIterator[bytes]:
-            async for result in self.client.ordered_results(run_id):
+            async for result in self.streams.ordered_results(run_id):
                 yield json.dumps(result, ensure_ascii=False).encode() + b"\n"
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return self._open_stream(lambda: StreamingResponse(lines(), media_type="application/x-ndjson"))
 
     async def run_events(self, request: Request) -> Response:
         """Server-Sent Events, one per item result in completion order. Each event's id is
@@ -556,17 +677,17 @@ class Gateway:
 
         async def events() -> AsyncIterator[dict[str, Any]]:
             try:
-                subscription = self.client.subscribe(run_id, last_id=start)
+                subscription = self.streams.subscribe(run_id, last_id=start)
                 async for stream_id, _job, results in subscription.entries():
                     first = skip if stream_id == entry_id else 0
                     for i, result in enumerate(results[first:], first):
                         yield {"id": f"{stream_id}/{i}", "event": "result",
                                "data": json.dumps(result, ensure_ascii=False)}
-                yield {"event": "end", "data": json.dumps(await self.client.run_progress(run_id))}
+                yield {"event": "end", "data": json.dumps(await self.streams.run_progress(run_id))}
             except Exception as exc:  # the status is sent already: say it in an event, then end
                 yield {"event": "error", "data": json.dumps(http_error(exc, "/runs/{run_id}/events").body())}
 
-        return EventSourceResponse(events(), ping=15)
+        return self._open_stream(lambda: EventSourceResponse(events(), ping=15))
 
     async def metrics_page(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -598,10 +719,18 @@ def _previous_id(entry_id: str) -> str:
 
 def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> Starlette:
     """The ASGI app; ``client`` defaults to one on ``settings.redis_url`` whose jobs carry the
-    request timeout as their deadline (the TEI routes'; runs choose their own)."""
-    client = client or AsyncClient.from_url(settings.redis_url, queue=settings.queue,
-                                            job_ttl=settings.request_timeout, socket_timeout=settings.redis_timeout)
-    gw = Gateway(client, settings)
+    request timeout as their deadline and whose results live ``answer_ttl`` (the TEI routes';
+    runs have their own deadline and keep the client's ``result_ttl``)."""
+    base = ClientSettings.from_env(redis_url=settings.redis_url, queue=settings.queue)
+    # Never shorter than a request may wait: the run's keys must outlive the request reading them.
+    answer_ttl = max(settings.answer_ttl, math.ceil(settings.request_timeout))
+    client = client or AsyncClient.from_url(settings.redis_url, queue=settings.queue, job_ttl=settings.request_timeout,
+                                            result_ttl=answer_ttl, socket_timeout=settings.redis_timeout)
+    runs = AsyncClient(client.connection,
+                       dataclasses.replace(client.settings, result_ttl=base.result_ttl, job_ttl=None))
+    streams = AsyncClient.from_url(settings.redis_url, queue=settings.queue, socket_timeout=settings.redis_timeout,
+                                   max_connections=max(1, settings.max_streams))
+    gw = Gateway(client, settings, runs=runs, streams=streams)
 
     def route(path: str, handler: Callable[[Request], Awaitable[Response]], methods: list[str]) -> Route:
         async def endpoint(request: Request) -> Response:
@@ -635,10 +764,11 @@ def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         try:
-            # Bounded: closing sends nothing, but a stop must not hang on a Redis that is frozen.
-            await asyncio.wait_for(client.aclose(), timeout=5)
+            # Bounded: closing sends nothing (but the deletes of released handles still under way),
+            # and a stop must not hang on a Redis that is frozen.
+            await asyncio.wait_for(asyncio.gather(client.aclose(), runs.aclose(), streams.aclose()), timeout=5)
         except (TimeoutError, asyncio.TimeoutError):
-            log.warning("closing the Redis client timed out at shutdown")
+            log.warning("closing the Redis clients timed out at shutdown")
 
     app = Starlette(routes=routes, middleware=[Middleware(Auth, api_key=settings.api_key)], lifespan=lifespan)
     app.state.gateway = gw

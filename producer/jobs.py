@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rq import Callback, Queue, Retry
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 from rq.registry import FinishedJobRegistry
 from rq.results import Result
@@ -84,7 +84,7 @@ class CommandRecorder:
     """
 
     WRITES = frozenset({"sadd", "hset", "hsetnx", "hincrby", "rpush", "lpush", "expire", "zadd", "set", "hmget",
-                        "xdel", "delete", "zrem"})
+                        "xdel", "delete", "zrem", "zremrangebyrank", "lrem", "hget"})
 
     def __init__(self) -> None:
         self.commands: list[Command] = []
@@ -189,6 +189,8 @@ def enqueue_commands(
     pipe.hsetnx(meta, "created_at", f"{time.time():.3f}")
     pipe.hset(meta, "ttl", ttl)  # how long completions keep the run (run_record.lua)
     pipe.zadd(keys.RUNS, {run_id: time.time()}, nx=True)
+    # The index keeps the newest runs only: it has no TTL of its own, and every run adds to it.
+    pipe.zremrangebyrank(keys.RUNS, 0, -settings.max_indexed_runs - 1)
     if cursor_end is not None:
         pipe.set(keys.run_cursor(run_id), cursor_end, ex=ttl)
     for key in keys.run_keys(run_id):
@@ -297,3 +299,27 @@ def delete_consumed_commands(run_id: str, queue: bytes | str | None,
         if finished:
             rec.zrem(finished, job_id)
     return rec.commands
+
+
+def forget_job_commands(job_id: str, queue: str, status: bytes | str | None) -> list[Command]:
+    """What forgetting a job nobody waits for (``AsyncClient.release``) writes, by its status
+    (``HGET`` just before): a finished job's hash (its input texts), RQ result and finished-registry
+    entry go, as a consuming reader deletes them; a queued one is taken off its queue (``LREM``,
+    whose reply says whether it was still there: then :func:`drop_dequeued_commands`); any other
+    (under way, failed, scheduled for a retry) is left to RQ and expires by its TTLs: a worker that
+    holds it must find it, and a failed one stays in RQ's failed registry. A delivered answer's
+    job is finished, so the common case never scans a queue."""
+    if isinstance(status, bytes):
+        status = status.decode()
+    if status == JobStatus.FINISHED.value:
+        return [Command("delete", (Result.get_key(job_id), Job.key_for(job_id))),
+                Command("zrem", (FinishedJobRegistry.key_template.format(queue), job_id))]
+    if status == JobStatus.QUEUED.value:
+        return [Command("lrem", (Queue.redis_queue_namespace_prefix + queue, 1, job_id))]
+    return []
+
+
+def drop_dequeued_commands(job_id: str) -> list[Command]:
+    """A job ``LREM`` took off its queue: no worker has it or ever will (a worker takes a job off
+    the queue first, into RQ's intermediate list or its started registry), so its hash goes."""
+    return [Command("delete", (Job.key_for(job_id),))]

@@ -147,6 +147,13 @@ def overloaded() -> TEIError:
     return TEIError.of(OVERLOADED, OVERLOADED_MESSAGE)
 
 
+def streams_full(limit: int) -> TEIError:
+    """429 for a result stream past the gateway's ``max_streams``: TEI's answer when no request
+    permit is free, with why (sent with Retry-After)."""
+    return TEIError.of(OVERLOADED, f"{OVERLOADED_MESSAGE}: {limit} result streams are open, the most this gateway "
+                                   "serves at once (QUEUEBERT_MAX_STREAMS); retry later")
+
+
 def unhealthy() -> TEIError:
     """503 of ``GET /health`` (TEI: the backend fails its health check; here: Redis or the workers)."""
     return TEIError.of(UNHEALTHY, UNHEALTHY_MESSAGE)

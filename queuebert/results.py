@@ -34,6 +34,7 @@ RUN_RECORD_CONSTANTS = {"DEFAULT_RUN_TTL": DEFAULT_RESULT_TTL}
 _CONSTANTS: dict[str, dict[str, Any]] = {
     "complete_job.lua": {"ARG": COMPLETE_JOB_ARGS, **RUN_RECORD_CONSTANTS},
     "finish_consumed.lua": {},
+    "forget_run.lua": {},
 }
 _scripts: dict[tuple[int, type, str], Any] = {}
 
@@ -59,6 +60,13 @@ def finish_consumed(connection: Any, pipeline: Any, run_id: str) -> Any:
     On a redis.asyncio connection the script call is a coroutine: the caller awaits what this
     returns before it executes the pipeline."""
     return _script(connection, "finish_consumed.lua")(keys=keys.run_keys(run_id), client=pipeline)
+
+
+def forget_run(connection: Any, pipeline: Any, run_id: str, tombstone_ttl: int) -> Any:
+    """Queue on ``pipeline`` the end of a run nobody will read again (see forget_run.lua); on a
+    redis.asyncio connection, await what this returns before executing the pipeline."""
+    return _script(connection, "forget_run.lua")(keys=[*keys.run_keys(run_id), keys.run_cursor(run_id)],
+                                                  args=[max(1, int(tombstone_ttl))], client=pipeline)
 
 
 def encode_results(results: Sequence[ItemResult]) -> str:

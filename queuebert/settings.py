@@ -110,8 +110,13 @@ class ClientSettings(_FromEnv):
     coalesce_hold_ms: float = 1000.0
     #: AsyncClient: connections its pool opens at most; a caller beyond them waits for one to be
     #: free (up to 20 s) instead of failing. The result listener keeps one, a blocked
-    #: subscription holds one while it waits.
+    #: subscription holds one while it waits (the gateway's streams have a pool of their own,
+    #: ``GatewaySettings.max_streams``).
     max_connections: int = 100
+    #: Runs ``qb:runs`` (the index ``queuebert stats`` lists runs from, newest first) keeps: each
+    #: enqueue drops the oldest beyond it, so the index stays bounded whatever the traffic (it
+    #: has no TTL; a run's own keys expire by ``result_ttl``). ``stats`` reads the newest 1,000.
+    max_indexed_runs: int = 10_000
 
 
 @dataclass
@@ -127,6 +132,14 @@ class GatewaySettings(_FromEnv):
     #: Seconds a request waits for its results before 504; the jobs of the TEI routes carry it as
     #: their deadline (a ``POST /runs`` run has none unless its caller asks, ``?job_ttl=``).
     request_timeout: float = 30.0
+    #: Seconds what a TEI request leaves in Redis (its job with the input texts, results, run
+    #: bookkeeping) lives at most: the result TTL of those jobs. A delivered answer's keys are
+    #: deleted as it is sent (its run's meta hash stays this long as a one-field tombstone, so a
+    #: late duplicate completion cannot bring the run back); this bounds what an answer never
+    #: delivered leaves (504, a client gone while a worker computed it, a gateway killed). At least
+    #: ``request_timeout``. ``POST /runs`` keeps the client's ``result_ttl`` (24 h): its caller
+    #: reads the results whenever it likes.
+    answer_ttl: int = 300
     #: Seconds one Redis command of the gateway may take before its socket gives up on it (each
     #: retry gets as long again), and the longest ``/health`` and ``/info`` wait for Redis before
     #: 503: a frozen Redis (SIGSTOP, a stalled host) fails fast instead of holding requests for
@@ -151,13 +164,20 @@ class GatewaySettings(_FromEnv):
     body_timeout: float = 30.0
     #: Connections and requests at once (uvicorn's ``limit_concurrency``) beyond which a new
     #: request gets 503 at once: keeps the process below its file-descriptor limit (often 1,024,
-    #: with up to ``max_connections`` Redis connections of its own). Raise it with ``ulimit -n``.
+    #: with up to ``max_connections`` + ``max_streams`` Redis connections of its own). Raise it
+    #: with ``ulimit -n``.
     limit_concurrency: int | None = 800
+    #: Result streams (``GET /runs/{id}/events`` and ``/runs/{id}/results``) open at once. Each
+    #: holds one Redis connection of a pool of this size, separate from the requests' pool
+    #: (``max_connections``), so streams, however idle or many, never take a connection from the
+    #: TEI routes or /health; a stream past it gets 429 at once (TEI's answer when no request
+    #: permit is free) with Retry-After. 0: no streams.
+    max_streams: int = 64
     #: Seconds an idle keep-alive connection is kept open (uvicorn's ``timeout_keep_alive``).
     keep_alive_timeout: float = 5.0
     #: Seconds a stopping gateway lets requests in flight finish before it closes their
-    #: connections (uvicorn's ``timeout_graceful_shutdown``). Their jobs stay queued; a client
-    #: that retries elsewhere gets the same work done. Keep it below the orchestrator's grace.
+    #: connections (uvicorn's ``timeout_graceful_shutdown``); those still waiting then get 503
+    #: (retry elsewhere), their jobs dropped if still queued. Keep it below the orchestrator's grace.
     stop_timeout: float = 10.0
 
 
@@ -213,7 +233,14 @@ class WorkerSettings(_FromEnv):
     burst: bool = False
     log_format: str = "auto"
     log_level: str = "info"
+    #: Prometheus metrics, and the worker's probes (``/livez``, ``/readyz``: worker/probes.py), on
+    #: this port. None: neither is served.
     metrics_port: int | None = None
+    #: Seconds without a heartbeat after which ``/livez`` fails (while the heartbeat thread is not
+    #: riding out a Redis error, which is weather, not a hang): a thread blocked that long, e.g. on
+    #: a Redis that stopped answering mid-command, is worth a restart. Keep it well above
+    #: ``heartbeat_interval``.
+    liveness_timeout: float = 30.0
     name: str | None = None
     #: Worker processes per device, supervised together. One interpreter's CPU path (decode,
     #: tokenize, collate, score, serialise) cannot keep a fast GPU busy, and the GIL caps it however
@@ -226,13 +253,6 @@ class WorkerSettings(_FromEnv):
         """Seconds a parent waits for a stopping worker process before killing it: the worker's
         own bound for Redis (``stop_timeout``) plus 10 s for its batch in progress and its exit."""
         return self.stop_timeout + 10.0
-    #: Prometheus metrics, and the worker's probes (``/livez``, ``/readyz``: worker/probes.py), on
-    #: this port. None: neither is served.
-    #: Seconds without a heartbeat after which ``/livez`` fails (while the heartbeat thread is not
-    #: riding out a Redis error, which is weather, not a hang): a thread blocked that long, e.g. on
-    #: a Redis that stopped answering mid-command, is worth a restart. Keep it well above
-    #: ``heartbeat_interval``.
-    liveness_timeout: float = 30.0
 
 
 @dataclass

@@ -211,25 +211,43 @@ def test_runs_read_lines_as_queuebert_enqueue_does(served):
 
 
 def test_pressure_429_and_504_with_deadline(redis_server, served):
-    """No worker on queue "idle": past max-queue-depth requests get 429 with Retry-After; a
-    request whose result does not come within its timeout gets 504 and its job's deadline."""
+    """No worker on queue "idle": a request whose result does not come within its timeout gets
+    504, its job carrying that deadline while it waits and taken off the queue once it gave up;
+    past max-queue-depth requests get 429 with Retry-After."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import redis as redis_py
     from rq import Queue
 
     from queuebert.serializer import JSONSerializer
 
-    proc, base = start_gateway(redis_server.url, "idle", request_timeout="1", max_queue_depth="2")
+    proc, base = start_gateway(redis_server.url, "idle", request_timeout="2", max_queue_depth="2")
+    conn = redis_py.Redis.from_url(redis_server.url)
+    queue = Queue("idle", connection=conn, serializer=JSONSerializer)
     try:
-        started = time.time()
-        late = httpx.post(f"{base}/predict", json={"inputs": "nobody computes this"}, timeout=30)
-        assert late.status_code == 504 and late.json()["error_type"] == "Overloaded"
-        conn = redis_py.Redis.from_url(redis_server.url)
-        (job,) = Queue("idle", connection=conn, serializer=JSONSerializer).get_jobs()
-        assert started < job.kwargs["deadline"] <= time.time() + 0.5  # a worker drops it now
-        httpx.post(f"{base}/predict", json={"inputs": "second"}, timeout=30)
-        full = httpx.post(f"{base}/predict", json={"inputs": "third"}, timeout=30)
-        assert full.status_code == 429 and full.headers["Retry-After"] == "1"
+        with ThreadPoolExecutor(2) as pool:
+            started = time.time()
+            late = pool.submit(httpx.post, f"{base}/predict", json={"inputs": "nobody computes this"}, timeout=30)
+            while not queue.count:
+                assert time.time() - started < 2, "the request's job never appeared"
+                time.sleep(0.02)
+            (job,) = queue.get_jobs()
+            assert started < job.kwargs["deadline"] <= time.time() + 2.5  # a worker drops it past that
+            second = pool.submit(httpx.post, f"{base}/predict", json={"inputs": "second"}, timeout=30)
+            while queue.count < 2:
+                assert time.time() - started < 2, "the second request's job never appeared"
+                time.sleep(0.02)
+            time.sleep(0.1)  # past the gateway's cached queue depth
+            full = httpx.post(f"{base}/predict", json={"inputs": "third"}, timeout=30)
+            assert full.status_code == 429 and full.headers["Retry-After"] == "1"
+            for waited in (late, second):
+                assert waited.result().status_code == 504 and waited.result().json()["error_type"] == "Overloaded"
+        deadline = time.time() + 5
+        while queue.count:  # nobody waits for them any more: dropped unstarted
+            assert time.time() < deadline, queue.get_job_ids()
+            time.sleep(0.05)
     finally:
+        conn.close()
         stop_processes([proc], 10)
 
 
