@@ -160,11 +160,14 @@ class Procs:
         self.procs: list[tuple[str, LoggedProcess]] = []
         self._n = itertools.count()
 
-    def start(self, label: str, cmd: list[str], env_extra: dict[str, str] | None = None) -> LoggedProcess:
+    def start(self, label: str, cmd: list[str], env_extra: dict[str, str] | None = None,
+              code: Path = REPO) -> LoggedProcess:
+        """Start ``cmd`` with ``code`` (a checkout; this one by default) first on its path: its
+        working directory, which ``python -m`` puts ahead of ``PYTHONPATH``."""
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(BENCH_DIR), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(code), str(BENCH_DIR), env.get("PYTHONPATH", "")])
         env.update(env_extra or {})
-        proc = start_process(cmd, cwd=REPO, env=env, log_path=self.logdir / f"{next(self._n):02d}-{label}.log",
+        proc = start_process(cmd, cwd=code, env=env, log_path=self.logdir / f"{next(self._n):02d}-{label}.log",
                              stdout="log", new_session=True)
         self.procs.append((label, proc))
         return proc

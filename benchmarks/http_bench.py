@@ -443,14 +443,16 @@ def redis_cost(conn: Any, pids: dict[str, int], n: int, idle_usec_per_s: float,
                fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Redis work per text while ``fn`` sends ``n`` texts: commandstats (every client's commands,
     the worker's included; commands that Lua scripts call are counted both in EVALSHA's time and
-    on their own, as Redis counts them), the server's CPU time, and the runs created (each run of
-    one-text requests here is one job: a coalesced batch of at most 64, or one ``submit``)."""
-    from queuebert import keys
+    on their own, as Redis counts them), the server's CPU time, and the jobs the workers completed
+    (RQ's ``successful_job_count``: the gateway removes its runs from ``qb:runs`` once answered, so
+    that index no longer counts them)."""
+    def jobs_done() -> int:
+        return sum(int(conn.hget(w, "successful_job_count") or 0) for w in conn.smembers("rq:workers"))
 
-    before, runs0 = commandstats(conn), conn.zcard(keys.RUNS)
+    before, runs0 = commandstats(conn), jobs_done()
     with CpuMeter(pids) as meter:
         run = fn()
-    after, runs1 = commandstats(conn), conn.zcard(keys.RUNS)
+    after, runs1 = commandstats(conn), jobs_done()
     wall, redis_cpu = meter.result["wall_s"], meter.result["cpu_s"]["redis"]
     delta = {k: (c - before.get(k, (0, 0))[0], u - before.get(k, (0, 0))[1]) for k, (c, u) in after.items()}
     calls = sum(c for c, _ in delta.values())
@@ -476,6 +478,8 @@ ROWS = {
     "h0b": "Engine.classify in-process, groups of 32 (limit at 32 in flight)",
     "h1": "queuebert serve + 1 worker: POST /predict, 1 text, concurrency 32",
     "h1c": "queuebert serve + 1 worker: POST /predict, 1 text, concurrency 256",
+    "h1-old": "--baseline's queuebert serve, same worker: POST /predict, 1 text, concurrency 32",
+    "h1c-old": "--baseline's queuebert serve, same worker: POST /predict, 1 text, concurrency 256",
     "h2": "Infinity server (infinity_emb v2): POST /classify, 1 text, concurrency 32",
     "h3": "AsyncClient: 32 coroutines, submit + result, 1 text each",
     "h4": "Client: 32 threads, submit + result, 1 text each",
@@ -494,7 +498,14 @@ class HttpBench:
         shutil.rmtree(self.logdir, ignore_errors=True)
         self.logdir.mkdir(parents=True)
         self.procs = Procs(self.logdir)
-        self.results: dict[str, Any] = {"machine": machine_info(), "rows": {}, "skipped": {}, "errors": {}}
+        self.results: dict[str, Any] = {"machine": machine_info(), "rows": {}, "skipped": {}, "errors": {},
+                                        "baseline": args.baseline}
+        #: --baseline's checkout (a git worktree), whose gateway runs the h1-old rows.
+        self.old: Path | None = None
+        if args.baseline:
+            from benchmarks.simdevice import checkouts
+
+            self.old = checkouts(args.baseline, self.tmp)["old"]
 
     def save(self) -> None:
         (self.out / "http.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
@@ -586,6 +597,16 @@ class HttpBench:
                 raise RuntimeError(str(exc)) from None
             pids = {"bench": os.getpid(), "gateway": gateway.pid, "worker": worker.pid,
                     "redis": srv.process.pid}  # type: ignore[union-attr]
+            old_url = None
+            if self.old is not None:
+                # The old code's gateway beside the new one, behind the same worker and queue: the
+                # rows alternate, so only the gateway differs between h1 and h1-old.
+                old_port = free_port()
+                old_gw = self.procs.start("gateway-old", [PY, "-m", "queuebert.cli", "serve", "--host", "127.0.0.1",
+                                                          "--port", str(old_port), "--redis-url", srv.url], code=self.old)
+                old_url = f"http://127.0.0.1:{old_port}"
+                wait_http_ok(f"{old_url}/health", self.procs, old_gw, GATEWAY_START_TIMEOUT_S, "old queuebert serve")
+                pids["gateway_old"] = old_gw.pid
             runners: dict[str, Callable[[], dict[str, Any]]] = {
                 "h0": h0, "h0b": h0b,
                 "h1": lambda: gateway_load(gw_url, texts, CONCURRENCY),
@@ -593,8 +614,13 @@ class HttpBench:
                 "h3": lambda: async_client_load(srv.url, texts, CONCURRENCY),
                 "h4": lambda: sync_client_load(srv.url, texts, CONCURRENCY),
             }
+            if old_url is not None:
+                runners["h1-old"] = lambda: gateway_load(old_url, texts, CONCURRENCY)
+                runners["h1c-old"] = lambda: gateway_load(old_url, texts, WIDE_CONCURRENCY)
             warm = texts[:2 * CONCURRENCY]
             gateway_load(gw_url, warm, CONCURRENCY)
+            if old_url is not None:
+                gateway_load(old_url, warm, CONCURRENCY)
             async_client_load(srv.url, warm, CONCURRENCY)
             sync_client_load(srv.url, warm, CONCURRENCY)
 
@@ -626,7 +652,7 @@ class HttpBench:
                     with CpuMeter(pids) as meter:
                         got = runners[key]()
                     got.update(meter.result, loadavg=loadavg())
-                    if key in ("h1", "h1c", "h3", "h4"):  # the worker's own batch log lines of this run
+                    if key in ("h1", "h1c", "h1-old", "h1c-old", "h3", "h4"):  # the worker's batch log lines of this run
                         got["batching"] = batch_stats(worker, mark)
                     runs[key].append(got)
                 say(f"  repeat {r + 1}/{a.repeats}: " + ", ".join(
@@ -642,6 +668,7 @@ class HttpBench:
             idle = (sum(u for _, u in idle1.values()) - sum(u for _, u in idle0.values())) / idle_s
             h5: dict[str, Any] = {"idle_redis_usec_per_s": round(idle, 1)}
             loads = {"gateway": lambda: gateway_load(gw_url, texts, REDIS_CONCURRENCY),
+                     **({"gateway_old": lambda: gateway_load(old_url, texts, REDIS_CONCURRENCY)} if old_url else {}),
                      "async_client": lambda: async_client_load(srv.url, texts, REDIS_CONCURRENCY),
                      "client_submit": lambda: sync_client_load(srv.url, texts, REDIS_CONCURRENCY)}
             costs: dict[str, list[dict[str, Any]]] = {k: [] for k in loads}
@@ -674,6 +701,8 @@ class HttpBench:
                   ("h1", "h0", "gateway at 32 in flight vs the Engine given all texts at once"),
                   ("h1c", "h0", "gateway at 256 in flight vs the Engine given all texts at once"),
                   ("h1", "h2", "gateway vs Infinity's server"),
+                  ("h1", "h1-old", "gateway, new code vs --baseline, concurrency 32"),
+                  ("h1c", "h1c-old", "gateway, new code vs --baseline, concurrency 256"),
                   ("h3", "h4", "AsyncClient vs Client, one-text jobs"),
                   ("h3", "h0", "AsyncClient vs in-process limit")]
         self.results["ratios"] = {f"{x}/{y} ({what})": ratio(x, y) for x, y, what in ratios}
@@ -681,6 +710,10 @@ class HttpBench:
 
     def close(self) -> None:
         self.procs.stop_all()
+        if self.old is not None:
+            from benchmarks.simdevice import remove_checkouts
+
+            remove_checkouts({"old": self.old}, self.tmp)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -760,7 +793,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {key} | {what} | skipped: {reason} | | | | | |")
             continue
         c = r["cores_busy"]
-        busy = ", ".join(str(c.get(k, "-")) for k in ("bench", "gateway", "worker", "redis", "infinity", "others"))
+        gateway_busy = c.get("gateway_old", "-") if key.endswith("-old") else c.get("gateway", "-")
+        busy = ", ".join(str(gateway_busy if k == "gateway" else c.get(k, "-"))
+                         for k in ("bench", "gateway", "worker", "redis", "infinity", "others"))
         lat = r.get("latency", {})
         lat_s = f"{lat['p50_ms']} / {lat['p99_ms']}" if lat else ""
         b = r.get("batching") or {}
@@ -776,6 +811,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "redis-server CPU usec/text | texts/s (others' cores) |")
         lines += ["", title, "", header, "|---|---:|---:|---:|---:|---:|---:|"]
         for key, what in (("gateway", "gateway POST /predict (coalesced by the gateway's AsyncClient)"),
+                          ("gateway_old", "--baseline's gateway, the same requests"),
                           ("async_client", "AsyncClient submit + result, 64 coroutines (coalesced)"),
                           ("client_submit", "Client.submit one-text jobs, 64 threads (no coalescing)")):
             h = h5.get(key)
@@ -807,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infinity-venv", default=str(cache_root() / "bench-venvs" / "infinity"),
                         help="where Infinity is (installed if absent)")
     parser.add_argument("--no-infinity", action="store_true", help="skip h2 (no install, no server)")
+    parser.add_argument("--baseline", default=None,
+                        help="git ref: also run its gateway (h1-old, h1c-old) behind the same worker, alternating")
     args = parser.parse_args(argv)
     args.texts = args.texts or (300 if args.quick else 1000)
     args.h5_repeats = 3

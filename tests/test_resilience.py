@@ -177,8 +177,10 @@ def _registered_pids(conn: redis.Redis, prefix: str) -> dict[str, int]:
 def test_chaos_sigkill_replicas_of_one_device_nothing_lost(conn, redis_server, medium_model):
     """`--workers-per-device 2`: the supervisor's processes share one device; each is SIGKILLed in
     turn mid-run, the supervisor starts it again, and every item still comes back exactly once."""
-    n = int(os.environ.get("QB_CHAOS_TEXTS", "3000"))
     kills = int(os.environ.get("QB_CHAOS_KILLS", "3"))
+    # Each kill waits for the replacement to load its model while the other process works on:
+    # ~6 s a kill here, so the run must outlast them (5,000 texts ended before the 8th).
+    n = max(int(os.environ.get("QB_CHAOS_TEXTS", "3000")), 2000 * kills)
     client = Client.from_url(redis_server.url, retries=10)
     run = client.enqueue_stream(_texts(n), chunk_size=4)
     supervisor = _start_worker(redis_server.url, medium_model, "replicas", QUEUEBERT_WORKERS_PER_DEVICE="2")
@@ -188,6 +190,8 @@ def test_chaos_sigkill_replicas_of_one_device_nothing_lost(conn, redis_server, m
         time.sleep(0.1)
     started = StartedJobRegistry("default", connection=conn)
     killed: set[str] = set()
+    replaced: list[float] = []
+    recovered: list[float] = []
     for k in range(kills):
         time.sleep(1.0)
         assert not run.is_done(), "the run ended before every kill happened: raise QB_CHAOS_TEXTS"
@@ -202,10 +206,12 @@ def test_chaos_sigkill_replicas_of_one_device_nothing_lost(conn, redis_server, m
             assert supervisor.poll() is None, _log(supervisor)[-2000:]
             assert time.time() - killed_at < 60, "the supervisor did not replace the killed worker within 60 s"
             time.sleep(0.1)
+        replaced.append(time.time() - killed_at)
         while any(conn.hget(f"rq:job:{j}", "worker_name") == victim.encode() and j in
                   started.get_job_ids(cleanup=False) for j in held):
             assert time.time() - killed_at < 60, "abandoned jobs not recovered within 60 s"
             time.sleep(0.1)
+        recovered.append(time.time() - killed_at)
     _assert_exactly_once(client, run.id, n, timeout=300)
     supervisor.send_signal(signal.SIGTERM)
     supervisor.wait(timeout=60)
@@ -213,6 +219,8 @@ def test_chaos_sigkill_replicas_of_one_device_nothing_lost(conn, redis_server, m
     # The killed ones' registrations outlive them (until RQ's cleanup); the stopped ones deregistered.
     assert set(_registered_pids(conn, "replicas-")) <= killed, "a stopped worker is still registered"
     assert _log(supervisor).count('"worker process died, restarting"') == kills
+    print(f"chaos, replicas: {n} texts, {kills} kills, 0 lost; replaced after {[round(r, 1) for r in replaced]} s, "
+          f"jobs recovered after {[round(r, 1) for r in recovered]} s")
 
 
 def test_redis_killed_and_restarted_mid_run(tmp_path, medium_model):
