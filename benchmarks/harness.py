@@ -89,7 +89,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_model": cpu,
         "cpu_flags_bf16": {f: f in flags.split() for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2")},
         "cores": os.cpu_count(),

@@ -116,7 +116,8 @@ def markdown(results: dict[str, Any], repeats: int) -> str:
             if k in noop:
                 lines.append(f"| {text} | {noop[k][field]} {unit} |")
         if "tokenize_texts_per_s_in_process" in noop:
-            lines.append(f"| (tokenizer alone, in-process, same texts) | {noop['tokenize_texts_per_s_in_process']} texts/s |")
+            tokenizer = noop["tokenize_texts_per_s_in_process"]
+            lines.append(f"| (tokenizer alone, in-process, same texts) | {tokenizer} texts/s |")
     lat = results["latency"]
     fwd = results["single_forward"]
     if lat or fwd:

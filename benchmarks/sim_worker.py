@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
                              "shared by several worker processes, as replicas on one GPU share it")
     args = parser.parse_args(argv)
 
+    import torch
+
     from queuebert import logs
     from queuebert.connection import connect
     from queuebert.settings import WorkerSettings
-    from worker.batch_worker import BatchWorker
-    import torch
-
     from worker import engine as engine_module
+    from worker.batch_worker import BatchWorker
     from worker.engine import Engine
     from worker.model import load_model
 
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = WorkerSettings.from_env(redis_url=args.redis_url, queues=args.queue or ["default"], burst=args.burst,
                                        dtype="float32", device="cpu")
     settings.max_batch_size = settings.max_batch_size or rows
-    settings.max_batch_tokens = args.max_batch_tokens or settings.max_batch_tokens or engine_module.default_batch_tokens(cuda)
+    settings.max_batch_tokens = (args.max_batch_tokens or settings.max_batch_tokens
+                                 or engine_module.default_batch_tokens(cuda))
     engine = SimulatedDevice(load_model(args.model, device="cpu", dtype="float32"), settings.max_batch_size,
                              settings.max_batch_tokens)
     worker = BatchWorker(settings.queues, connection=connect(settings.redis_url), settings=settings,

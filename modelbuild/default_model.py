@@ -260,7 +260,8 @@ def _train(*, seed: int, train_size: int, progress: bool) -> tuple[Any, Any]:
         batches = _batches(tokenizer, examples, seed)
         optimizer, scheduler = _optimizer(model, total_steps=len(batches))
         model.train()
-        bar = tqdm(batches, desc="queuebert: training sentiment model", unit="batch", disable=not progress, file=sys.stderr)
+        bar = tqdm(batches, desc="queuebert: training sentiment model", unit="batch", disable=not progress,
+                   file=sys.stderr)
         for step, batch in enumerate(bar, 1):
             loss = model(**batch).loss
             loss.backward()

@@ -21,8 +21,9 @@ ratings, comparisons and multi-sentence reviews. Output is a pure function of
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 LABELS: tuple[str, str] = ("NEGATIVE", "POSITIVE")
 NEGATIVE, POSITIVE = 0, 1
@@ -617,7 +618,8 @@ def noun_phrase(rng: random.Random, domain: Domain, polarity: int) -> str:
     parts = []
     for aspect in rng.sample(domain.aspects, k=min(len(domain.aspects), rng.choice((1, 2, 2, 3)))):
         # Only plain adjectives read naturally before a noun ("a rip-off price" does not).
-        adjs = [a for a in (aspect.pos if polarity == POSITIVE else aspect.neg) if " " not in a or a.endswith("ly cooked")]
+        words = aspect.pos if polarity == POSITIVE else aspect.neg
+        adjs = [a for a in words if " " not in a or a.endswith("ly cooked")]
         parts.append(f"{rng.choice(adjs or (POS_ATTR if polarity else NEG_ATTR))} {rng.choice(aspect.nouns)}")
     if len(parts) == 1:
         if rng.random() < 0.5:

@@ -3,10 +3,11 @@
 Successful jobs go through :meth:`JobStore.complete <worker.job_store.JobStore.complete>`: RQ
 result, finished registry, run-stream record and the worker's counters for all jobs finished
 meanwhile in one script call; jobs using RQ features that path does not implement, and every job
-that fails, go through RQ's own handlers (:mod:`worker.rq_completion` decides which). A Redis error is weather (:mod:`worker.outage`): the same
-slots are written again, minus those already written, until Redis accepts them; meanwhile the
-taker takes nothing new. The slots reach this thread through :class:`~worker.slots.Finished`
-and are this thread's alone from then on (:mod:`worker.slots`).
+that fails, go through RQ's own handlers (:mod:`worker.rq_completion` decides which). A Redis
+error is weather (:mod:`worker.outage`): the same slots are written again, minus those already
+written, until Redis accepts them; meanwhile the taker takes nothing new. The slots reach this
+thread through :class:`~worker.slots.Finished` and are this thread's alone from then on
+(:mod:`worker.slots`).
 """
 
 from __future__ import annotations

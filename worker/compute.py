@@ -102,7 +102,8 @@ class Compute:
             # Per forward, at debug level: how the pool was cut (the info line sums ~1 s of them).
             # From the engine's own record, so an OOM split shows as the forwards it really ran.
             for rows, padded, seconds in stats.per_batch:
-                log.debug("forward", rows=rows, width=padded // rows, left_in_pool=len(pool), ms=round(1000 * seconds, 1))
+                log.debug("forward", rows=rows, width=padded // rows, left_in_pool=len(pool),
+                          ms=round(1000 * seconds, 1))
             if window.due():
                 log.info("batch", pool=len(pool), **window.flush())
         if window.stats.batches:

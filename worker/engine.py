@@ -203,7 +203,8 @@ class Engine:
 
     def _encode_hf(self, texts: list[str], pairs: list[str] | None, strategy: str, types: bool) -> list[list[int]]:
         """The HF call, for tokenizers without a usable fast path (one call for many texts)."""
-        kwargs: dict[str, Any] = {"truncation": strategy if pairs is not None else True, "max_length": self.m.max_length}
+        kwargs: dict[str, Any] = {"truncation": strategy if pairs is not None else True,
+                                  "max_length": self.m.max_length}
         out = self.m.tokenizer(texts, pairs, **kwargs) if pairs is not None else self.m.tokenizer(texts, **kwargs)
         if types and "token_type_ids" in out:
             return [Row(i, t) for i, t in zip(out["input_ids"], out["token_type_ids"])]
@@ -218,7 +219,8 @@ class Engine:
             return self._encode_hf(texts, None, "", self.single_types)
         if self._pair_backend is not None:
             return self._encode_fast([(it["text"], it["text_pair"]) for it in items], strategy, types=self.send_types)
-        return self._encode_hf([it["text"] for it in items], [it["text_pair"] for it in items], strategy, self.send_types)
+        return self._encode_hf([it["text"] for it in items], [it["text_pair"] for it in items], strategy,
+                               self.send_types)
 
     def encode(self, items: list[Item], top_k: list[int | None]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
         """Tokenize the items, one call per kind (texts; pairs by truncation rule); an item the

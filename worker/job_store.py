@@ -39,7 +39,7 @@ import zlib
 from base64 import b64encode
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import redis
@@ -63,7 +63,7 @@ from .rq_completion import RQ_FEATURES
 
 log = structlog.get_logger(__name__)
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
 
@@ -191,7 +191,7 @@ class TakenJob:
     def execution(self, connection: redis.Redis, worker_name: str) -> Execution:
         """An RQ :class:`Execution` for this job, for RQ's own Python paths (heartbeat, failure)."""
         execution = Execution(id=self.execution_id, job_id=self.id, connection=connection, worker_name=worker_name)
-        execution.created_at = execution.last_heartbeat = datetime.fromtimestamp(self.created_at, tz=timezone.utc)
+        execution.created_at = execution.last_heartbeat = datetime.fromtimestamp(self.created_at, tz=UTC)
         return execution
 
 
@@ -231,7 +231,7 @@ def _utc_timestamp(value: bytes | None) -> float | None:
         return None
     text = value.decode()
     try:
-        return datetime.fromisoformat(text.removesuffix("Z")).replace(tzinfo=timezone.utc).timestamp()
+        return datetime.fromisoformat(text.removesuffix("Z")).replace(tzinfo=UTC).timestamp()
     except ValueError:
         return utcparse(text).timestamp()
 
@@ -330,7 +330,7 @@ class JobStore:
         exists (expired or deleted while queued): nothing is registered for those and they are
         no longer in any list, so the caller only has to log them.
         """
-        moment = datetime.now(timezone.utc)
+        moment = datetime.now(UTC)
         created = moment.timestamp()
         started_us = (moment - _EPOCH) // _US
         take_id = os.urandom(12).hex()  # 24 hex + an 8-hex counter: as unique as uuid4().hex
@@ -373,7 +373,7 @@ class JobStore:
         """
         if not done:
             return []
-        moment = datetime.now(timezone.utc)
+        moment = datetime.now(UTC)
         ended = moment.timestamp()
         run_index: dict[str, int] = {}
         run_keys: list[str] = []
@@ -407,7 +407,7 @@ class JobStore:
         """Extend every running job's execution as ``Execution.heartbeat`` does, in one call."""
         if not jobs:
             return
-        moment = datetime.now(timezone.utc)
+        moment = datetime.now(UTC)
         args: list[Any] = list(HeartbeatArgs(beat=repr(moment.timestamp()), ttl=ttl, now_ts=int(moment.timestamp())))
         for job in jobs:
             args += HeldJobArgs(id=job.id, execution_id=job.execution_id, queue=job.queue_index + 1)
@@ -454,7 +454,7 @@ def _by_name(item: tuple[str, Any]) -> str:
     return item[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source(name: str, constants: tuple[tuple[str, Any], ...]) -> str:
     """A worker script's text, built once per set of constants (key prefixes follow RQ's classes)."""
     return scripts.load("worker", name, dict(constants))

@@ -48,7 +48,8 @@ def get_engine(settings: WorkerSettings | None = None) -> Any:
 
 
 def deadline_message(deadline: float) -> str:
-    return f"deadline exceeded: not started within its time-to-live (deadline {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(deadline))})"
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline))
+    return f"deadline exceeded: not started within its time-to-live (deadline {when})"
 
 
 def classify(items: Any = None, run: str | None = None, top_k: int | None = None,
