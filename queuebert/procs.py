@@ -15,11 +15,14 @@ rules:
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -47,14 +50,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _stop_with_parent(parent: int) -> Callable[[], None]:
+    """For ``preexec_fn``: the child gets SIGTERM (a graceful stop) when the thread that started it
+    dies, however it dies (Linux's PR_SET_PDEATHSIG), so a SIGKILLed parent leaves no orphans that
+    keep running without anyone to stop them."""
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
+
+
 def start_process(cmd: Sequence[str], *, log_path: Path | None = None, stdout: Stdout = "devnull",
                   env: Mapping[str, str] | None = None, cwd: Path | str | None = None,
-                  new_session: bool = False) -> LoggedProcess:
+                  new_session: bool = False, stop_with_parent: bool = False) -> LoggedProcess:
     """Start ``cmd`` with its stderr in ``log_path`` (created or truncated), or in ours when None.
 
     ``stdout``: "devnull" (default), "log" (into the same file as stderr) or "inherit".
     ``new_session``: the child leads its own session and process group, so a Ctrl-C at the terminal
     reaches only the parent, which then stops its children in order instead of all of them at once.
+    ``stop_with_parent`` (Linux; ignored elsewhere): SIGTERM to the child when this thread dies.
+    Only for a parent with no other threads: ``preexec_fn`` runs between fork and exec.
     """
     if stdout == "log" and log_path is None:
         raise ValueError('stdout="log" needs a log_path')
@@ -62,8 +79,10 @@ def start_process(cmd: Sequence[str], *, log_path: Path | None = None, stdout: S
     try:
         out = {"devnull": subprocess.DEVNULL, "log": log_file, "inherit": None}[stdout]
         # The child gets its own copy of the file descriptor; ours is closed once it has started.
+        preexec = _stop_with_parent(os.getpid()) if stop_with_parent and sys.platform == "linux" else None
         proc = LoggedProcess(list(cmd), stdout=out, stderr=log_file, env=dict(env) if env is not None else None,
-                             cwd=str(cwd) if cwd is not None else None, start_new_session=new_session)
+                             cwd=str(cwd) if cwd is not None else None, start_new_session=new_session,
+                             preexec_fn=preexec)
     finally:
         if log_file is not None:
             log_file.close()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from queuebert.procs import free_port, start_process, stop_processes
 
@@ -60,3 +63,47 @@ def test_stop_is_graceful_then_forced_with_one_shared_deadline(tmp_path):
     assert [p.returncode for p in procs] == [-signal.SIGTERM, -signal.SIGKILL, -signal.SIGKILL]
     assert elapsed < 1.9  # two stubborn children share the grace period rather than taking one each
     stop_processes(procs, grace=1.0)  # stopping what has already stopped is a no-op
+
+
+# A parent that starts CHILD with stop_with_parent, prints the child's pid, then waits to be killed.
+PARENT = """
+import sys, time
+from pathlib import Path
+from queuebert.procs import start_process
+child = start_process([sys.executable, "-c", sys.argv[1], "exit"], log_path=Path(sys.argv[2]),
+                      new_session=True, stop_with_parent=sys.argv[3] == "1")
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("armed", [True, False])
+def test_a_child_stops_with_its_killed_parent_only_when_asked(tmp_path, armed):
+    """The supervisor starts its workers with stop_with_parent: SIGKILLed (the OOM killer), it
+    leaves no worker running on with nobody to stop it. Without it, the child outlives the parent."""
+    import subprocess
+
+    log = tmp_path / "child.log"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(log), "1" if armed else "0"],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        _wait_ready(log)
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(child) is not armed
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
