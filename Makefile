@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed
 # torch 2.13.0 is the CPU build on local disk here; elsewhere pip fetches it from PyPI. It must agree
 # with the lock's torch pin (tests/test_lock.py checks the default).
 TORCH ?= torch==2.13.0
-EXTRAS := worker,embedded,http,test
+EXTRAS := worker,embedded,http,test,lint
 # A constraints file, not a requirements file: it pins versions without adding packages, so the same
 # lock serves every extra and every image, and a package that only another platform needs (the
 # lock is resolved on Linux, CPython 3.11) still installs, unpinned. queuebert, and several of the
 # lock's pins, need Python 3.11+.
 LOCK := requirements/lock.txt
 
-.PHONY: install test demo bench clean lock install-latest test-latest
+.PHONY: install test lint demo bench clean lock install-latest test-latest
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "$(LOCK) needs Python 3.11+")'
@@ -28,6 +28,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# Style, imports and likely bugs (ruff), then types (mypy): both configured in pyproject.toml; seconds
+# once mypy's cache (.mypy_cache) is warm, about half a minute from cold.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/queuebert run examples/reviews.jsonl -o demo-results.jsonl

@@ -18,6 +18,7 @@ Everything is written to ``--out`` (results.json, results.md); the console shows
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -109,7 +110,8 @@ def bert_base(out: Path, tokenizer_dir: Path) -> Path:
     if (out / "config.json").exists():
         return out
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=512)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2,
+    # Two labels: num_labels follows from id2label.
+    config = BertConfig(vocab_size=tokenizer.vocab_size,
                         id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(str(out))
@@ -188,7 +190,7 @@ class Bench:
             pipe(self.texts[:64], batch_size=bs, truncation=True)
             self.sync()
             with self.sampler.window() as samples:
-                seconds, _ = timed(lambda: pipe(texts, batch_size=bs, truncation=True))
+                seconds, _ = timed(functools.partial(pipe, texts, batch_size=bs, truncation=True))
             row[f"pipeline_bs{bs}"] = {"texts_per_s": round(len(texts) / seconds, 1), "texts": len(texts),
                                        "gpu_busy": BusySampler.fraction(samples)}
             say(f"    pipeline batch_size={bs}: {len(texts) / seconds:,.1f} texts/s ({len(texts)} texts)")
@@ -200,12 +202,15 @@ class Bench:
 
         pipe = pipeline("text-classification", model=str(model), device=self.device, dtype=torch.float32,
                         top_k=None)
-        ref = [{d["label"]: d["score"] for d in r} for r in pipe(self.texts, batch_size=64, truncation=True)]
+        # transformers annotates the pipeline's result as list[dict] whatever the input; top_k=None on a list of
+        # texts gives one list of {label, score} per text.
+        scored = cast("list[list[dict[str, Any]]]", pipe(self.texts, batch_size=64, truncation=True))
+        ref = [{d["label"]: d["score"] for d in r} for r in scored]
         del pipe
         out: dict[str, Any] = {}
         for dtype in ("float32", "bfloat16", "float16"):
             _, got = self.engine_run(self.engine(model, dtype, 256, 32768))
-            agree = sum(max(w, key=w.get) == g["label"] for w, g in zip(ref, got)) / self.n
+            agree = sum(max(w, key=w.__getitem__) == g["label"] for w, g in zip(ref, got)) / self.n
             dp = max(abs(g["scores"][k] - v) for w, g in zip(ref, got) for k, v in w.items())
             out[dtype] = {"label_agreement": round(agree, 5), "max_abs_dp": float(f"{dp:.3g}")}
             say(f"    {dtype} vs float32 pipeline: labels agree {agree:.4%}, max |dp| {dp:.2e}")
@@ -245,8 +250,9 @@ class Bench:
                             seconds = perf() - t0
                         errors = sum("error" in r for r in results)
                         key = f"queue_{kind}_{workers}w"
-                        row[key] = {"texts_per_s": round(self.n / seconds, 1), "gpu_busy": BusySampler.fraction(samples),
-                                    "results": len(results), "errors": errors}
+                        row[key] = {"texts_per_s": round(self.n / seconds, 1),
+                                    "gpu_busy": BusySampler.fraction(samples), "results": len(results),
+                                    "errors": errors}
                         say(f"    queue {kind}, {workers} worker(s): {self.n / seconds:,.1f} texts/s, "
                             f"GPU busy {row[key]['gpu_busy']}, {len(results)} results, {errors} errors")
             finally:
@@ -309,25 +315,30 @@ class Bench:
     def markdown(self) -> str:
         info = self.results["info"]
         lines = [f"GPU benchmark: {info.get('gpu', self.device)}, driver {info.get('driver')}, torch {info['torch']}, "
-                 f"CUDA {info['cuda']}, transformers {info['transformers']}, {self.n:,} texts of {self.results['data']}",
+                 f"CUDA {info['cuda']}, transformers {info['transformers']}, "
+                 f"{self.n:,} texts of {self.results['data']}",
                  "", "| model | dtype | tuned (size x tokens) | (c) in-process | queue stream 1w | queue one-text 1w "
                  "| queue stream 2w | pipeline bs 1 | pipeline bs 64 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+
+        def cell(row: dict[str, Any], key: str) -> str:
+            v = row.get(key)
+            if not v:
+                return "-"
+            ratio = v["texts_per_s"] / row["in_process"]["texts_per_s"]
+            busy = f", busy {v['gpu_busy']:.2f}" if v.get("gpu_busy") is not None else ""
+            return f"{v['texts_per_s']:,.0f} ({ratio:.2f}x{busy})"
+
         for label, row in self.results["models"].items():
-            def cell(key: str) -> str:
-                v = row.get(key)
-                if not v:
-                    return "-"
-                ratio = v["texts_per_s"] / row["in_process"]["texts_per_s"]
-                busy = f", busy {v['gpu_busy']:.2f}" if v.get("gpu_busy") is not None else ""
-                return f"{v['texts_per_s']:,.0f} ({ratio:.2f}x{busy})"
             t = row["tuned"]
             lines.append(f"| {label} | {row['auto_dtype']} | {t['max_batch_size']} x {t['max_batch_tokens']} | "
-                         + " | ".join(cell(k) for k in ("in_process", "queue_stream_1w", "queue_one_text_1w",
-                                                        "queue_stream_2w", "pipeline_bs1", "pipeline_bs64")) + " |")
+                         + " | ".join(cell(row, k) for k in ("in_process", "queue_stream_1w", "queue_one_text_1w",
+                                                             "queue_stream_2w", "pipeline_bs1", "pipeline_bs64"))
+                         + " |")
             more = [k for k in row if k.startswith("queue_stream_") and k not in ("queue_stream_1w", "queue_stream_2w")]
             if more:
-                lines.append(f"| {label}, more workers | | | " + ", ".join(f"{k.removeprefix('queue_stream_')}: {cell(k)}"
-                                                                        for k in more) + " | | | | | |")
+                lines.append(f"| {label}, more workers | | | "
+                             + ", ".join(f"{k.removeprefix('queue_stream_')}: {cell(row, k)}" for k in more)
+                             + " | | | | | |")
         lines += ["", "Texts/s, (ratio to the in-process limit, GPU busy fraction from NVML).", ""]
         for label, row in self.results["models"].items():
             for dtype, p in row.get("precision_vs_fp32_pipeline", {}).items():

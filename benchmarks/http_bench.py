@@ -381,16 +381,17 @@ def ensure_infinity(venv: Path) -> dict[str, Any]:
     report = venv / "dry-run.json"
     _run(pip + ["--dry-run", "--quiet", "--report", str(report), f"torch=={torch_pin}", INFINITY_REQUIREMENT],
          deadline, "pip install --dry-run")
-    planned = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    planned = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+               for i in json.loads(report.read_text())["install"]}
     cuda = sorted(n for n in planned if n.startswith("nvidia-"))
     if planned.get("torch", torch_pin).split("+")[0] != torch_pin or cuda:
         raise Skip(f"the dry run would install torch {planned.get('torch')} and {cuda or 'no'} CUDA packages; "
                    f"expected torch=={torch_pin} and none")
     _run(pip + [f"torch=={torch_pin}"], deadline, f"pip install torch=={torch_pin}")
     _run(pip + [INFINITY_REQUIREMENT], deadline, f"pip install {INFINITY_REQUIREMENT}")
-    out = _run([str(py), "-c", probe], deadline, "importing infinity_emb")
+    versions = _run([str(py), "-c", probe], deadline, "importing infinity_emb")
     return {"venv": str(venv), "installed_now": True, "install_s": round(perf() - started, 1),
-            "versions": json.loads(out)}
+            "versions": json.loads(versions)}
 
 
 def infinity_cmd(venv: Path, model_dir: Path, name: str, port: int, dtype: str, batch_size: int) -> list[str]:
@@ -517,6 +518,7 @@ class HttpBench:
         from producer.client import Client
         from queuebert import logs
         from queuebert.procs import free_port
+        from queuebert.schema import Item
         from queuebert.settings import WorkerSettings
         from worker.engine import BatchStats, Engine
         from worker.model import load_model, resolve_dtype
@@ -557,7 +559,7 @@ class HttpBench:
 
         # -- the in-process limit -----------------------------------------------------------------
         engine = Engine(load_model(str(model_dir), device="cpu", dtype="auto"), ws.max_batch_size, ws.max_batch_tokens)
-        items = [{"id": str(i), "text": t} for i, t in enumerate(texts)]
+        items: list[Item] = [{"id": str(i), "text": t} for i, t in enumerate(texts)]
         engine.classify(items[:CONCURRENCY])
         reference = [r["label"] for r in engine.classify(items)]
 
@@ -596,14 +598,15 @@ class HttpBench:
             except Skip as exc:
                 raise RuntimeError(str(exc)) from None
             pids = {"bench": os.getpid(), "gateway": gateway.pid, "worker": worker.pid,
-                    "redis": srv.process.pid}  # type: ignore[union-attr]
+                    "redis": srv.process.pid}
             old_url = None
             if self.old is not None:
                 # The old code's gateway beside the new one, behind the same worker and queue: the
                 # rows alternate, so only the gateway differs between h1 and h1-old.
                 old_port = free_port()
                 old_gw = self.procs.start("gateway-old", [PY, "-m", "queuebert.cli", "serve", "--host", "127.0.0.1",
-                                                          "--port", str(old_port), "--redis-url", srv.url], code=self.old)
+                                                          "--port", str(old_port), "--redis-url", srv.url],
+                                          code=self.old)
                 old_url = f"http://127.0.0.1:{old_port}"
                 wait_http_ok(f"{old_url}/health", self.procs, old_gw, GATEWAY_START_TIMEOUT_S, "old queuebert serve")
                 pids["gateway_old"] = old_gw.pid
@@ -628,9 +631,10 @@ class HttpBench:
                 try:
                     inf_port = free_port()
                     served = "bench-model"
-                    inf = self.procs.start("infinity", infinity_cmd(Path(infinity["venv"]), model_dir, served, inf_port,
-                                                                    auto, ws.max_batch_size),
-                                           {"PYTHONPATH": "", "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"})
+                    # The in-process engine's batch size: what the worker's default (None) resolves to here.
+                    cmd = infinity_cmd(Path(infinity["venv"]), model_dir, served, inf_port, auto, engine.max_batch_size)
+                    inf = self.procs.start("infinity", cmd, {"PYTHONPATH": "", "DO_NOT_TRACK": "1",
+                                                             "INFINITY_ANONYMOUS_USAGE_STATS": "0"})
                     inf_url = f"http://127.0.0.1:{inf_port}"
                     infinity["start_s"] = round(wait_http_ok(f"{inf_url}/health", self.procs, inf, START_TIMEOUT_S,
                                                              "infinity_emb v2"), 1)
@@ -652,7 +656,8 @@ class HttpBench:
                     with CpuMeter(pids) as meter:
                         got = runners[key]()
                     got.update(meter.result, loadavg=loadavg())
-                    if key in ("h1", "h1c", "h1-old", "h1c-old", "h3", "h4"):  # the worker's batch log lines of this run
+                    if key in ("h1", "h1c", "h1-old", "h1c-old", "h3", "h4"):
+                        # the worker's batch log lines of this run
                         got["batching"] = batch_stats(worker, mark)
                     runs[key].append(got)
                 say(f"  repeat {r + 1}/{a.repeats}: " + ", ".join(
@@ -783,8 +788,8 @@ def markdown(results: dict[str, Any]) -> str:
     machine = (f"Machine: {m['cpu_model']}, {m['cores']} cores ({flags}), torch {m['torch']}, "
                f"transformers {m['transformers']}; loadavg at start {m['loadavg_at_start']}. "
                f"Gateway: uvicorn {gw.get('uvicorn', '?')} ({gw.get('loop', '?')}, {gw.get('http', '?')}){infinity}.")
-    header = ("| row | what | texts/s | runs (others' cores) | p50 / p99 ms | cores busy: bench, gateway, worker, redis, "
-              "infinity, others (machine) | texts/forward, padding | labels = h0 |")
+    header = ("| row | what | texts/s | runs (others' cores) | p50 / p99 ms | cores busy: bench, gateway, worker, "
+              "redis, infinity, others (machine) | texts/forward, padding | labels = h0 |")
     lines = [head, machine, "", header, "|---|---|---:|---|---|---|---|---:|"]
     for key, what in ROWS.items():
         r = results["rows"].get(key)

@@ -61,9 +61,9 @@ def one(conn: redis.Redis, js: Any, res: Any) -> dict[str, float]:
     store = js.JobStore.for_worker(w)
     out = dict.fromkeys(["take_cpu", "complete_cpu", "take_redis", "complete_redis"], 0.0)
     while True:
-        r0 = usec(conn); c0 = time.process_time()
+        r0, c0 = usec(conn), time.process_time()
         taken, _ = store.take(256, 30)
-        c1 = time.process_time(); r1 = usec(conn)
+        c1, r1 = time.process_time(), usec(conn)
         if not taken:
             break
         done = []
@@ -72,18 +72,20 @@ def one(conn: redis.Redis, js: Any, res: Any) -> dict[str, float]:
             r = [{"id": it["id"], "label": "POSITIVE", "score": 0.75, "scores": {"POSITIVE": 0.75, "NEGATIVE": 0.25}}
                  for it in kw["items"]]
             done.append(js.Completion(t, res.encode_results(r), kw["run"], len(r), 0))
-        r2 = usec(conn); c2 = time.process_time()
+        r2, c2 = usec(conn), time.process_time()
         store.complete(done, 500)
-        c3 = time.process_time(); r3 = usec(conn)
-        out["take_cpu"] += c1 - c0; out["complete_cpu"] += c3 - c2
-        out["take_redis"] += (r1 - r0) / 1e6; out["complete_redis"] += (r3 - r2) / 1e6
+        c3, r3 = time.process_time(), usec(conn)
+        out["take_cpu"] += c1 - c0
+        out["complete_cpu"] += c3 - c2
+        out["take_redis"] += (r1 - r0) / 1e6
+        out["complete_redis"] += (r3 - r2) / 1e6
     assert conn.zcard("rq:finished:default") == N
     return {k: 1e6 * v / N for k, v in out.items()}
 
 
 with RedisServer() as server:
     conn = redis.Redis.from_url(server.url)
-    rows = {"old": [], "new": []}
+    rows: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
     pair = [("old", old_js, old_res), ("new", new_js, new_res)]
     for i in range(ROUNDS):
         for tag, js, res in (pair if i % 2 == 0 else pair[::-1]):  # neither always goes first
@@ -91,6 +93,8 @@ with RedisServer() as server:
     print(f"old: {OLD}  new: {NEW}")
     print(f"{N} jobs of {ITEMS} item(s), {ROUNDS} alternating rounds; per job, µs: min (median)")
     for k in rows["old"][0]:
-        a = [r[k] for r in rows["old"]]; b = [r[k] for r in rows["new"]]
-        print(f"  {k:15s} old {min(a):7.2f} ({statistics.median(a):7.2f})  new {min(b):7.2f} ({statistics.median(b):7.2f})"
+        a = [r[k] for r in rows["old"]]
+        b = [r[k] for r in rows["new"]]
+        print(f"  {k:15s} old {min(a):7.2f} ({statistics.median(a):7.2f})"
+              f"  new {min(b):7.2f} ({statistics.median(b):7.2f})"
               f"  new/old {min(b)/min(a):5.2f} ({statistics.median(b)/statistics.median(a):5.2f})")

@@ -31,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from queuebert import logs
     from queuebert.connection import connect
+    from queuebert.schema import Item, ItemResult
     from queuebert.settings import WorkerSettings
     from worker.batch_worker import BatchWorker
-    from worker.engine import Engine
+    from worker.engine import Encoded, Engine
     from worker.model import load_model
 
     class NoopEngine(Engine):
@@ -46,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     class NoopTokenizerEngine(NoopEngine):
         """No-op model and no-op tokenizer: what remains is the queue."""
 
-        def encode(self, items, top_k):  # type: ignore[no-untyped-def]
-            from worker.engine import Encoded
-
+        def encode(self, items: list[Item], top_k: list[int | None]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
             ids = [[0] * (2 + min(len(it["text"]) // 6, 60)) for it in items]  # about a token per 6 characters
             return Encoded(items=items, top_k=top_k, ids=ids, order=[]), []
 

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from producer.client import Client
     from queuebert import logs
+    from queuebert.schema import Item
     from queuebert.settings import WorkerSettings
     from worker.engine import Engine
     from worker.model import load_model, resolve_dtype
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         ws = WorkerSettings()  # the worker's own batching, so p3 is the limit of exactly what p4 runs
         engine = Engine(load_model(str(models["cross-encoder"]), device="cpu", dtype="auto"), ws.max_batch_size,
                         ws.max_batch_tokens)
-        items = [{"id": str(i), "text": a, "text_pair": b} for i, (a, b) in enumerate(pairs)]
+        items: list[Item] = [{"id": str(i), "text": a, "text_pair": b} for i, (a, b) in enumerate(pairs)]
         engine.classify(items[:16])
         with new_redis() as srv:
             client = Client.from_url(srv.url)
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     zruns[key].append(perf() - t)
                 t = perf()
                 answers = client.zero_shot(zs_texts, LABELS, timeout=1800)
+                assert isinstance(answers, list)  # a list of texts in, a list of answers out
                 zruns["z3"].append(perf() - t)
                 assert len(answers) == n_zs and all(len(a["labels"]) == len(LABELS) for a in answers)
             procs.stop_all()

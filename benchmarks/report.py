@@ -84,7 +84,7 @@ def markdown(results: dict[str, Any], repeats: int) -> str:
         "| config | dtype | texts/s | vs (c) same dtype | vs (a) | vs (b) |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for key, row in th.items():
+    for row in th.values():
         dtype_key = "float32" if row["dtype"] == "float32" else "auto"
         c = rate(f"c_engine_{dtype_key}")
         lines.append(f"| {row['config']} | {row['dtype']} | {row['texts_per_s']} | "
@@ -123,7 +123,7 @@ def markdown(results: dict[str, Any], repeats: int) -> str:
     if lat or fwd:
         lines += ["", "## Latency of one text (submit -> result)", "", "| condition | p50 ms | p99 ms | n |",
                   "|---|---:|---:|---:|"]
-        for k, v in fwd.items():
+        for v in fwd.values():
             lines.append(f"| in-process Engine.classify of one text ({v['dtype']}) | {v.get('p50_ms')} | "
                          f"{v.get('p99_ms')} | {v.get('n')} |")
         names = {"idle": "queuebert, worker idle", "paced_load_same_queue": "queuebert, under paced load, same queue",

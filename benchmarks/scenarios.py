@@ -50,6 +50,13 @@ from benchmarks.harness import (
 )
 
 
+def run_of(handle: Any) -> str:
+    """The run of a handle that submit_many returned (it always makes one)."""
+    run_id: str | None = handle.run_id
+    assert run_id is not None
+    return run_id
+
+
 class Bench:
     """One invocation: its settings, texts, model, worker processes and results."""
 
@@ -160,6 +167,7 @@ class Bench:
         from transformers import pipeline
         from transformers.utils import logging as hf_logging
 
+        from queuebert.schema import Item
         from worker.engine import Engine
         from worker.model import load_model
 
@@ -179,7 +187,7 @@ class Bench:
         self.reference_labels["pipeline_float32"] = [r["label"] for r in out_a]
         del pipe
 
-        self.items = [{"id": str(i), "text": s} for i, s in enumerate(texts)]
+        self.items: list[Item] = [{"id": str(i), "text": s} for i, s in enumerate(texts)]
         self.engines: dict[str, Engine] = {}
         for dtype in ("float32", "auto"):
             loaded = load_model(str(self.model_dir), device="cpu", dtype=dtype)
@@ -238,7 +246,7 @@ class Bench:
             wait_registered(client.connection, [name], self.procs)
             # warm-up: a few one-text jobs and one stream job
             warm = client.submit_many(self.texts[:8], chunk_size=1)
-            wait_run(client, warm[0].run_id, self.procs)
+            wait_run(client, run_of(warm[0]), self.procs)
             wait_run(client, client.enqueue_stream(self.texts[8:72], chunk_size=64).id, self.procs)
             for _ in range(self.repeats):
                 runs["c"].append(self.engine_c(dtype))
@@ -248,10 +256,10 @@ class Bench:
                 t0 = perf()
                 handles = client.submit_many(self.texts, chunk_size=1)
                 t_enq = perf() - t0
-                t1 = wait_run(client, handles[0].run_id, self.procs)
+                t1 = wait_run(client, run_of(handles[0]), self.procs)
                 runs["d"].append(t1 - t0)
                 extra["d"] = {"enqueue_s": round(t_enq, 3), "worker_batches": batch_stats(proc, mark),
-                              **check_results(client, handles[0].run_id, self.n, ref)}
+                              **check_results(client, run_of(handles[0]), self.n, ref)}
 
                 mark = log_mark(proc)
                 t0 = perf()
@@ -289,13 +297,13 @@ class Bench:
             self.procs.start("stock-rq-classify", stock_worker_cmd(srv.url, "stock", name), env)
             wait_registered(client.connection, [name], self.procs)
             warm = client.submit_many(self.texts[:4], chunk_size=1, queue="stock")  # loads the model
-            wait_run(client, warm[0].run_id, self.procs, timeout=300)
+            wait_run(client, run_of(warm[0]), self.procs, timeout=300)
             t0 = perf()
             handles = client.submit_many(texts, chunk_size=1, queue="stock")
-            t1 = wait_run(client, handles[0].run_id, self.procs)
+            t1 = wait_run(client, run_of(handles[0]), self.procs)
             ref = self.reference_labels.get("engine_float32")
             self.record("f_stock_rq", f"(f) stock RQ SimpleWorker, one job per text ({n} texts)", "float32", n,
-                        t1 - t0, **check_results(client, handles[0].run_id, n, ref[:n] if ref else None))
+                        t1 - t0, **check_results(client, run_of(handles[0]), n, ref[:n] if ref else None))
 
     # -- latency, and 1 worker vs 2 --------------------------------------------------------------
 
@@ -443,7 +451,8 @@ class Bench:
         from producer.client import Client, new_id
 
         res = self.results["noop"]
-        synthetic = [f"short text {i}: the service was {'good' if i % 3 else 'bad'} today" for i in range(self.n_noop_stream)]
+        synthetic = [f"short text {i}: the service was {'good' if i % 3 else 'bad'} today"
+                     for i in range(self.n_noop_stream)]
 
         # Tokenizing the synthetic texts in-process (part of every worker path; reported separately).
         tok = self.engines["float32"].m.tokenizer if hasattr(self, "engines") else None
@@ -481,7 +490,8 @@ class Bench:
             run = client.enqueue_stream(synthetic, chunk_size=64, max_pending=0, queue="noop-stream-notok")
             name = worker_name("noop-stream-notok")
             proc = self.procs.start("noop-worker-stream-notok",
-                                    noop_worker_cmd(srv.url, self.model_dir, "noop-stream-notok", name, no_tokenizer=True))
+                                    noop_worker_cmd(srv.url, self.model_dir, "noop-stream-notok", name,
+                                                    no_tokenizer=True))
             t0 = wait_registered(conn, [name], self.procs)
             t1 = wait_run(client, run.id, self.procs)
             wait_exit(proc)
@@ -500,9 +510,10 @@ class Bench:
             name = worker_name("noop-one")
             proc = self.procs.start("noop-worker-one", noop_worker_cmd(srv.url, self.model_dir, "noop-one", name))
             t0 = wait_registered(conn, [name], self.procs)
-            t1 = wait_run(client, handles[0].run_id, self.procs)
+            t1 = wait_run(client, run_of(handles[0]), self.procs)
             wait_exit(proc)
-            res["batchworker_one_text_jobs"] = {"jobs": m, "seconds": round(t1 - t0, 3), "jobs_per_s": round(m / (t1 - t0), 1)}
+            res["batchworker_one_text_jobs"] = {"jobs": m, "seconds": round(t1 - t0, 3),
+                                                "jobs_per_s": round(m / (t1 - t0), 1)}
             say(f"  BatchWorker one-text jobs, no-op model: {res['batchworker_one_text_jobs']['jobs_per_s']} jobs/s")
             self.procs.stop_all()
 
@@ -510,8 +521,10 @@ class Bench:
             q = Queue("noop-rq", connection=conn, serializer=RQJSONSerializer)
             for i in range(0, m, 500):
                 with conn.pipeline(transaction=False) as pipe:
-                    q.enqueue_many([Queue.prepare_data("noop.noop", kwargs={"items": [{"id": str(j), "text": synthetic[j]}]},
-                                                       job_id=new_id()) for j in range(i, min(m, i + 500))], pipeline=pipe)
+                    q.enqueue_many([Queue.prepare_data("noop.noop",
+                                                       kwargs={"items": [{"id": str(j), "text": synthetic[j]}]},
+                                                       job_id=new_id()) for j in range(i, min(m, i + 500))],
+                                   pipeline=pipe)
                     pipe.execute()
             registry = FinishedJobRegistry("noop-rq", connection=conn, serializer=RQJSONSerializer)
             name = worker_name("stock-noop")

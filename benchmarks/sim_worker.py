@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     host_s = args.host_ms / 1000
     lock_fd = os.open(args.device_lock, os.O_RDWR | os.O_CREAT) if args.device_lock else None
     if args.stages:
-        import stages  # benchmarks/stages.py, beside this file
+        if TYPE_CHECKING:
+            from benchmarks import stages
+        else:
+            import stages  # benchmarks/stages.py, beside this file (run as a script: its folder is on sys.path)
 
         missing = stages.instrument({"sim_worker": argparse.Namespace(SimulatedDevice=SimulatedDevice)})
     logs.configure("json", args.log_level)

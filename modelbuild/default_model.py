@@ -315,7 +315,8 @@ def _optimizer(model: Any, total_steps: int) -> tuple[Any, Any]:
     """AdamW with linear warm-up and decay; no weight decay on biases and LayerNorm."""
     import torch
 
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

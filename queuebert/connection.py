@@ -38,7 +38,7 @@ SENTINEL_SCHEME = "redis+sentinel://"
 
 
 def _sentinel_client(url: str, redis_class: type[Any] = redis.Redis, sentinel_class: type[Any] | None = None,
-                     **kwargs: object) -> Any:
+                     **kwargs: Any) -> Any:
     """``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``: the current
     master of ``service``, found through the sentinels and found again after a failover.
     ``sentinel_class``: redis-py's ``Sentinel`` (default) or redis.asyncio's."""
@@ -58,14 +58,14 @@ def _sentinel_client(url: str, redis_class: type[Any] = redis.Redis, sentinel_cl
     if not path:
         raise ValueError(f"{redact(url)}: a sentinel URL names the service: redis+sentinel://host:26379/mymaster")
     service, db = path[0], int(path[1]) if len(path) > 1 else 0
-    auth = {"username": unquote(parts.username) if parts.username else None,
-            "password": unquote(parts.password) if parts.password else None}
+    auth: dict[str, Any] = {"username": unquote(parts.username) if parts.username else None,
+                            "password": unquote(parts.password) if parts.password else None}
     check_redis_hooks()
     sentinel = Sentinel(hosts, socket_timeout=5, **{k: v for k, v in kwargs.items() if k == "socket_connect_timeout"})
     # The synchronous client reconnects through _CurrentMasterConnection (below); redis.asyncio's
     # sentinel connections keep redis-py's own.
-    sync = {"connection_class": _CurrentMasterConnection} if sentinel_class is None else {}
-    return sentinel.master_for(service, redis_class=redis_class, db=db, **sync, **auth, **kwargs)  # type: ignore[arg-type]
+    sync: dict[str, Any] = {"connection_class": _CurrentMasterConnection} if sentinel_class is None else {}
+    return sentinel.master_for(service, redis_class=redis_class, db=db, **sync, **auth, **kwargs)
 
 
 class _CurrentMasterConnection(SentinelConnectionHooks):
@@ -113,7 +113,7 @@ def connect(
     url = resolve_url(url)
     acks, ack_timeout_ms = _replica_ack_settings(replica_acks, replica_ack_timeout_ms)
     redis_class = acking_redis_class(acks, ack_timeout_ms) if acks > 0 else redis.Redis
-    options = dict(
+    options: dict[str, Any] = dict(
         retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30,
@@ -128,7 +128,7 @@ def connect(
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 raise RedisUnavailable(f"cannot reach Redis through the sentinels of {redact(url)}: {exc}") from exc
         return client
-    client = redis_class.from_url(url, **options)  # type: ignore[arg-type]
+    client = redis_class.from_url(url, **options)
     if check:
         # One quick probe without retries: a wrong URL should fail now, not after 20 s of backoff.
         probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
@@ -302,7 +302,7 @@ class _AckingMixin(CommandHooks):
         error: redis.ResponseError | None = None
         response = None
         try:
-            response = self.parse_response(conn, command_name, **options)  # type: ignore[attr-defined]
+            response = self.parse_response(conn, command_name, **options)
         except redis.ResponseError as exc:
             error = exc  # read the WAIT reply first, so the connection stays in step
         try:
@@ -369,7 +369,7 @@ class AckingRedis(_AckingMixin, redis.Redis):
         return self.pipeline_class(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def acking_redis_class(replica_acks: int, timeout_ms: int = DEFAULT_REPLICA_ACK_TIMEOUT_MS) -> type[AckingRedis]:
     """An :class:`AckingRedis` subclass bound to ``replica_acks`` and ``timeout_ms`` (a class, so
     ``Sentinel.master_for(redis_class=...)`` and ``from_url`` can build it)."""

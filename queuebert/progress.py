@@ -56,8 +56,9 @@ class Progress:
     def __init__(self, desc: str = "classified", unit: str = "texts", total: int | None = None, *,
                  enabled: bool | None = None, file: IO[str] | None = None):
         self._lock = threading.Lock()
-        self._bar = tqdm(desc=desc, unit=f" {unit}", total=total,
-                         file=file if file is not None else sys.stderr, disable=None if enabled is None else not enabled)
+        self._bar = tqdm(desc=desc, unit=f" {unit}", total=total, file=file if file is not None else sys.stderr,
+                         disable=None if enabled is None else not enabled)
+        self._total = total  # the bar's, as set here (tqdm types its total as a float)
         self._n = 0  # a disabled tqdm counts nothing
 
     @property
@@ -66,7 +67,7 @@ class Progress:
 
     @property
     def total(self) -> int | None:
-        return self._bar.total
+        return self._total
 
     def update(self, n: int = 1) -> None:
         with self._lock:
@@ -76,8 +77,8 @@ class Progress:
     def set_total(self, total: int | None) -> None:
         """The exact (or a better) total, once known: rate and ETA follow it from here on."""
         with self._lock:
-            if total != self._bar.total:
-                self._bar.total = total
+            if total != self._total:
+                self._total = self._bar.total = total
                 self._bar.refresh()
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,8 @@ def _ensure_model(args: argparse.Namespace) -> None:
     """Build the default model once here, before N workers would each wait for it."""
     model = args.model or WorkerSettings.from_env().model
     try:
-        from modelbuild.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+        from modelbuild import DEFAULT_MODEL_NAME
+        from modelbuild.default_model import ensure_default_model
     except ImportError:
         return
     if model == DEFAULT_MODEL_NAME:
@@ -118,7 +119,7 @@ def _format(args: argparse.Namespace) -> str:
 
 
 def answers(args: argparse.Namespace, client: Client, inputs: Iterator[Any], run_id: str,
-            **streaming: Any) -> Iterator[dict[str, Any]]:
+            **streaming: Any) -> Iterator[Mapping[str, Any]]:
     """The command's output lines, in input order: a result per text (``run``), an answer per
     text (``zero-shot``), a ranking per query (``rerank``)."""
     if args.command == "rerank":
@@ -127,7 +128,7 @@ def answers(args: argparse.Namespace, client: Client, inputs: Iterator[Any], run
     return pairs.stream_through(client, inputs, run_id=run_id, top_k=args.top_k, **streaming)
 
 
-def _label(answer: dict[str, Any]) -> str | None:
+def _label(answer: Mapping[str, Any]) -> str | None:
     """What the summary counts: a result's label, a zero-shot answer's best label."""
     if "label" in answer:
         return str(answer["label"])
@@ -164,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
                                            enabled=False if args.no_progress else None))
         enqueue_started = time.perf_counter()  # texts/s excludes a first-use model build
         run_id = args.run_id or f"run-{int(time.time())}-{os.getpid()}"
-        out = sys.stdout if args.output in (None, "-") else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        out = (sys.stdout if args.output in (None, "-")
+               else stack.enter_context(open(args.output, "w", encoding="utf-8")))
         enqueued = 0  # model inputs (texts, pairs), whatever the command
 
         def on_enqueued(n: int) -> None:

@@ -33,12 +33,7 @@ Item error (the other items of its job and batch are unaffected)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypedDict
-
-try:
-    from typing import NotRequired
-except ImportError:  # Python 3.10
-    from typing_extensions import NotRequired
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 
 class Item(TypedDict):
@@ -49,6 +44,10 @@ class Item(TypedDict):
     hypothesis_template: NotRequired[str]
     multi_label: NotRequired[bool]
     meta: NotRequired[Any]
+    # Set by the worker, never sent: a pair's truncation rule (worker.job_rows) and the job's
+    # function_to_apply, which the engine scores the item by.
+    truncation: NotRequired[str]
+    function_to_apply: NotRequired[str]
 
 
 class ItemError(TypedDict):
@@ -64,14 +63,17 @@ class ItemResult(TypedDict, total=False):
     labels: list[str]  # zero-shot items only
     error: ItemError
     meta: Any
+    logits: list[float]  # a raw-logits job's rows (worker.job_rows), before they are turned into results
 
 
 #: The zero-shot pipeline's default hypothesis.
 DEFAULT_HYPOTHESIS_TEMPLATE = "This example is {}."
 #: Fields that make an item a zero-shot item (any of them; ``candidate_labels`` is required).
-ZERO_SHOT_FIELDS = ("candidate_labels", "hypothesis_template", "multi_label")
+ZERO_SHOT_FIELDS: tuple[Literal["candidate_labels", "hypothesis_template", "multi_label"], ...] = (
+    "candidate_labels", "hypothesis_template", "multi_label")
 #: What the producer carries from a mapping into an item besides ``id`` and ``text``.
-_CARRIED_FIELDS = ("text_pair", *ZERO_SHOT_FIELDS, "meta")
+_CARRIED_FIELDS: tuple[Literal["text_pair", "candidate_labels", "hypothesis_template", "multi_label", "meta"], ...] = (
+    "text_pair", *ZERO_SHOT_FIELDS, "meta")
 
 # Error types a client can branch on.
 INVALID_ITEM = "invalid_item"
@@ -210,12 +212,13 @@ def check_item(raw: Any, max_chars: int) -> tuple[Item | None, ItemResult | None
     item_id = raw.get("id")
     meta = raw.get("meta")
     if not isinstance(item_id, str):
-        return None, error_result(item_id if item_id is not None else "", INVALID_ITEM, "item 'id' must be a string", meta)
+        return None, error_result(item_id if item_id is not None else "", INVALID_ITEM, "item 'id' must be a string",
+                                  meta)
     text = raw.get("text")
     error = _text_error(text, "text", max_chars)
     if error is not None:
         return None, error_result(item_id, *error, meta)
-    item: Item = {"id": item_id, "text": text}
+    item: Item = {"id": item_id, "text": cast(str, text)}  # _text_error found a string
     if "text_pair" in raw:
         error = _text_error(raw["text_pair"], "text_pair", max_chars)
         if error is not None:
@@ -229,7 +232,7 @@ def check_item(raw: Any, max_chars: int) -> tuple[Item | None, ItemResult | None
             return None, error_result(item_id, INVALID_TEXT, "zero-shot classification needs a non-empty text", meta)
         for f in ZERO_SHOT_FIELDS:
             if f in raw:
-                item[f] = raw[f]  # type: ignore[literal-required]
+                item[f] = raw[f]
     if "meta" in raw:
         item["meta"] = meta
     return item, None
@@ -241,9 +244,10 @@ def normalize_item(value: Any, default_id: str) -> Item:
     if isinstance(value, str):
         return {"id": default_id, "text": value}
     if isinstance(value, dict):
-        item: Item = {"id": str(value["id"]) if value.get("id") is not None else default_id, "text": value.get("text")}  # type: ignore[typeddict-item]
+        item: Item = {"id": str(value["id"]) if value.get("id") is not None else default_id,
+                      "text": cast(str, value.get("text"))}  # as given: the worker checks it (check_item)
         for f in _CARRIED_FIELDS:
             if f in value:
-                item[f] = value[f]  # type: ignore[literal-required]
+                item[f] = value[f]
         return item
     raise TypeError(f"an item is a str or a mapping with 'text', got {type(value).__name__}")

@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Union
+from typing import Any
 
 _INCLUDE = re.compile(r"^--#include ([A-Za-z_][\w]*)/([\w.]+\.lua)\s*$", re.MULTILINE)
 _STRINGS = re.compile(r"'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"")
@@ -53,7 +53,7 @@ class ArgLayout:
         return "{" + entries + "}"
 
 
-Constant = Union[int, str, ArgLayout, frozenset, set, tuple, list]
+Constant = int | str | ArgLayout | frozenset[Any] | set[Any] | tuple[Any, ...] | list[Any]
 
 
 def _literal(value: Constant) -> str:

@@ -42,7 +42,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import structlog
@@ -83,7 +83,14 @@ def check_redis_hooks() -> None:
     _require(AbstractConnection, "connect_check_health", ("check_health", "retry_socket_connect"))
 
 
-class CommandHooks:
+# What CommandHooks is mixed into, for the type checker: its super() is a redis.Redis (or Pipeline).
+if TYPE_CHECKING:
+    _CommandHooksBase = redis.Redis
+else:
+    _CommandHooksBase = object
+
+
+class CommandHooks(_CommandHooksBase):
     """Mixin for a ``redis.Redis`` (or ``Pipeline``) subclass: :meth:`send_and_parse` is redis-py's
     ``_send_command_parse_response``, the one step every single command takes inside redis-py's
     retry loop."""
@@ -92,7 +99,7 @@ class CommandHooks:
         return self.send_and_parse(conn, command_name, *args, **options)
 
     def send_and_parse(self, conn: Any, command_name: Any, *args: Any, **options: Any) -> Any:
-        return super()._send_command_parse_response(conn, command_name, *args, **options)  # type: ignore[misc]
+        return super()._send_command_parse_response(conn, command_name, *args, **options)
 
 
 class PipelineHooks(Pipeline):
@@ -226,13 +233,13 @@ def note_shutdown_requested(worker: Any) -> None:
 
 
 def exception_handlers(worker: Any) -> list[Callable[..., Any]]:
-    return worker._exc_handlers  # type: ignore[no-any-return]
+    return worker._exc_handlers
 
 
 def callback_name(job: Any, kind: str) -> str | None:
     """The name a job hash gives its ``kind`` ("success", "failure", "stopped") callback, read
     without importing it (RQ's public ``success_callback`` imports it)."""
-    return getattr(job, f"_{kind}_callback_name")  # type: ignore[no-any-return]
+    return getattr(job, f"_{kind}_callback_name")
 
 
 def set_job_finished(job: Any, result: Any) -> None:
@@ -272,6 +279,6 @@ def unknown_job_attributes() -> frozenset[str]:
 
 __all__ = [
     "CommandHooks", "CommandListener", "PipelineHooks", "RQ_JOB_ATTRIBUTES", "SentinelConnectionHooks",
-    "UpstreamChanged", "callback_name", "check_redis_hooks", "exception_handlers", "note_shutdown_requested", "ordered_queues",
-    "set_job_finished", "set_worker_queues", "unknown_job_attributes",
+    "UpstreamChanged", "callback_name", "check_redis_hooks", "exception_handlers", "note_shutdown_requested",
+    "ordered_queues", "set_job_finished", "set_worker_queues", "unknown_job_attributes",
 ]

@@ -70,6 +70,7 @@ def start_gateway(url: str, queue: str, **flags: str) -> tuple[LoggedProcess, st
     """A `queuebert serve` process on a free port (``flags`` as its long options), once it answers;
     returns it and its base URL."""
     import httpx
+
     from conftest import PYTHON, REPO, subprocess_env
 
     port = free_port()

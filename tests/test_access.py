@@ -7,11 +7,12 @@ import subprocess
 
 import pytest
 import redis
-from helpers import run_burst
 
 from producer import Client
 from producer.embedded_redis import RedisServer
 from queuebert.connection import RedisUnavailable, connect
+
+from helpers import run_burst
 
 
 def _roundtrip(url: str, engine) -> None:

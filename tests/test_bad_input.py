@@ -5,12 +5,13 @@ from __future__ import annotations
 import pickle
 import zlib
 
-from helpers import run_burst
 from rq import Queue
 from rq.job import Job
 
 from producer import Client
 from queuebert.serializer import JSONSerializer
+
+from helpers import run_burst
 
 
 def test_bad_items_fail_alone(conn, redis_server, engines):

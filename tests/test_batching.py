@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from helpers import run_burst
-
 from producer import Client
 from worker.engine import OutOfMemory, plan_batches
+
+from helpers import run_burst
 
 
 def test_hundred_single_jobs_take_at_most_five_forwards(conn, redis_server, engines):

@@ -8,9 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is part of the checkout
 
-import stages  # noqa: E402
+from benchmarks import stages  # noqa: E402
 
 
 def test_every_stage_function_exists():

@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON, REPO
-from helpers import LOG_DIR, run_burst, start_worker
 from rq import Worker
 from rq.job import Job
 
@@ -28,6 +26,9 @@ from producer import Client
 from queuebert.keys import JOB_FUNC
 from queuebert.procs import LoggedProcess, free_port, start_process, stop_process
 from queuebert.serializer import JSONSerializer
+
+from conftest import PYTHON, REPO
+from helpers import LOG_DIR, run_burst, start_worker
 
 httpx = pytest.importorskip("httpx", reason="httpx (the `test` extra) is not installed")
 # The dashboard's modules are imported by its own process; importing them here only tells early

@@ -130,7 +130,8 @@ def test_ensure_default_model_builds_once_under_concurrency(
     calls: list[int] = []
     monkeypatch.setattr(dm, "build_default_model", _fake_build(calls))
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(dm.ensure_default_model(progress=False))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(dm.ensure_default_model(progress=False)))
+               for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import MODEL_KINDS, TRICKY_TEXTS
-from helpers import pipeline_reference, run_burst
 
 from producer import Client
+
+from conftest import MODEL_KINDS, TRICKY_TEXTS
+from helpers import pipeline_reference, run_burst
 
 TEXTS = TRICKY_TEXTS + [f"sample review number {i}: " + "good " * (i % 9) + "bad " * (i % 4) for i in range(30)]
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import start_worker
 from structlog.testing import capture_logs
 
 from producer import Client
+
+from helpers import start_worker
 
 MAXMEMORY = 3 * 2**20
 TIMEOUT = 300

@@ -15,9 +15,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import PYTHON, REPO, _bert_tokenizer_dir, subprocess_env  # noqa: E402
-
 from producer import Client  # noqa: E402
+
+from conftest import PYTHON, REPO, _bert_tokenizer_dir, subprocess_env  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

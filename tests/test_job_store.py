@@ -116,7 +116,8 @@ def test_heartbeat_extends_executions_as_rq_does(conn):
     time.sleep(1.1)  # so a heartbeat moves the integer-second scores
     ours, theirs = taken
     store.heartbeat([ours], EXEC_TTL)
-    theirs.execution(conn, WORKER).heartbeat(StartedJobRegistry(queue=client.queue()), EXEC_TTL, pipeline=(p := conn.pipeline()))
+    theirs.execution(conn, WORKER).heartbeat(StartedJobRegistry(queue=client.queue()), EXEC_TTL,
+                                             pipeline=(p := conn.pipeline()))
     p.execute()
     started = StartedJobRegistry(queue=client.queue()).key
     for t in taken:
@@ -216,7 +217,7 @@ def test_complete_finishes_jobs_as_rq_does(conn):
     assert sorted(finished.get_job_ids()) == sorted(t.id for t in taken)
     assert StartedJobRegistry(queue=q).get_job_ids() == []
     assert conn.smembers(worker.executions_key) == set()
-    for t, (c, results) in zip(taken, done):
+    for t, (_c, results) in zip(taken, done):
         job = fetch(conn, t.id)
         assert job.get_status() == JobStatus.FINISHED
         assert job.ended_at is not None and job.started_at is not None and job.ended_at >= job.started_at

@@ -10,13 +10,14 @@ import subprocess
 import time
 import urllib.request
 
-from conftest import PYTHON, REPO, subprocess_env
-from helpers import run_burst, start_worker
 from rq.job import Job
 
 from producer import Client
 from queuebert.serializer import JSONSerializer
 from queuebert.settings import WorkerSettings
+
+from conftest import PYTHON, REPO, subprocess_env
+from helpers import run_burst, start_worker
 
 
 def _free_port() -> int:
@@ -56,8 +57,8 @@ def test_metrics_endpoint_families_and_counts_move(conn, redis_server, tiny_mode
     port = _free_port()
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32")
     log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([PYTHON, "-m", "queuebert.cli", "worker", "--metrics-port", str(port), "--name", "metrics"],
-                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    worker = subprocess.Popen([PYTHON, "-m", "queuebert.cli", "worker", "--metrics-port", str(port),
+                               "--name", "metrics"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     try:
         def ready():
             try:
@@ -75,7 +76,12 @@ def test_metrics_endpoint_families_and_counts_move(conn, redis_server, tiny_mode
         run = client.enqueue_stream(["good", "bad", "fine"] * 10, chunk_size=3)
         client.queue().enqueue("worker.tasks.classify", kwargs={"items": []})  # fails as a job
         assert run.wait(timeout=60)
-        after = _wait_for(lambda: (lambda v: v if _metric(v, "queuebert_jobs_total", outcome="failed") >= 1 else None)(_scrape(port)))
+
+        def failed_once() -> dict[str, float] | None:  # the scrape once a job has failed
+            v = _scrape(port)
+            return v if _metric(v, "queuebert_jobs_total", outcome="failed") >= 1 else None
+
+        after = _wait_for(failed_once)
         assert _metric(after, "queuebert_items_total", outcome="ok") == 30
         assert _metric(after, "queuebert_jobs_total", outcome="finished") == 10
         assert _metric(after, "queuebert_batch_texts_count") >= 1

@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import PAIR_KINDS, TRICKY_TEXTS
-from helpers import run_burst
 
 from producer import Client
 from queuebert import keys
+
+from conftest import PAIR_KINDS, TRICKY_TEXTS
+from helpers import run_burst
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 30
 PAIRS = [

@@ -11,14 +11,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO, build_tiny_model, subprocess_env
-from helpers import start_worker
 
 from producer import Client
 from producer.pairs import pair_items, ranking, zero_shot_item
 from queuebert import keys
 from queuebert.procs import LoggedProcess
 from queuebert.results import decode_entry
+
+from conftest import PYTHON, REPO, build_tiny_model, subprocess_env
+from helpers import start_worker
 
 QB = [PYTHON, "-m", "queuebert.cli"]
 LABELS = ["politics", "sports", "cinema", "food", "economy"]

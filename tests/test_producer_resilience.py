@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import PYTHON, REPO, subprocess_env
-from helpers import run_burst
 from rq.job import Job
 from structlog.testing import capture_logs
 
@@ -25,6 +23,9 @@ from producer import Client
 from producer.embedded_redis import RedisServer
 from queuebert import keys
 from queuebert.serializer import JSONSerializer
+
+from conftest import PYTHON, REPO, subprocess_env
+from helpers import run_burst
 
 QB = [PYTHON, "-m", "queuebert.cli"]
 

@@ -30,7 +30,8 @@ items = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(items, min_size=1, max_size=12))
 def test_every_item_gets_exactly_one_answer(engines, raw_items):
     """Through the real validation and the real engine: one result or error per item, in order."""

@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from helpers import LOG_DIR, reap, start_worker
 from prometheus_client.parser import text_string_to_metric_families
 from rq import Queue
 
@@ -27,6 +26,8 @@ from queuebert import keys
 from queuebert.procs import LoggedProcess, free_port, start_process
 from queuebert.queue_depth import known_queues, queue_keys, read_depths
 from queuebert.serializer import JSONSerializer
+
+from helpers import LOG_DIR, reap, start_worker
 
 
 def test_depth_counts_items_of_every_kind_of_job(conn: redis.Redis, redis_server: RedisServer) -> None:

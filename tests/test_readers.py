@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO, subprocess_env
 
 from producer.readers import InputError, InputShapeError, open_input, read_records
+
+from conftest import PYTHON, REPO, subprocess_env
 
 QB = [PYTHON, "-m", "queuebert.cli"]
 BOM = b"\xef\xbb\xbf"
@@ -137,5 +138,6 @@ def test_enqueue_missing_column_is_one_line(redis_server, tmp_path):
                          env=subprocess_env(redis_server.url), cwd=REPO, timeout=60)
     assert enq.returncode == 2
     errors = [json.loads(line) for line in enq.stderr.splitlines() if '"error"' in line]
-    assert [e["event"] for e in errors] == ["CSV has no column 'text' (columns: id, body); choose one with --text-field"]
+    assert [e["event"] for e in errors] == [
+        "CSV has no column 'text' (columns: id, body); choose one with --text-field"]
     assert "Traceback" not in enq.stderr

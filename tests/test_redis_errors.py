@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import PYTHON, REPO, subprocess_env
-from helpers import start_worker
 from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
@@ -27,6 +25,9 @@ from queuebert.connection import connect
 from queuebert.procs import free_port
 from queuebert.serializer import JSONSerializer
 from queuebert.settings import WorkerSettings
+
+from conftest import PYTHON, REPO, subprocess_env
+from helpers import start_worker
 
 
 def _texts(n: int) -> list[dict[str, str]]:

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import build_tiny_model
-from helpers import reap, start_worker
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
 from producer import Client
 from producer.embedded_redis import RedisServer
 from queuebert.procs import LoggedProcess
+
+from conftest import build_tiny_model
+from helpers import reap, start_worker
 
 # Seconds: executions expire after 3 heartbeats, so recovery is quick in tests. QB_HEARTBEAT=10
 # measures recovery with the worker's default.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from helpers import run_burst
-
 from producer import Client
+
+from helpers import run_burst
 
 
 def test_thousand_items_poll_and_subscribe(conn, redis_server, engines):
@@ -18,7 +18,7 @@ def test_thousand_items_poll_and_subscribe(conn, redis_server, engines):
 
     # A subscriber that reads half the results, disconnects, and resumes from its last id.
     def first_half() -> None:
-        for entry_id, _job, results in sub.entries():
+        for _entry_id, _job, results in sub.entries():
             half.extend(results)
             if len(half) >= 500:
                 return

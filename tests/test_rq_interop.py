@@ -7,19 +7,22 @@ import subprocess
 import sys
 import time
 
-from conftest import PYTHON, REPO, subprocess_env
-from helpers import run_burst
 from rq.job import Job
 
 from producer import Client
 from queuebert.job import JOB_CLASS_PATH
 from queuebert.serializer import SERIALIZER_PATH
 
+from conftest import PYTHON, REPO, subprocess_env
+from helpers import run_burst
+
 RQ = [PYTHON, "-m", "rq.cli"]
 
 
-def _rq(*args: str, url: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*RQ, *args, "--url", url], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+def _rq(*args: str, url: str, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*RQ, *args, "--url", url], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO)
 
 
 def test_rq_info_shows_queue_and_worker(conn, redis_server, tiny_models):
@@ -55,7 +58,8 @@ def test_failed_job_lands_in_failed_registry_and_requeue_runs_it(conn, redis_ser
     job = Job.fetch(job_id, connection=conn, serializer=client.queue().serializer)
     assert "3 items, more than the limit of 2" in job.latest_result().exc_string
 
-    out = _rq("requeue", "--all", "--queue", "default", "--serializer", SERIALIZER_PATH, url=redis_server.url, env=subprocess_env(redis_server.url))
+    out = _rq("requeue", "--all", "--queue", "default", "--serializer", SERIALIZER_PATH, url=redis_server.url,
+              env=subprocess_env(redis_server.url))
     assert out.returncode == 0, out.stderr
     run_burst(conn, engines["bert"])
     assert [h.result(timeout=5)["id"] for h in handles] == [h.item_id for h in handles]
@@ -80,7 +84,8 @@ def test_stock_rq_worker_runs_a_job_correctly(conn, redis_server, tiny_models, e
 
 
 def test_producer_does_not_import_torch():
-    code = "import sys, producer, queuebert.cli, producer.client; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','transformers'))))"
+    code = ("import sys, producer, queuebert.cli, producer.client; print(json.dumps(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch','transformers'))))")
     out = subprocess.run([sys.executable, "-c", "import json;" + code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+
 from conftest import PYTHON, REPO
 
 QB = [PYTHON, "-m", "queuebert.cli"]
@@ -54,7 +55,8 @@ def _wait_gone(pid: int, timeout: float = 10) -> bool:
 @pytest.fixture()
 def reviews(tmp_path):
     path = tmp_path / "reviews.jsonl"
-    rows = [{"id": f"r{i}", "text": f"review {i}: " + ("great " if i % 2 else "awful ") * (1 + i % 5)} for i in range(60)]
+    rows = [{"id": f"r{i}", "text": f"review {i}: " + ("great " if i % 2 else "awful ") * (1 + i % 5)}
+            for i in range(60)]
     lines = [json.dumps(r) for r in rows]
     lines.insert(10, "{broken")
     path.write_text("\n".join(lines) + "\n")
@@ -82,7 +84,8 @@ def test_run_stops_its_worker_without_killing_it(tmp_path, tiny_models):
     three = tmp_path / "three.txt"
     three.write_text("good\nbad\nfine\n")
     proc = subprocess.run([*QB, "run", str(three), "-o", str(tmp_path / "o.jsonl"),
-                           "--model", str(tiny_models["bert"]), "--dtype", "float32", "--no-progress", "--log-format", "json", "--log-level", "info"],
+                           "--model", str(tiny_models["bert"]), "--dtype", "float32", "--no-progress",
+                           "--log-format", "json", "--log-level", "info"],
                           capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
@@ -119,7 +122,8 @@ def test_run_sigint_stops_redis_and_workers(tmp_path, tiny_models):
 
 
 def test_run_model_not_found_is_one_message(reviews):
-    proc = subprocess.run([*QB, "run", str(reviews), "--model", "/no/such/model", "--no-progress", "--log-format", "json"],
+    proc = subprocess.run([*QB, "run", str(reviews), "--model", "/no/such/model", "--no-progress",
+                           "--log-format", "json"],
                           capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 2
     assert "/no/such/model" in proc.stderr and "does not exist" in proc.stderr

@@ -21,7 +21,8 @@ _ids = iter(range(10**9))
 
 def entry(length: int, priority: int = 0, owner: Any = None) -> Entry:
     n = next(_ids)
-    return Entry(owner=owner, index=n, item={"id": n, "text": "x" * length}, top_k=None, ids=[0] * length, priority=priority)
+    return Entry(owner=owner, index=n, item={"id": n, "text": "x" * length}, top_k=None, ids=[0] * length,
+                 priority=priority)
 
 
 def ident(e: Entry) -> int:
@@ -88,7 +89,8 @@ def test_sweep_over_whole_pool_matches_in_process_plan(max_batch_size: int, max_
 
     got = sum(padded(b) for b in batches)
     ref_lengths = sorted(lengths)
-    ref = sum((end - start) * ref_lengths[end - 1] for start, end in plan_batches(ref_lengths, max_batch_size, max_batch_tokens))
+    ref = sum((end - start) * ref_lengths[end - 1]
+              for start, end in plan_batches(ref_lengths, max_batch_size, max_batch_tokens))
     assert got <= ref * 1.01, f"padded tokens {got} vs in-process plan {ref} ({got / ref:.4f}x)"
     # One pass over a pool given all at once: the sweep never wrapped.
     assert not any(wraps_between(a, b) for a, b in zip(batches, batches[1:]))

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import PYTHON, REPO, subprocess_env
 from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer as RQJSONSerializer
@@ -27,6 +26,8 @@ from rq.webhook import Webhook
 from queuebert import keys
 from queuebert.job import JOB_CLASS_PATH, QueuebertJob
 from queuebert.serializer import SERIALIZER_PATH, ForeignJobError, JSONSerializer
+
+from conftest import PYTHON, REPO, subprocess_env
 
 EVIL_MODULE = '''
 import os, pathlib

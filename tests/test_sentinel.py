@@ -17,8 +17,6 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import build_tiny_model
-from helpers import run_burst, start_worker
 
 from producer import AsyncClient, Client
 from producer.client import LostWrites
@@ -28,6 +26,9 @@ from queuebert.connection import ReplicaAckTimeout, connect
 from queuebert.procs import LoggedProcess, free_port
 from queuebert.results import decode_entry
 from queuebert.settings import ClientSettings
+
+from conftest import build_tiny_model
+from helpers import run_burst, start_worker
 
 #: For a master with a replica: Redis waits 5 s by default before a full sync, for more replicas
 #: to share it; with one replica that wait only delays the test.

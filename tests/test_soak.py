@@ -11,9 +11,9 @@ import signal
 import subprocess
 import threading
 
-from conftest import PYTHON, REPO, subprocess_env
-
 from producer import Client
+
+from conftest import PYTHON, REPO, subprocess_env
 
 #: The bound the README states for this configuration (max_pending 2,000, chunk 16, results
 #: consumed as they arrive): Redis holds at most the pending items and their results.

@@ -15,20 +15,21 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from conftest import PYTHON, REPO, subprocess_env
-from helpers import LOG_DIR, reap, start_gateway, start_worker
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
 from producer import Client
 from producer.embedded_redis import RedisServer
 from queuebert.procs import LoggedProcess, start_process
+
+from conftest import PYTHON, REPO, subprocess_env
+from helpers import LOG_DIR, reap, start_gateway, start_worker
 
 IDLE_BOUND_S = 5.0
 BUSY_MARGIN_S = 5.0
@@ -54,7 +55,7 @@ def _log(proc: LoggedProcess) -> str:
     return proc.log_path.read_text(errors="replace") if proc.log_path else ""
 
 
-def _wait_for(check, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+def _wait_for(check: Callable[[], object], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

@@ -393,7 +393,8 @@ def test_huggingface_hub_text_classification_round_trip() -> None:
         assert [(o.label, o.score) for o in out] == want
     # TEI's own flat answer would give that client only its first element (why `/` nests, see producer.tei)
     flat = tei.predict_response(predict({"inputs": "I like you"}), [result(0, scores)], LABELS)
-    assert isinstance(hub.TextClassificationOutputElement.parse_obj_as_list(flat)[0], hub.TextClassificationOutputElement)
+    parsed = hub.TextClassificationOutputElement.parse_obj_as_list(flat)
+    assert isinstance(parsed[0], hub.TextClassificationOutputElement)
 
 
 # --- /rerank: types.rs `struct RerankRequest`, `struct Rank`, `struct RerankResponse`; server.rs `async fn rerank`

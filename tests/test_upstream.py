@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -50,7 +51,7 @@ def _listen(url: str) -> tuple[upstream.CommandListener, list[Any]]:
     return listener, got
 
 
-def _wait(check, timeout: float = 15) -> bool:  # type: ignore[no-untyped-def]
+def _wait(check: Callable[[], object], timeout: float = 15) -> bool:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:

@@ -17,11 +17,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from helpers import reap, start_worker
 
 from producer.embedded_redis import RedisServer
 from queuebert.procs import free_port
 from queuebert.settings import WorkerSettings
+
+from helpers import reap, start_worker
 
 
 @pytest.fixture()

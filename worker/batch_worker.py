@@ -34,6 +34,7 @@ from typing import Any
 
 import redis
 import structlog
+from redis.typing import EncodableT, FieldT
 from rq import Queue, worker_registration
 from rq.job import Job
 from rq.registry import StartedJobRegistry, clean_registries
@@ -122,7 +123,7 @@ class BatchWorker(SimpleWorker):
 
     # -- RQ hooks ---------------------------------------------------------------------------
 
-    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+    def get_heartbeat_ttl(self, job: Job | None, working_time: float = 0.0) -> int:
         """Short execution TTLs, kept alive by the heartbeat thread: a killed worker's jobs expire
         from the started registry within about 3 heartbeat intervals and are then retried."""
         return max(3 * self.settings.heartbeat_interval, 3)
@@ -180,7 +181,7 @@ class BatchWorker(SimpleWorker):
         self.store = store = JobStore.for_worker(self, queues)
         self.taker = Taker(connection=self.connection, store=store, queues=queues, engine=engine,
                            pool=pool, settings=s, inflight=self.inflight, finished=self.finished,
-                           outages=self.outages, execution_ttl=self.get_heartbeat_ttl(None),  # type: ignore[arg-type]
+                           outages=self.outages, execution_ttl=self.get_heartbeat_ttl(None),
                            stop=self._stop)
         self.compute = Compute(engine=engine, pool=pool, inflight=self.inflight, finished=self.finished,
                                max_wait=s.max_wait_ms / 1000, metrics=self.metrics, stop=self._stop,
@@ -306,7 +307,7 @@ class BatchWorker(SimpleWorker):
         log.info("worker started", worker=self.name, queues=self.queue_names())
         return True
 
-    def _model_fields(self) -> dict[str, Any]:
+    def _model_fields(self) -> dict[FieldT, EncodableT]:
         """queuebert's fields in the worker hash (``keys.WORKER_MODEL_FIELDS``): the model served."""
         engine = self.engine
         assert engine is not None
@@ -373,7 +374,7 @@ class BatchWorker(SimpleWorker):
         interval = self.settings.heartbeat_interval
         beat, upkeep = self.outages["heartbeat"], self.outages["maintenance"]
         while not self._stop.wait(interval):
-            ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
+            ttl = self.get_heartbeat_ttl(None)
             jobs = self.inflight.jobs()
             try:
                 assert self.store is not None
@@ -457,4 +458,5 @@ class BatchWorker(SimpleWorker):
             finally:
                 q.release_maintenance_lock()
         self.clean_group_registries()
-        self.last_cleaned_at = now()
+        # RQ's BaseWorker.__init__ sets last_cleaned_at = None, unannotated: its type reads as None.
+        self.last_cleaned_at = now()  # type: ignore[assignment]

@@ -21,6 +21,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from queuebert.schema import is_error
 
 from . import rq_completion
+from .job_rows import settled
 from .job_store import JobStore
 from .metrics import WorkerMetrics
 from .outage import Outage
@@ -76,7 +77,7 @@ class Completer:
         failed = [s for s in todo if s.error is not None]
         item_errors = items = 0
         for slot in ok:
-            item_errors += sum(1 for r in slot.results if is_error(r))  # type: ignore[arg-type]
+            item_errors += sum(1 for r in settled(slot.results) if is_error(r))
             items += len(slot.results)
         try:
             rq_completion.complete(self.worker, self.store, ok)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import structlog
@@ -23,7 +23,7 @@ from .model import LoadedModel, apply_scoring
 log = structlog.get_logger(__name__)
 
 
-class Row(list):  # type: ignore[type-arg]
+class Row(list[int]):
     """A tokenized row that carries its segment ids (a pair, for models that take them; a single
     text only where the tokenizer gives it non-zero ones): its token ids, with the tokenizer's
     ``token_type_ids`` alongside. Plain rows are plain lists; the batching code moves both alike,
@@ -159,7 +159,7 @@ class Engine:
             return None
         same = [list(r) for r in got] == expected["input_ids"]
         if same and self.single_types:
-            same = [r.types for r in got] == expected.get("token_type_ids")  # type: ignore[attr-defined]
+            same = [cast(Row, r).types for r in got] == expected.get("token_type_ids")  # types=True: Rows
         if not same:
             log.info("tokenizer fast path differs from the HF call; using the HF call")
             return None
@@ -191,10 +191,10 @@ class Engine:
                 keep = [i for i, (a, b) in enumerate(pairs) if strategy != "only_first" or b is not long]
                 want = tok([firsts[i] for i in keep], [seconds[i] for i in keep], truncation=strategy,
                            max_length=self.m.max_length)
-                got = self._encode_fast([pairs[i] for i in keep], strategy, types=True)
+                got = cast("list[Row]", self._encode_fast([pairs[i] for i in keep], strategy, types=True))
                 if [list(r) for r in got] != want["input_ids"]:
                     raise ValueError("ids differ")
-                if "token_type_ids" in want and [r.types for r in got] != want["token_type_ids"]:  # type: ignore[attr-defined]
+                if "token_type_ids" in want and [r.types for r in got] != want["token_type_ids"]:
                     raise ValueError("segment ids differ")
         except Exception as exc:
             log.info("tokenizer fast path differs from the HF call for pairs; pairs use the HF call", reason=str(exc))
@@ -230,7 +230,8 @@ class Engine:
         if any("text_pair" in it for it in items):
             for i, it in enumerate(items):
                 # An empty text_pair is no pair, as the pipeline's tokenizer call treats it.
-                kinds.setdefault(it.get("truncation", PAIR_TRUNCATION) if it.get("text_pair") else None, []).append(i)  # type: ignore[misc]
+                kind = it.get("truncation", PAIR_TRUNCATION) if it.get("text_pair") else None
+                kinds.setdefault(kind, []).append(i)
         else:
             kinds[None] = list(range(len(items)))
         ids: list[list[int]] = [[]] * len(items)
@@ -322,7 +323,7 @@ class Engine:
                                  [enc.ids[i] for i in idx], stats)
             for i, result in zip(idx, out):
                 results[i] = result
-        return results  # type: ignore[return-value]
+        return cast("list[ItemResult]", results)  # enc.order covers every item
 
     def run_batch(self, items: list[Item], top_k: list[int | None], rows: list[list[int]],
                   stats: BatchStats | None = None) -> list[ItemResult]:
@@ -349,7 +350,8 @@ class Engine:
             stats.forward_seconds += elapsed
             stats.per_batch.append((len(rows), len(rows) * width, elapsed))
         results: list[ItemResult | None] = [None] * len(rows)
-        good = [n for n, o in enumerate(outputs) if isinstance(o, np.ndarray)]
+        arrays = {n: o for n, o in enumerate(outputs) if isinstance(o, np.ndarray)}
+        good = list(arrays)
         for n, o in enumerate(outputs):
             if not isinstance(o, np.ndarray):
                 it = items[n]
@@ -358,16 +360,16 @@ class Engine:
         if raw:
             good = [n for n in good if top_k[n] != RAW_LOGITS]
             for n in raw:
-                results[n] = {"id": items[n]["id"], "logits": outputs[n].tolist()}  # type: ignore[typeddict-unknown-key, union-attr]
+                results[n] = {"id": items[n]["id"], "logits": arrays[n].tolist()}
         # Rows score by the model's rule unless their job asked for another (function_to_apply).
         by_function: dict[str, list[int]] = {}
         for n in good:
-            by_function.setdefault(items[n].get("function_to_apply") or self.m.function, []).append(n)  # type: ignore[misc]
+            by_function.setdefault(items[n].get("function_to_apply") or self.m.function, []).append(n)
         for function, idx in by_function.items():
-            scores = apply_scoring(np.stack([outputs[n] for n in idx]), function)  # type: ignore[misc]
+            scores = apply_scoring(np.stack([arrays[n] for n in idx]), function)
             for n, result in zip(idx, self._results([items[n] for n in idx], scores, [top_k[n] for n in idx])):
                 results[n] = result
-        return results  # type: ignore[return-value]
+        return cast("list[ItemResult]", results)  # each row is an error, raw logits or scored
 
     def _results(self, items: list[Item], scores: np.ndarray, top_k: list[int | None]) -> list[ItemResult]:
         """Item results for a batch: one sort and one conversion to Python for the whole matrix."""

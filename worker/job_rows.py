@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -71,13 +72,13 @@ def split_items(request: JobRequest, max_chars: int, label2id: Mapping[str, int]
             out.groups.append(Group(item, pos, len(out.results), *ids))
             for label in item["candidate_labels"]:
                 out.rows.append({"id": item["id"], "text": item["text"], "text_pair": template.format(label),
-                                 "truncation": "only_first"})  # type: ignore[typeddict-unknown-key]
+                                 "truncation": "only_first"})
                 out.top_k.append(RAW_LOGITS)
                 out.positions.append(len(out.results))
                 out.results.append(None)
         else:
             if request.function_to_apply is not None:
-                item["function_to_apply"] = request.function_to_apply  # type: ignore[typeddict-unknown-key]
+                item["function_to_apply"] = request.function_to_apply
             out.rows.append(item)
             out.top_k.append(request.top_k)
             out.positions.append(pos)
@@ -92,11 +93,17 @@ def entailment_ids(label2id: Mapping[str, int]) -> tuple[int, int]:
     return entailment, (-1 if entailment == 0 else 0)
 
 
+def settled(results: list[ItemResult | None]) -> list[ItemResult]:
+    """A finished job's results, as its readers see them: every slot filled (the last row to
+    settle filled the last one)."""
+    return cast("list[ItemResult]", results)
+
+
 def finish(results: list[ItemResult | None], groups: list[Group], n_items: int) -> list[ItemResult]:
     """The job's item results, with each zero-shot item's answer assembled from its pairs' logits
     (or, if a pair failed, that pair's error, which is then the item's)."""
     if not groups:
-        return results  # type: ignore[return-value]
+        return cast("list[ItemResult]", results)  # every slot filled by the engine
     for group in groups:
         item = group.item
         pairs = results[group.first:group.first + len(item["candidate_labels"])]
@@ -106,9 +113,9 @@ def finish(results: list[ItemResult | None], groups: list[Group], n_items: int) 
             kind, message = (error["type"], error["message"]) if error else (INFERENCE_ERROR, "a pair has no result")
             results[group.position] = error_result(item["id"], kind, message, item.get("meta"))
         else:
-            logits = np.array([r["logits"] for r in pairs], dtype=np.float32)  # type: ignore[index, typeddict-item]
+            logits = np.array([r["logits"] for r in pairs if r is not None], dtype=np.float32)  # (none is None)
             results[group.position] = answer(item, logits, group.entailment, group.contradiction)
-    return results[:n_items]  # type: ignore[return-value]
+    return cast("list[ItemResult]", results[:n_items])  # the items' own slots, each filled now
 
 
 def answer(item: Item, logits: np.ndarray, entailment: int, contradiction: int) -> ItemResult:

@@ -135,13 +135,14 @@ class HeldJobArgs(NamedTuple):
     queue: int
 
 
-def _layouts(args: type | None, job: type | None) -> dict[str, Any]:
-    """Script constants for a fixed argument layout (``ARG``) and/or a per-job one (``JOB``)."""
+def _layouts(args: tuple[str, ...] | None, job: tuple[str, ...] | None) -> dict[str, Any]:
+    """Script constants for a fixed argument layout (``ARG``) and/or a per-job one (``JOB``), from
+    their NamedTuples' ``_fields``."""
     out: dict[str, Any] = {}
     if args is not None:
-        out.update(ARG=ArgLayout(args._fields), ARG_SIZE=len(args._fields))
+        out.update(ARG=ArgLayout(args), ARG_SIZE=len(args))
     if job is not None:
-        out.update(JOB=ArgLayout(job._fields, first=0), JOB_SIZE=len(job._fields))
+        out.update(JOB=ArgLayout(job, first=0), JOB_SIZE=len(job))
     return out
 
 
@@ -289,17 +290,18 @@ class JobStore:
         prefixes = {"JOB_PREFIX": self.job_prefix, "EXECUTION_PREFIX": self.execution_prefix,
                     "EXECUTION_REGISTRY_PREFIX": self.execution_registry_prefix}
         self._take_script = self._register("take.lua", {
-            **prefixes, **_layouts(TakeArgs, None), "TAKEN": ArgLayout(Taken._fields),
+            **prefixes, **_layouts(TakeArgs._fields, None), "TAKEN": ArgLayout(Taken._fields),
             "STARTED": JobStatus.STARTED.value, "BUSY": WorkerStatus.BUSY.value,
             "RQ_FEATURE_FIELDS": tuple(RQ_FEATURES)})
         self._complete_script = self._register("complete.lua", {
-            **prefixes, **_layouts(CompleteArgs, CompleteJobArgs), **RUN_RECORD_CONSTANTS,
+            **prefixes, **_layouts(CompleteArgs._fields, CompleteJobArgs._fields), **RUN_RECORD_CONSTANTS,
             "RESULT_PREFIX": _prefix(Result.get_key), "DEPENDENTS_SUFFIX": dependents[1],
             "DEPENDENCIES_PREFIX": dependencies[0], "DEPENDENCIES_SUFFIX": dependencies[1],
             "FINISHED": JobStatus.FINISHED.value, "SUCCESSFUL": str(Result.Type.SUCCESSFUL.value)})
-        self._heartbeat_script = self._register("heartbeat.lua", {**prefixes, **_layouts(HeartbeatArgs, HeldJobArgs)})
+        self._heartbeat_script = self._register(
+            "heartbeat.lua", {**prefixes, **_layouts(HeartbeatArgs._fields, HeldJobArgs._fields)})
         self._give_back_script = self._register("give_back.lua", {
-            **prefixes, **_layouts(None, HeldJobArgs), "QUEUED": JobStatus.QUEUED.value})
+            **prefixes, **_layouts(None, HeldJobArgs._fields), "QUEUED": JobStatus.QUEUED.value})
         self._state_script = self._register("state.lua", {})
         self._requeue_intermediate_script = self._register("requeue_intermediate.lua", {})
 

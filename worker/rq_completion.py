@@ -35,6 +35,7 @@ from queuebert.results import encode_results, record_job
 from queuebert.schema import INVALID_JOB, ItemResult, JobRequest, is_error
 from queuebert.upstream import set_job_finished, unknown_job_attributes
 
+from .job_rows import settled
 from .tasks import job_error_results
 
 if TYPE_CHECKING:
@@ -89,9 +90,9 @@ def complete(worker: Any, store: JobStore, finished: Sequence[ComputedJob]) -> N
         if needs_rq(f.job, worker.default_result_ttl):
             to_rq.append(f)
             continue
-        results = f.results
-        fast.append(Completion(f.job, encode_results(results), f.request.run if f.request else None,  # type: ignore[arg-type]
-                               len(results), sum(1 for r in results if is_error(r))))  # type: ignore[arg-type]
+        results = settled(f.results)
+        fast.append(Completion(f.job, encode_results(results), f.request.run if f.request else None,
+                               len(results), sum(1 for r in results if is_error(r))))
         by_id[f.job.id] = f
     left = set(store.complete(fast, worker.default_result_ttl))
     for job_id, f in by_id.items():
@@ -112,11 +113,12 @@ def complete_with_rq(worker: Any, store: JobStore, f: ComputedJob) -> None:
     if job is None:
         return
     job.ended_at = now()
-    set_job_finished(job, f.results)
+    results = settled(f.results)
+    set_job_finished(job, results)
     run = f.request.run if f.request is not None else None
     with connection.pipeline(transaction=False) as pipe:
         if run:
-            record_job(connection, pipe, run, job.id, f.results)  # type: ignore[arg-type]
+            record_job(connection, pipe, run, job.id, results)
         pipe.hincrby(worker.key, "qb_items", len(f.results))
         pipe.execute()
     log.debug("completing with RQ's handlers", job=job.id, features=f.job.rq_features)

@@ -116,7 +116,8 @@ class Inflight:
         for slot in finished:  # this thread's alone now (rule 3)
             if slot.groups:
                 assert slot.request is not None  # a slot with groups was split from its request
-                slot.results = finish(slot.results, slot.groups, len(slot.request.items))
+                # list(): a fresh list of the slot's element type (results or still None)
+                slot.results = list(finish(slot.results, slot.groups, len(slot.request.items)))
         return finished
 
 
@@ -145,9 +146,9 @@ class Finished:
         """Wait for finished slots and return them with all others queued meanwhile; None once
         closed and empty."""
         first = self._queue.get()
-        if first is _END:
+        if not isinstance(first, list):  # _END
             return None
-        return first + self.more()  # type: ignore[operator]
+        return first + self.more()
 
     def more(self) -> list[Slot]:
         """Whatever finished since, without waiting (an end marker stays queued for :meth:`next`)."""
@@ -157,7 +158,7 @@ class Finished:
                 more = self._queue.get_nowait()
             except queue_mod.Empty:
                 return out
-            if more is _END:
+            if not isinstance(more, list):  # _END
                 self._queue.put(_END)
                 return out
-            out += more  # type: ignore[arg-type]
+            out += more

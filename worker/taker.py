@@ -123,11 +123,14 @@ class Taker:
         if not taken and not gone and block:
             first = self.queues[0]
             # Into RQ's intermediate list, so a worker killed right here leaves the job where
-            # RQ's maintenance finds it; the take script moves it on from there.
-            job_id = self.connection.blmove(first.key, first.intermediate_queue_key, block, "LEFT", "RIGHT")
+            # RQ's maintenance finds it; the take script moves it on from there. (redis-py types
+            # BLMOVE's timeout as an int, though Redis 6+ takes a float, and its reply as str | bytes
+            # whatever the client's decode_responses: this connection's replies are bytes.)
+            job_id = self.connection.blmove(first.key, first.intermediate_queue_key,
+                                            block, "LEFT", "RIGHT")  # type: ignore[arg-type]
             if job_id is None:
                 return []
-            taken, gone = self.store.take(want, self.execution_ttl, first=(0, job_id.decode()))
+            taken, gone = self.store.take(want, self.execution_ttl, first=(0, job_id.decode()))  # type: ignore[union-attr]
         slots = [Slot(job=tj, queue=self.queues[tj.queue_index], priority=tj.queue_index) for tj in taken]
         self.inflight.hold(slots)
         return slots

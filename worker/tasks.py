@@ -14,14 +14,7 @@ from typing import Any
 import structlog
 
 from queuebert.results import record_job
-from queuebert.schema import (
-    INVALID_JOB,
-    DeadlineExceeded,
-    ItemResult,
-    JobError,
-    error_result,
-    parse_job,
-)
+from queuebert.schema import INVALID_JOB, DeadlineExceeded, ItemResult, JobError, error_result, parse_job
 from queuebert.settings import WorkerSettings
 
 from .job_rows import finish, split_items
@@ -85,7 +78,9 @@ def job_error_results(kwargs: Any, message: str, kind: str = INVALID_JOB) -> tup
     if not isinstance(kwargs, dict):
         return None, []
     run = kwargs.get("run") if isinstance(kwargs.get("run"), str) else None
-    items = kwargs.get("items") if isinstance(kwargs.get("items"), list) else []
+    items = kwargs.get("items")
+    if not isinstance(items, list):
+        items = []
     out = []
     for raw in items:
         item_id = raw.get("id", "") if isinstance(raw, dict) else ""
