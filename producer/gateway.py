@@ -9,11 +9,21 @@ Routes:
 - text-embeddings-inference's, so TEI clients work unchanged (:mod:`producer.tei` holds their
   shapes and rules): ``POST /predict``, ``POST /rerank``, ``POST /`` (and ``/invocations``),
   dispatched as TEI dispatches it for the model the workers serve, ``GET /health``, ``GET /info``;
+- Infinity's and Cohere's, each naming its model (:mod:`producer.peers` holds their shapes):
+  ``POST /classify``, ``POST /rerank`` with ``documents`` (and both under ``/v1``), Cohere's
+  ``POST /v2/rerank``, and ``GET /v1/models`` (and ``/models``) listing what is served;
 - queuebert's own, for streams: ``POST /runs`` (a JSONL body, read line by line as it arrives and
   enqueued with backpressure), ``GET /runs/{id}`` (progress), ``GET /runs/{id}/results`` (JSONL in
   input order, streamed as results arrive), ``GET /runs/{id}/events`` (Server-Sent Events in
   completion order, resumable with ``Last-Event-ID``);
 - ``GET /metrics``: Prometheus.
+
+Many models: each model has its own queue, and a request goes to the queue of the model it names
+(:mod:`producer.catalog`: names learned from the registered workers, plus ``QUEUEBERT_MODELS`` for
+models whose workers scale to zero). A request that names none goes to ``--queue``, the default
+model; TEI's routes take an optional ``model`` body field (or a ``Queuebert-Model`` header),
+``/info`` and ``/health`` a ``?model=``, ``POST /runs`` a ``?model=``. A model whose queue has no
+live worker still takes requests: they wait in its queue until a worker starts or their timeout.
 
 Pressure: a request that would queue behind more than ``max_queue_depth`` jobs gets 429 with
 ``Retry-After``; one whose results do not come within ``request_timeout`` gets 504, and its jobs
@@ -50,12 +60,13 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import redis
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from rq import Queue, worker_registration
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
@@ -69,19 +80,28 @@ from queuebert import keys
 from queuebert.schema import ItemResult
 from queuebert.settings import ClientSettings, GatewaySettings
 
-from . import jobs, readers, tei
+from . import jobs, peers, readers, tei
 from .async_client import AsyncClient, AsyncHandle
+from .catalog import Catalog, ModelError, Target, build_catalog, parse_model_map
 from .client import RedisFull
 from .jobs import LostWrites, ResumeError, new_id
+from .pairs import RerankError
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-#: Seconds a queue depth (LLEN) or the served model (/info) is reused before it is read again:
-#: under load a gateway answers many requests a millisecond, and either changes slowly.
+#: Seconds a queue depth (LLEN) or the served models (the catalog: /info, routing) are reused
+#: before they are read again: under load a gateway answers many requests a millisecond, and
+#: either changes slowly. While the default queue has no live worker the catalog is read again
+#: after MODEL_RETRY_EVERY, so a worker that starts is seen (/health, /info) within it.
 DEPTH_EVERY = 0.05
 MODEL_EVERY = 2.0
+MODEL_RETRY_EVERY = 0.1
+
+#: Header naming the model of a TEI request, for TEI clients that can add a header but not a body
+#: field (huggingface_hub's ``InferenceClient(headers=...)``); a ``model`` body field wins over it.
+MODEL_HEADER = "queuebert-model"
 
 #: What a run id given to the gateway may hold (``?run_id=`` and the ``/runs/{id}`` routes): what
 #: :func:`~producer.jobs.new_id` makes (32 hex digits) and what people name runs
@@ -143,6 +163,8 @@ def http_error(exc: Exception, route: str) -> tei.TEIError:
         return tei.TEIError.of(tei.UNHEALTHY, f"{exc}: send the same request again")
     if isinstance(exc, ResumeError):  # a run id this body cannot continue: the client's to fix
         return tei.TEIError(tei.CONFLICT_STATUS, str(exc), tei.VALIDATION)
+    if isinstance(exc, ModelError):  # not served here: 404; not a name at all: 422 (TEI's Validation)
+        return tei.TEIError(404 if exc.unknown else tei.STATUS[tei.VALIDATION], exc.message, tei.VALIDATION)
     if isinstance(exc, (RedisFull, redis.exceptions.RedisError)):
         log.warning("Redis error", route=route, error=repr(exc))
         return tei.redis_unavailable()
@@ -190,11 +212,43 @@ class Metrics:
                              registry=self.registry)
 
 
+class ModelsCollector:
+    """``queuebert_gateway_model_workers{model,queue}``: each model this gateway serves and the live
+    workers of its queue, 0 for a model none serves (its requests wait for one: scaled to zero),
+    from the catalog the gateway last read; a scrape never waits on Redis for it."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("queuebert_gateway_model_workers",
+                                  "Live workers serving each model's queue, as this gateway last read them "
+                                  "(0: none; the model's requests wait in its queue until one starts).",
+                                  labels=["model", "queue"])
+        catalog = self.gateway.last_catalog
+        if catalog is not None:
+            for target, _declared, _default in catalog.listing():
+                gauge.add_metric([target.name, target.queue], target.workers)
+        yield gauge
+
+
 class Auth:
     """Bearer-token auth (``--api-key``, as TEI's): the token compared in constant time. ``/health``
     stays open, for load balancers' probes."""
 
     OPEN = frozenset({"/health"})
+    #: Routes only Infinity's clients call (FastAPI's 401 body there), and Cohere's.
+    INFINITY = frozenset({"/classify", "/v1/classify", "/v1/rerank", "/models", "/v1/models"})
+    COHERE = frozenset({"/v2/rerank"})
+
+    @classmethod
+    def refusal(cls, path: str) -> dict[str, Any]:
+        """The 401 body in the shape of the route's clients (TEI's where a route is TEI's or shared)."""
+        if path in cls.INFINITY:
+            return {"detail": "Unauthorized"}
+        if path in cls.COHERE:
+            return peers.cohere_error(401, "invalid api token")
+        return {"error": "Unauthorized", "error_type": "Unauthorized"}
 
     def __init__(self, app: ASGIApp, api_key: str | None):
         self.app = app
@@ -206,7 +260,7 @@ class Auth:
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
-            await JSONResponse({"error": "Unauthorized", "error_type": "Unauthorized"}, status_code=401,
+            await JSONResponse(self.refusal(scope["path"]), status_code=401,
                                headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -217,17 +271,29 @@ class Cached(Generic[T]):
     once: the first one past the age reads it, the others await that same read (without this,
     every request in flight when the value expires sends its own read)."""
 
-    def __init__(self, read: Callable[[], Awaitable[T]], every: float, keep_none: bool = True):
+    def __init__(self, read: Callable[[], Awaitable[T]], every: float, keep_none: bool = True,
+                 short: Callable[[T], bool] | None = None, short_every: float = 0.0):
         self.read = read
         self.every = every
         #: False: a None read is not kept (asked again at the next call).
         self.keep_none = keep_none
+        #: A value ``short`` says is provisional is kept only ``short_every`` seconds.
+        self.short = short
+        self.short_every = short_every
         self._at = -float("inf")
         self._value: T | None = None
         self._reading: asyncio.Future[T] | None = None
 
+    @property
+    def last(self) -> T | None:
+        """The value last read (None before the first), whatever its age: for readers that must
+        not wait on Redis (/metrics, a probe)."""
+        return self._value
+
     async def get(self) -> T:
-        fresh = time.monotonic() - self._at <= self.every and (self.keep_none or self._value is not None)
+        value = self._value
+        every = self.short_every if self.short is not None and value is not None and self.short(value) else self.every
+        fresh = time.monotonic() - self._at <= every and (self.keep_none or value is not None)
         if fresh:
             return self._value  # type: ignore[return-value]
         if self._reading is None:
@@ -308,8 +374,16 @@ class Gateway:
         self.settings = settings
         self.streams_open = 0
         self.metrics = Metrics()
-        self._depth = Cached(self._read_depth, DEPTH_EVERY)
-        self._served = Cached(self._read_served, MODEL_EVERY, keep_none=False)
+        #: The static map (QUEUEBERT_MODELS): ValueError here for a bad one.
+        self.declared = parse_model_map(settings.models)
+        #: Queue depths by queue; queues come from the catalog (the map, the workers, the default),
+        #: never from a request, so this holds as many entries as there are queues.
+        self._depths: dict[str, Cached[int]] = {}
+        self._catalog = Cached(self._read_catalog, MODEL_EVERY,
+                               short=lambda c: c.served(c.default_queue) is None, short_every=MODEL_RETRY_EVERY)
+        self._without: set[str] | None = None  # names without a live worker at the last read (for logs)
+        self._refreshing: asyncio.Task[Any] | None = None
+        self.metrics.registry.register(ModelsCollector(self))
         #: Requests waiting for results, answered 503 just before a stop would cut them off.
         self._waiting: set[asyncio.Future[Any]] = set()
         self._cut = False
@@ -339,35 +413,68 @@ class Gateway:
         except TimeoutError:
             raise error() from None
 
-    async def queue_depth(self) -> int:
-        return await self._depth.get()
+    async def queue_depth(self, queue: str | None = None) -> int:
+        queue = queue or self.settings.queue
+        cached = self._depths.get(queue)
+        if cached is None:
+            cached = self._depths[queue] = Cached(lambda: self._read_depth(queue), DEPTH_EVERY)
+        return await cached.get()
 
-    async def _read_depth(self) -> int:
-        return int(await self.client.connection.llen(Queue.redis_queue_namespace_prefix + self.settings.queue))
+    async def _read_depth(self, queue: str) -> int:
+        return int(await self.client.connection.llen(Queue.redis_queue_namespace_prefix + queue))
 
-    async def admit(self) -> None:
+    async def admit(self, queue: str | None = None) -> None:
         """429 while the queue is deeper than allowed: the caller retries later (Retry-After)."""
         limit = self.settings.max_queue_depth
-        if limit and await self.queue_depth() >= limit:
+        if limit and await self.queue_depth(queue) >= limit:
             raise tei.overloaded()
 
-    async def served(self) -> tuple[tei.ModelInfo, int] | None:
-        """The model the queue's workers say they serve (cached for MODEL_EVERY seconds; while no
-        worker says, read again at each call); 503 when Redis does not answer within
+    async def catalog(self) -> Catalog:
+        """The models served and their queues (cached for MODEL_EVERY seconds, MODEL_RETRY_EVERY
+        while the default queue has no live worker); 503 when Redis does not answer within
         ``redis_timeout``."""
         async with self.within(self.settings.redis_timeout, tei.redis_unavailable):
-            return await self._served.get()
+            return await self._catalog.get()
 
-    async def _read_served(self) -> tuple[tei.ModelInfo, int] | None:
-        """On the client's own connection: the queue's workers as RQ registers them, then the
+    @property
+    def last_catalog(self) -> Catalog | None:
+        return self._catalog.last
+
+    def refresh_soon(self) -> None:
+        """Read the catalog in the background if it is stale (for /metrics, which must answer at
+        once whatever Redis does: it is the gateway's probe)."""
+        if self._refreshing is None or self._refreshing.done():
+            async def refresh() -> None:
+                with contextlib.suppress(Exception):
+                    await self.catalog()
+
+            self._refreshing = asyncio.ensure_future(refresh())
+
+    async def target(self, name: str | None) -> Target:
+        """Where a request naming model ``name`` goes (None: the default model); ModelError for a
+        name that is malformed or not served here."""
+        return (await self.catalog()).resolve(name)
+
+    async def served(self) -> tuple[tei.ModelInfo, int] | None:
+        """The model the default queue's workers say they serve, and how many do."""
+        return (await self.catalog()).served(self.settings.queue)
+
+    async def _read_catalog(self) -> Catalog:
+        """On the client's own connection: every worker RQ registers, then the queues and model
         fields each publishes (a worker whose hash expired gives none and is left out)."""
         conn = self.client.connection
-        worker_keys = await conn.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % self.settings.queue)
+        worker_keys = await conn.smembers(worker_registration.REDIS_WORKER_KEYS)
+        fields = ("queues", *keys.WORKER_MODEL_FIELDS)
         async with conn.pipeline(transaction=False) as pipe:
             for key in worker_keys:
-                pipe.hmget(key, *keys.WORKER_MODEL_FIELDS)
+                pipe.hmget(key, *fields)
             rows = await pipe.execute()
-        return tei.served_model([dict(zip(keys.WORKER_MODEL_FIELDS, row)) for row in rows])
+        catalog = build_catalog([dict(zip(fields, row)) for row in rows], self.declared, self.settings.queue)
+        without = set(catalog.without_workers())
+        if without != self._without:  # one line per change, not one per read
+            log.info("models without a live worker", models=sorted(without), served=sorted(catalog.entries))
+            self._without = without
+        return catalog
 
     async def results(self, handles: list[Any]) -> list[ItemResult]:
         """Every handle's result, or 504 once ``request_timeout`` has passed (the jobs carry the
@@ -394,20 +501,22 @@ class Gateway:
         return got  # type: ignore[return-value]
 
     async def submit(self, request: Request, items: tuple[Any, ...] | list[Any], route: str, top_k: int | None = None,
-                     function_to_apply: str | None = None) -> list[ItemResult]:
-        """One input through the coalescing ``submit``; several as one job of their own. Admission,
-        enqueue and results together take at most ``request_timeout`` (504), whatever Redis does;
-        a client that goes away meanwhile ends it at once (its queued work dropped, see
-        :meth:`_submit`)."""
+                     function_to_apply: str | None = None, queue: str | None = None) -> list[ItemResult]:
+        """One input through the coalescing ``submit``; several as one job of their own, to
+        ``queue`` (the model's; None: the default). Admission, enqueue and results together take at
+        most ``request_timeout`` (504), whatever Redis does; a client that goes away meanwhile ends
+        it at once (its queued work dropped, see :meth:`_submit`). A queue no worker serves holds
+        the jobs until one starts (scale from zero) or the timeout passes."""
         timeout = self.settings.request_timeout
         async with self.within(timeout, lambda: tei.timed_out(timeout)):
-            return await _unless_disconnected(request, self._submit(items, route, top_k, function_to_apply))
+            return await _unless_disconnected(request, self._submit(items, route, top_k, function_to_apply,
+                                                                    queue or self.settings.queue))
 
     async def _submit(self, items: tuple[Any, ...] | list[Any], route: str, top_k: int | None,
-                      function_to_apply: str | None) -> list[ItemResult]:
-        await self.admit()
+                      function_to_apply: str | None, queue: str) -> list[ItemResult]:
+        await self.admit(queue)
         self.metrics.items.labels(route).inc(len(items))
-        handles = await self._enqueue(items, {"top_k": top_k, "function_to_apply": function_to_apply})
+        handles = await self._enqueue(items, {"top_k": top_k, "function_to_apply": function_to_apply, "queue": queue})
         try:
             return await self.results(handles)
         finally:
@@ -472,52 +581,181 @@ class Gateway:
         finally:
             await chunks.aclose()
 
-    async def predict(self, request: Request) -> Response:
-        parsed = tei.parse_predict(await self._body(request), max_client_batch_size=self.settings.max_client_batch_size)
-        return await self._predict(request, parsed, "/predict")
+    @staticmethod
+    def _named(request: Request, body: Any) -> Any:
+        """The model a TEI request names: its body's ``model`` field (TEI's request types have none,
+        and serde ignores unknown fields, so TEI clients that send one lose nothing), else the
+        ``Queuebert-Model`` header; None: the default model. Checked where it is resolved."""
+        if isinstance(body, dict) and body.get("model") is not None:
+            return body["model"]
+        return request.headers.get(MODEL_HEADER)
 
-    async def _predict(self, request: Request, parsed: tei.PredictRequest, route: str) -> Response:
-        results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply)
-        served = await self.served()
-        labels = served[0].labels if served else None
-        return JSONResponse(tei.predict_response(parsed, results, labels))
+    async def _labels(self, target: Target) -> tuple[str, ...] | None:
+        """The labels of ``target``'s model by id (for TEI's order of ties), read again if no
+        worker had published them when the request came (it was at zero: one has since)."""
+        served = target.served or (await self.catalog()).served(target.queue)
+        return served[0].labels if served else None
+
+    async def predict(self, request: Request) -> Response:
+        body = await self._body(request)
+        parsed = tei.parse_predict(body, max_client_batch_size=self.settings.max_client_batch_size)
+        target = await self.target(self._named(request, body))
+        return await self._predict(request, parsed, "/predict", target)
+
+    async def _predict(self, request: Request, parsed: tei.PredictRequest, route: str, target: Target) -> Response:
+        results = await self.submit(request, parsed.items, route, parsed.top_k, parsed.function_to_apply, target.queue)
+        return JSONResponse(tei.predict_response(parsed, results, await self._labels(target)))
 
     async def rerank(self, request: Request) -> Response:
-        served = await self.served()
-        parsed = tei.parse_rerank(await self._body(request), max_client_batch_size=self.settings.max_client_batch_size,
-                                  model=served[0] if served else None)
-        return await self._rerank(request, parsed, "/rerank")
+        """TEI's ``/rerank`` (``texts``), or Infinity's (``documents``: :meth:`infinity_rerank`)."""
+        body = await self._body(request)
+        if peers.is_infinity_rerank(body):
+            return await self._peer(peers.infinity_refusal, "/rerank", self._infinity_rerank(request, body, "/rerank"))
+        target = await self.target(self._named(request, body))
+        parsed = tei.parse_rerank(body, max_client_batch_size=self.settings.max_client_batch_size, model=target.info)
+        return await self._rerank(request, parsed, "/rerank", target)
 
-    async def _rerank(self, request: Request, parsed: tei.RerankRequest, route: str) -> Response:
-        results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply)
+    async def _rerank(self, request: Request, parsed: tei.RerankRequest, route: str, target: Target) -> Response:
+        results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply, target.queue)
         return JSONResponse(tei.rerank_response(parsed, results))
 
     async def root(self, request: Request) -> Response:
-        served = await self.served()
-        parsed = tei.parse_root(await self._body(request), max_client_batch_size=self.settings.max_client_batch_size,
-                                model=served[0] if served else None)
+        body = await self._body(request)
+        target = await self.target(self._named(request, body))
+        parsed = tei.parse_root(body, max_client_batch_size=self.settings.max_client_batch_size, model=target.info)
         if isinstance(parsed, tei.RerankRequest):
-            return await self._rerank(request, parsed, "/")
-        results = await self.submit(request, parsed.items, "/", parsed.top_k, parsed.function_to_apply)
-        return JSONResponse(tei.predict_response(parsed, results, served[0].labels if served else None))
+            return await self._rerank(request, parsed, "/", target)
+        return await self._predict(request, parsed, "/", target)
 
     async def health(self, request: Request) -> Response:
-        """200 when Redis answers and a worker serves the queue; else TEI's 503, within
-        ``redis_timeout`` also when Redis does not answer at all (a load balancer's probe must
-        not hang on a frozen Redis)."""
+        """Whether this gateway can take requests: 200 while Redis answers, with a JSON body that
+        says which models have no live worker; TEI's 503 when Redis does not answer within
+        ``redis_timeout`` (a load balancer's probe must not hang on a frozen Redis).
+
+        A model with no live worker does not make the gateway unhealthy when the static map names
+        it (``QUEUEBERT_MODELS``): its workers scale to zero on purpose, its requests queue until one
+        starts, and a gateway that left its Service for it would never receive the request that
+        scales it up. Only the default model, when the map does not name its queue, keeps TEI's
+        meaning (503 until a worker serves it), as a single-model gateway always had.
+        ``?model=NAME`` asks about one model: 503 while none of its workers is live, 404 for a
+        name not served here."""
         try:
             async with asyncio.timeout(self.settings.redis_timeout):
                 await self.client.connection.ping()
-                serving = await self.served()
+                catalog = await self.catalog()
         except Exception:  # noqa: BLE001 - whatever failed, the answer is "not healthy"
             raise tei.unhealthy() from None
-        if serving is None:
+        asked = request.query_params.get("model")
+        if asked is not None:
+            target = catalog.resolve(asked)
+            if target.served is None:
+                raise tei.TEIError.of(tei.UNHEALTHY, f"{tei.UNHEALTHY_MESSAGE}: no live worker serves model "
+                                                     f"{json.dumps(target.name)} (queue {target.queue})")
+            return JSONResponse({"status": "ok", "model": target.name, "queue": target.queue,
+                                 "workers": target.workers})
+        default = catalog.default()
+        if default.served is None and not catalog.default_expected():
             raise tei.unhealthy()
-        return Response(status_code=200)
+        return JSONResponse({
+            "status": "ok",
+            "default_model": default.name,
+            "models": {t.name: {"queue": t.queue, "workers": t.workers} for t, _, _ in catalog.listing()},
+            "without_workers": sorted({t.name for t, _, _ in catalog.listing() if t.served is None}),
+        })
 
     async def info(self, request: Request) -> Response:
-        return JSONResponse(tei.info_body(await self.served(), max_client_batch_size=self.settings.max_client_batch_size,
+        """TEI's ``/info`` for the default model, or for ``?model=NAME`` (or the header)."""
+        target = await self.target(request.query_params.get("model") or request.headers.get(MODEL_HEADER))
+        return JSONResponse(tei.info_body(target.served, max_client_batch_size=self.settings.max_client_batch_size,
                                           max_concurrent_requests=self.settings.max_concurrent_requests))
+
+    # -- Infinity's and Cohere's routes -------------------------------------------------------------
+
+    async def _peer(self, refusal: Callable[[Exception, tei.TEIError], tuple[int, dict[str, Any]]], route: str,
+                    work: Awaitable[Response]) -> Response:
+        """``work``'s response, or its failure in the peer's own error shape (``refusal``: TEI's
+        status and words, which :func:`http_error` decides, turned into the peer's body)."""
+        try:
+            return await work
+        except peers.PeerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, in the peer's shape
+            error = http_error(exc, route)
+            status, body = refusal(exc, error)
+            raise peers.PeerError(status, body) from None
+
+    async def classify(self, request: Request) -> Response:
+        """Infinity's ``POST /classify`` (``{"input": [...], "model"?, "raw_scores"?}``)."""
+        route = request.url.path
+
+        async def work() -> Response:
+            parsed = peers.parse_classify(await self._body(request),
+                                          max_client_batch_size=self.settings.max_client_batch_size)
+            target = await self.target(parsed.model)
+            results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply, target.queue)
+            return JSONResponse(peers.classify_response(parsed, results, target.name, await self._labels(target)))
+
+        return await self._peer(peers.infinity_refusal, route, work())
+
+    async def infinity_rerank(self, request: Request) -> Response:
+        """Infinity's ``POST /v1/rerank`` (its ``/rerank`` under ``--url-prefix /v1``); the
+        Cohere v1 shape too. ``POST /rerank`` comes here for a body with ``documents``."""
+        route = request.url.path
+
+        async def work() -> Response:
+            return await self._infinity_rerank(request, await self._body(request), route)
+
+        return await self._peer(peers.infinity_refusal, route, work())
+
+    async def _infinity_rerank(self, request: Request, body: Any, route: str) -> Response:
+        parsed = peers.parse_infinity_rerank(body, max_client_batch_size=self.settings.max_client_batch_size)
+        target = await self.target(parsed.model)
+        if target.info is not None and not target.info.reranker:
+            raise peers.not_a_reranker(target.name, "rerank")
+        results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply, target.queue)
+        try:
+            return JSONResponse(peers.infinity_rerank_response(parsed, results, target.name))
+        except RerankError:
+            raise peers.not_a_reranker(target.name, "rerank") from None
+
+    async def cohere_rerank(self, request: Request) -> Response:
+        """Cohere's ``POST /v2/rerank``: ``{"model", "query", "documents", "top_n"?}``."""
+        route = request.url.path
+
+        async def work() -> Response:
+            parsed = peers.parse_cohere_rerank(await self._body(request),
+                                               max_client_batch_size=self.settings.max_client_batch_size)
+            target = await self.target(parsed.model)
+            not_reranker = peers.cohere_invalid(f"model {json.dumps(target.name)} is not a reranker: it has several "
+                                                "labels, a reranker scores with one")
+            if target.info is not None and not target.info.reranker:
+                raise not_reranker
+            results = await self.submit(request, parsed.items, route, None, None, target.queue)
+            try:
+                return JSONResponse(peers.cohere_rerank_response(parsed, results))
+            except RerankError:
+                raise not_reranker from None
+
+        return await self._peer(peers.cohere_refusal, route, work())
+
+    async def models(self, request: Request) -> Response:
+        """``GET /v1/models`` (and ``/models``, Infinity's path without a prefix): every model
+        served, with its queue, live workers and queued jobs; a model with no live worker is
+        listed with ``workers: 0`` (its requests wait for one)."""
+        route = request.url.path
+
+        async def work() -> Response:
+            catalog = await self.catalog()
+            listing = catalog.listing()
+            async with self.within(self.settings.redis_timeout, tei.redis_unavailable):
+                depths = await asyncio.gather(*(self.queue_depth(t.queue) for t, _, _ in listing))
+            created = int(time.time())
+            rows = [peers.model_row(t.name, t.queue, t.info, t.workers, declared=declared, default=default,
+                                    queued_jobs=depth, created=created)
+                    for (t, declared, default), depth in zip(listing, depths)]
+            return JSONResponse(peers.models_response(rows))
+
+        return await self._peer(peers.infinity_refusal, route, work())
 
     # -- runs ---------------------------------------------------------------------------------------
 
@@ -544,7 +782,8 @@ class Gateway:
         fields = {"text_field": params.get("text_field") or "text", "id_field": params.get("id_field") or "id",
                   "text_pair_field": params.get("text_pair_field") or None}
         async with self.within(self.settings.request_timeout, tei.redis_unavailable):
-            await self.admit()
+            queue = (await self.target(params.get("model") or None)).queue
+            await self.admit(queue)
             plan = await self._run_plan(run_id)
         already = plan.resume_from * plan.chunk_size  # items a resumed run lists already (skipped, not sent)
         bad: list[dict[str, Any]] = []
@@ -594,7 +833,8 @@ class Gateway:
                 yield item
 
         try:
-            run = await self.runs.enqueue_stream(items(), run_id=run_id, on_progress=written, job_ttl=job_ttl)
+            run = await self.runs.enqueue_stream(items(), run_id=run_id, on_progress=written, job_ttl=job_ttl,
+                                                 queue=queue)
         except (ClientDisconnect, BodyTimeout) as exc:
             raise self._upload_cut(exc, run_id, kept, sealed=False) from None
         if cut is not None:
@@ -690,6 +930,7 @@ class Gateway:
         return self._open_stream(lambda: EventSourceResponse(events(), ping=15))
 
     async def metrics_page(self, request: Request) -> Response:
+        self.refresh_soon()  # the per-model gauge from the catalog as last read; never waits on Redis
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -737,6 +978,8 @@ def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> 
             started = time.perf_counter()
             try:
                 response = await handler(request)
+            except peers.PeerError as exc:  # already in the shape of the peer whose route this is
+                response = JSONResponse(exc.body, status_code=exc.status, headers=_error_headers(exc.status))
             except Exception as exc:
                 error = http_error(exc, path)
                 response = JSONResponse(error.body(), status_code=error.status, headers=_error_headers(error.status))
@@ -753,6 +996,13 @@ def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> 
         route("/invocations", gw.root, ["POST"]),
         route("/health", gw.health, ["GET"]),
         route("/info", gw.info, ["GET"]),
+        # Infinity's (with and without its common --url-prefix /v1) and Cohere's, with a model named.
+        route("/classify", gw.classify, ["POST"]),
+        route("/v1/classify", gw.classify, ["POST"]),
+        route("/v1/rerank", gw.infinity_rerank, ["POST"]),
+        route("/v2/rerank", gw.cohere_rerank, ["POST"]),
+        route("/models", gw.models, ["GET"]),
+        route("/v1/models", gw.models, ["GET"]),
         route("/runs", gw.create_run, ["POST"]),
         route("/runs/{run_id}", gw.run_progress, ["GET"]),
         route("/runs/{run_id}/results", gw.run_results, ["GET"]),

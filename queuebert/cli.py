@@ -28,6 +28,11 @@ log = structlog.get_logger(__name__)
 PROGRESS_TOTAL_EVERY = 1.0
 
 
+def _comma_list(value: str) -> list[str]:
+    """A comma-separated flag as the list its setting holds (as ``QUEUEBERT_*`` lists are read)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _redis_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None,
                    help=f"Redis URL (default: ${env_name('redis_url')} or redis://localhost:6379/0)")
@@ -174,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "JSONL streams. Needs the http extra: pip install 'queuebert[http]'.")
     p.add_argument("--host", default=None, help=f"address to listen on (default: {g.host})")
     p.add_argument("--port", type=int, default=None, help=f"port (default: {g.port})")
-    p.add_argument("--queue", default=None, help=f"queue the jobs go to (default: {g.queue})")
+    p.add_argument("--queue", default=None,
+                   help=f"the default model's queue: requests that name no model go here (default: {g.queue})")
+    p.add_argument("--models", default=None, type=_comma_list, metavar="NAME=QUEUE,...",
+                   help="models served besides those the registered workers announce, each a name and its queue "
+                        "(a bare NAME: its own queue), for models whose workers may be scaled to zero; "
+                        f"also aliases (default: ${env_name('models')} or none)")
     p.add_argument("--api-key", default=None,
                    help=f"bearer token every route but /health requires (default: ${env_name('api_key')} or none)")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -400,12 +410,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
+        from producer.catalog import parse_model_map
         from producer.gateway import serve
     except ImportError as exc:
         log.error("the gateway needs the http extra: pip install 'queuebert[http]'", error=str(exc))
         return 2
     names = {f for f in GatewaySettings.__dataclass_fields__}
-    return serve(GatewaySettings.from_env(**{k: v for k, v in vars(args).items() if k in names and v is not None}))
+    settings = GatewaySettings.from_env(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    try:
+        parse_model_map(settings.models)
+    except ValueError as exc:  # a typo in the map: refuse to start rather than route a model nowhere
+        log.error("bad model map", error=str(exc))
+        return 2
+    return serve(settings)
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:

@@ -101,7 +101,7 @@ class ClientSettings(_FromEnv):
     #: holds unstarted jobs). It is sent earlier, once an awaited result arrives and a worker is
     #: free: under load the requests that arrive during one job then share the next one. Under
     #: closed-loop traffic, also how long after results a batch waits for their submitters to
-    #: send again (see ``producer.async_client._Coalescer``).
+    #: send again (see ``producer.coalescing``).
     coalesce_max_ms: float = 20.0
     #: AsyncClient, closed-loop traffic only: while every worker serving the queue already has a
     #: job this client awaits, a gathering batch is held until one of those results arrives, at
@@ -124,7 +124,14 @@ class GatewaySettings(_FromEnv):
     """``queuebert serve`` settings: the HTTP gateway (``QUEUEBERT_<FIELD>`` like the others)."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    #: The default model's queue: requests that name no model go here (TEI's routes, unchanged).
     queue: str = DEFAULT_QUEUE
+    #: Models named statically, ``name=queue`` entries (comma-separated in ``QUEUEBERT_MODELS``; a
+    #: bare ``name`` is its own queue), beside those learned from the workers registered in Redis:
+    #: a model whose workers are scaled to zero has no worker to say it exists, so without an
+    #: entry here its requests would be refused instead of queued until a worker starts. A name
+    #: here is also an alias (it wins over a model id of the same spelling). See producer/catalog.py.
+    models: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8080
     #: Bearer token every route but /health requires (TEI's --api-key); None: no auth.

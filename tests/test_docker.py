@@ -26,7 +26,7 @@ DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 DOCKERFILES = [DOCKER / "Dockerfile.cpu", DOCKER / "Dockerfile.cuda"]
 DASHBOARD_DOCKERFILE = DOCKER / "Dockerfile.dashboard"
-WORKER_SERVICES = ["worker", "worker-gpu"]
+WORKER_SERVICES = ["worker", "worker-gpu", "worker-rerank"]
 
 #: Variables read outside the settings dataclasses, each with the file that reads it (checked below,
 #: so this list cannot outlive the code).

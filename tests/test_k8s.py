@@ -20,12 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from queuebert.settings import (
-    ExporterSettings,
-    GatewaySettings,
-    WorkerSettings,
-    env_name,
-)
+from producer.catalog import parse_model_map
+from queuebert.settings import ExporterSettings, GatewaySettings, WorkerSettings, env_name
 from worker.probes import LIVE_PATH, READY_PATH
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -157,7 +153,7 @@ def test_gateway_and_exporter_use_real_settings(resources: list[dict[str, Any]])
     g = GatewaySettings.from_env(env(gw))
     assert deployments["gateway"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > g.stop_timeout
     for probe in ("readinessProbe", "livenessProbe"):
-        # Not /health: 503 while no worker serves the queue (workers at zero would empty the Service).
+        # Not /health: 503 while Redis does not answer (a blip would restart every gateway).
         assert gw[probe]["httpGet"]["path"] == "/metrics"
     assert {p["containerPort"] for p in gw["ports"]} == {g.port}
 
@@ -172,6 +168,10 @@ def test_gateway_and_exporter_use_real_settings(resources: list[dict[str, Any]])
     worker_queues = {WorkerSettings.from_env(env(d["spec"]["template"]["spec"]["containers"][0])).queues[0]
                      for d in workers(resources).values()}
     assert worker_queues <= set(e.queues)
+    # ... and named in the gateway's model map, so its requests are accepted (and queue, which is
+    # what wakes KEDA) while its workers are at zero, and /health stays 200 meanwhile.
+    assert worker_queues <= set(parse_model_map(g.models).values())
+    assert g.queue in parse_model_map(g.models).values()
 
 
 def test_redis_keeps_its_data_on_a_persistent_volume(resources: list[dict[str, Any]]) -> None:
