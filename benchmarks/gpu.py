@@ -237,7 +237,7 @@ class Bench:
                         name = f"gpu-{model.name}-{len(procs)}"
                         with open(logdir / f"{name}.log", "wb") as log:
                             procs.append(subprocess.Popen(
-                                [sys.executable, "-m", "queuebert.cli", "worker", "--redis-url", srv.url, "--name",
+                                [sys.executable, "-m", "queuebert_cli", "worker", "--redis-url", srv.url, "--name",
                                  name], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log))
                         self.wait_registered(client, name, procs)
                     self.wait_results(client, client.enqueue_stream(self.texts[:256], chunk_size=64))  # warm-up

@@ -241,7 +241,7 @@ def wait_run(client: Any, run_id: str, procs: Procs, timeout: float = 1800.0, po
 
 def batch_worker_cmd(url: str, model: Path, dtype: str, queues: list[str] | None = None,
                      name: str | None = None, burst: bool = False) -> list[str]:
-    cmd = [PY, "-m", "queuebert.cli", "worker", "--redis-url", url, "--model", str(model), "--dtype", dtype,
+    cmd = [PY, "-m", "queuebert_cli", "worker", "--redis-url", url, "--model", str(model), "--dtype", dtype,
            "--device", "cpu", "--log-format", "json", "--log-level", "info"]
     for q in queues or ["default"]:
         cmd += ["--queue", q]

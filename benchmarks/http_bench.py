@@ -590,7 +590,7 @@ class HttpBench:
             worker = self.procs.start("worker", batch_worker_cmd(srv.url, model_dir, "auto", name=name))
             wait_registered(conn, [name], self.procs)
             gw_port = free_port()
-            gateway = self.procs.start("gateway", [PY, "-m", "queuebert.cli", "serve", "--host", "127.0.0.1",
+            gateway = self.procs.start("gateway", [PY, "-m", "queuebert_cli", "serve", "--host", "127.0.0.1",
                                                    "--port", str(gw_port), "--redis-url", srv.url])
             gw_url = f"http://127.0.0.1:{gw_port}"
             try:
@@ -604,7 +604,9 @@ class HttpBench:
                 # The old code's gateway beside the new one, behind the same worker and queue: the
                 # rows alternate, so only the gateway differs between h1 and h1-old.
                 old_port = free_port()
-                old_gw = self.procs.start("gateway-old", [PY, "-m", "queuebert.cli", "serve", "--host", "127.0.0.1",
+                # The command line moved from queuebert.cli to queuebert_cli: run whichever the checkout has.
+                cli = "queuebert_cli" if (self.old / "queuebert_cli").is_dir() else "queuebert.cli"
+                old_gw = self.procs.start("gateway-old", [PY, "-m", cli, "serve", "--host", "127.0.0.1",
                                                           "--port", str(old_port), "--redis-url", srv.url],
                                           code=self.old)
                 old_url = f"http://127.0.0.1:{old_port}"

@@ -47,7 +47,7 @@ def slowed(self, *args, **kwargs):
     time.sleep({forward_s})
     return run_batch(self, *args, **kwargs)
 Engine.run_batch = slowed
-from queuebert.cli import main
+from queuebert_cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -60,7 +60,7 @@ def start_worker(url: str, model: Path, name: str, forward_s: float = 0.0, **env
     settings = {"QUEUEBERT_MODEL": str(model), "QUEUEBERT_DTYPE": "float32", "QUEUEBERT_DEVICE": "cpu",
                 "QUEUEBERT_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1", **env}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    program = ["-c", _SLOWED_WORKER.format(forward_s=forward_s)] if forward_s else ["-m", "queuebert.cli"]
+    program = ["-c", _SLOWED_WORKER.format(forward_s=forward_s)] if forward_s else ["-m", "queuebert_cli"]
     return start_process([PYTHON, *program, "worker", "--name", name, "--log-format", "json"],
                          env=subprocess_env(url, **settings), cwd=REPO,
                          log_path=LOG_DIR / f"{name}-{time.time():.0f}.log")
@@ -74,7 +74,7 @@ def start_gateway(url: str, queue: str, **flags: str) -> tuple[LoggedProcess, st
     from conftest import PYTHON, REPO, subprocess_env
 
     port = free_port()
-    cmd = [PYTHON, "-m", "queuebert.cli", "serve", "--redis-url", url, "--queue", queue, "--port", str(port),
+    cmd = [PYTHON, "-m", "queuebert_cli", "serve", "--redis-url", url, "--queue", queue, "--port", str(port),
            "--log-format", "json"]
     for flag, value in flags.items():
         cmd += [f"--{flag.replace('_', '-')}", value]

@@ -7,7 +7,7 @@ import subprocess
 
 from conftest import PYTHON, REPO, subprocess_env
 
-QB = [PYTHON, "-m", "queuebert.cli"]
+QB = [PYTHON, "-m", "queuebert_cli"]
 
 
 def test_enqueue_worker_results(conn, redis_server, tiny_models, tmp_path):

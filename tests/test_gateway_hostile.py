@@ -30,7 +30,7 @@ def start_gateway(url: str, queue: str, **env: str) -> tuple[LoggedProcess, str]
 
     port = free_port()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    proc = start_process([PYTHON, "-m", "queuebert.cli", "serve", "--queue", queue, "--port", str(port),
+    proc = start_process([PYTHON, "-m", "queuebert_cli", "serve", "--queue", queue, "--port", str(port),
                           "--log-format", "json"], env=subprocess_env(url, **env), cwd=REPO,
                          log_path=LOG_DIR / f"gateway-hostile-{queue}-{port}.log")
     base = f"http://127.0.0.1:{port}"

@@ -79,7 +79,7 @@ def test_devices_cuda0_supervises_a_worker_on_the_gpu(conn, redis_server, tiny_m
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32")
     log_path = tmp_path / "supervisor.log"
     with open(log_path, "wb") as log:
-        sup = subprocess.Popen([PYTHON, "-m", "queuebert.cli", "worker", "--devices", "cuda:0", "--name", "gpu",
+        sup = subprocess.Popen([PYTHON, "-m", "queuebert_cli", "worker", "--devices", "cuda:0", "--name", "gpu",
                                 "--log-format", "json"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 120

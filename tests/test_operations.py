@@ -57,7 +57,7 @@ def test_metrics_endpoint_families_and_counts_move(conn, redis_server, tiny_mode
     port = _free_port()
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32")
     log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([PYTHON, "-m", "queuebert.cli", "worker", "--metrics-port", str(port),
+    worker = subprocess.Popen([PYTHON, "-m", "queuebert_cli", "worker", "--metrics-port", str(port),
                                "--name", "metrics"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     try:
         def ready():
@@ -98,7 +98,7 @@ def test_stats_json_reports_queues_workers_runs(conn, redis_server, engines):
     run_burst(conn, engines["bert"])
     pending = client.enqueue_stream(["d", "e"], chunk_size=1)
     client.queue("high").enqueue("worker.tasks.classify", kwargs={"items": []})
-    out = subprocess.run([PYTHON, "-m", "queuebert.cli", "stats", "--json", "--redis-url", redis_server.url],
+    out = subprocess.run([PYTHON, "-m", "queuebert_cli", "stats", "--json", "--redis-url", redis_server.url],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout)
@@ -108,7 +108,7 @@ def test_stats_json_reports_queues_workers_runs(conn, redis_server, engines):
     runs = {r["run"]: r for r in stats["runs"]}
     assert pending.id in runs and done_run.id not in runs
     assert runs[pending.id]["done"] == 0 and runs[pending.id]["total"] == 2
-    human = subprocess.run([PYTHON, "-m", "queuebert.cli", "stats", "--redis-url", redis_server.url, "--all-runs"],
+    human = subprocess.run([PYTHON, "-m", "queuebert_cli", "stats", "--redis-url", redis_server.url, "--all-runs"],
                            capture_output=True, text=True, cwd=REPO, timeout=60)
     assert human.returncode == 0 and done_run.id in human.stdout and "waiting" in human.stdout
 
@@ -184,7 +184,7 @@ def test_supervisor_runs_one_worker_per_device_and_restarts_the_dead(conn, redis
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32",
                          OMP_NUM_THREADS="1")
     log = open(tmp_path / "supervisor.log", "wb")
-    sup = subprocess.Popen([PYTHON, "-m", "queuebert.cli", "worker", "--devices", "cpu,cpu", "--name", "sup",
+    sup = subprocess.Popen([PYTHON, "-m", "queuebert_cli", "worker", "--devices", "cpu,cpu", "--name", "sup",
                             "--log-format", "json"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     try:
         names = ("rq:worker:sup-0", "rq:worker:sup-1")

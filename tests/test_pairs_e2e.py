@@ -21,7 +21,7 @@ from queuebert.results import decode_entry
 from conftest import PYTHON, REPO, build_tiny_model, subprocess_env
 from helpers import start_worker
 
-QB = [PYTHON, "-m", "queuebert.cli"]
+QB = [PYTHON, "-m", "queuebert_cli"]
 LABELS = ["politics", "sports", "cinema", "food", "economy"]
 
 

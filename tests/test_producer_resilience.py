@@ -27,7 +27,7 @@ from queuebert.serializer import JSONSerializer
 from conftest import PYTHON, REPO, subprocess_env
 from helpers import run_burst
 
-QB = [PYTHON, "-m", "queuebert.cli"]
+QB = [PYTHON, "-m", "queuebert_cli"]
 
 
 def _enqueued_items(conn: redis.Redis, run_id: str, queue: str = "default") -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import threading
 
-from queuebert.progress import Progress, count_lines, estimate_records
+from queuebert_cli.progress import Progress, count_lines, estimate_records
 
 
 class FakeTerminal(io.StringIO):

@@ -73,7 +73,7 @@ def start_exporter(url: str, queue: str) -> tuple[LoggedProcess, str]:
 
     port = free_port()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    proc = start_process([PYTHON, "-m", "queuebert.cli", "exporter", "--port", str(port), "--queue", queue,
+    proc = start_process([PYTHON, "-m", "queuebert_cli", "exporter", "--port", str(port), "--queue", queue,
                           "--log-format", "json"], env=subprocess_env(url), cwd=REPO,
                          log_path=LOG_DIR / f"exporter-{port}.log")
     base = f"http://127.0.0.1:{port}"

@@ -15,7 +15,7 @@ from producer.readers import InputError, InputShapeError, open_input, read_recor
 
 from conftest import PYTHON, REPO, subprocess_env
 
-QB = [PYTHON, "-m", "queuebert.cli"]
+QB = [PYTHON, "-m", "queuebert_cli"]
 BOM = b"\xef\xbb\xbf"
 
 

@@ -29,7 +29,7 @@ def test_rq_info_shows_queue_and_worker(conn, redis_server, tiny_models):
     client = Client.from_url(redis_server.url)
     client.submit("waiting for a worker")
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32")
-    worker = subprocess.Popen([PYTHON, "-m", "queuebert.cli", "worker", "--queue", "default", "--name", "qb-info-test",
+    worker = subprocess.Popen([PYTHON, "-m", "queuebert_cli", "worker", "--queue", "default", "--name", "qb-info-test",
                                "--log-format", "json"], env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -84,7 +84,7 @@ def test_stock_rq_worker_runs_a_job_correctly(conn, redis_server, tiny_models, e
 
 
 def test_producer_does_not_import_torch():
-    code = ("import sys, producer, queuebert.cli, producer.client; print(json.dumps(sorted(m for m in sys.modules "
+    code = ("import sys, producer, queuebert_cli, producer.client; print(json.dumps(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('torch','transformers'))))")
     out = subprocess.run([sys.executable, "-c", "import json;" + code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr

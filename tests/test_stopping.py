@@ -160,7 +160,7 @@ def _supervisor(url: str, model: Path, name: str) -> LoggedProcess:
     env = {"QUEUEBERT_MODEL": str(model), "QUEUEBERT_DTYPE": "float32", "QUEUEBERT_HEARTBEAT_INTERVAL": "1",
            "OMP_NUM_THREADS": "1"}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    proc = start_process([PYTHON, "-m", "queuebert.cli", "worker", "--devices", "cpu,cpu", "--name", name,
+    proc = start_process([PYTHON, "-m", "queuebert_cli", "worker", "--devices", "cpu,cpu", "--name", name,
                           "--log-format", "json"], env=subprocess_env(url, **env), cwd=REPO,
                          log_path=LOG_DIR / f"{name}-{time.time():.0f}.log")
     _started.append(proc)

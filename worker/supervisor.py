@@ -109,7 +109,7 @@ class Supervisor:
         # one stop signal (a worker takes a second one as "exit at once").
         # A supervisor killed outright (SIGKILL, the OOM killer) takes its workers with it, gracefully:
         # orphans would keep serving with nobody to stop or restart them.
-        child.proc = start_process([sys.executable, "-m", "queuebert.cli", "worker"], env=env, stdout="inherit",
+        child.proc = start_process([sys.executable, "-m", "queuebert_cli", "worker"], env=env, stdout="inherit",
                                    new_session=True, stop_with_parent=True)
         child.started = time.monotonic()
         log.info("worker process started", device=child.device, pid=child.proc.pid, index=child.index)

@@ -29,8 +29,9 @@ from producer.outputs import safe_point
 from producer.readers import InputError, guess_format, open_input, read_objects, read_records
 from queuebert.connection import connect
 from queuebert.procs import LoggedProcess, start_process, stop_processes
-from queuebert.progress import Progress, estimate_records
 from queuebert.settings import WorkerSettings, env_name
+
+from .progress import Progress, estimate_records
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +41,7 @@ class RunFailed(RuntimeError):
 
 
 def _worker_command(args: argparse.Namespace, url: str, index: int) -> list[str]:
-    cmd = [sys.executable, "-m", "queuebert.cli", "worker", "--redis-url", url, "--log-format", "json",
+    cmd = [sys.executable, "-m", "queuebert_cli", "worker", "--redis-url", url, "--log-format", "json",
            "--log-level", args.log_level or "warning"]
     for flag in ("model", "revision", "device", "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms"):
         value = getattr(args, flag, None)

@@ -16,11 +16,10 @@ import structlog
 
 from producer.outputs import open_output, safe_point
 from producer.readers import DEFAULT_ID_FIELD, FORMATS
-
-from . import logs
-from .connection import RedisUnavailable
-from .schema import DEFAULT_HYPOTHESIS_TEMPLATE
-from .settings import ClientSettings, ExporterSettings, GatewaySettings, WorkerSettings, env_name
+from queuebert import logs
+from queuebert.connection import RedisUnavailable
+from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE
+from queuebert.settings import ClientSettings, ExporterSettings, GatewaySettings, WorkerSettings, env_name
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +49,8 @@ def _input_flags(p: argparse.ArgumentParser) -> None:
                    help="input format (default: from the file extension, else txt)")
     p.add_argument("--text-field", default="text", help="JSONL/CSV/TSV field holding the text (default: text)")
     p.add_argument("--id-field", default=None,
-                   help=f"JSONL/CSV/TSV field holding the id (default: {DEFAULT_ID_FIELD} where present, else generated)")
+                   help=f"JSONL/CSV/TSV field holding the id (default: {DEFAULT_ID_FIELD} where present, "
+                        "else generated)")
     p.add_argument("--text-pair-field", default=None,
                    help="JSONL/CSV/TSV field holding a second text: each item is a pair (cross-encoders, NLI)")
     p.add_argument("--top-k", type=int, default=None, help="labels per result (default: all)")
@@ -97,13 +97,16 @@ def _run_flags(p: argparse.ArgumentParser, what: str) -> None:
 
 def _worker_flags(p: argparse.ArgumentParser) -> None:
     d = WorkerSettings()
-    p.add_argument("--model", default=None, help=f"hub id or local path (default: {d.model}, built offline on first use)")
+    p.add_argument("--model", default=None,
+                   help=f"hub id or local path (default: {d.model}, built offline on first use)")
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit) for hub ids")
-    p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow model code from the hub (off by default)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow model code from the hub (off by default)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: bf16 on CUDA that supports it (else fp16), bf16 on CPUs with native bf16, else fp32")
-    p.add_argument("--max-batch-size", type=int, default=None, help="texts per forward (default: 64 on CPU, 512 on CUDA)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="texts per forward (default: 64 on CPU, 512 on CUDA)")
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="padded tokens per forward (default: 4096 on CPU, 16384 on CUDA)")
     p.add_argument("--max-wait-ms", type=float, default=None,
@@ -342,8 +345,8 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def _done_in_order(client: Any, run_id: str) -> Any:
     """Without --follow: the results that exist now, in input order."""
-    from . import keys
-    from .results import decode_entry
+    from queuebert import keys
+    from queuebert.results import decode_entry
 
     done: dict[str, list[Any]] = {}
     for _entry_id, fields in client.connection.xrange(keys.run_stream(run_id)):
@@ -357,8 +360,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     import time
 
     from producer.stats import gather, render
-
-    from .connection import connect
+    from queuebert.connection import connect
 
     conn = connect(args.redis_url)
     while True:
@@ -396,7 +398,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from producer.client import RedisFull, ResumeError
     from producer.embedded_redis import NoRedisBinary
     from producer.readers import InputError
-    from queuebert.run_command import RunFailed, run
+
+    from .run_command import RunFailed, run
 
     try:
         return run(args)
