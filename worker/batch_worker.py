@@ -54,7 +54,7 @@ from .job_store import JobStore
 from .metrics import WorkerMetrics
 from .outage import Outage
 from .probes import WorkerProbes
-from .scheduler import BatchScheduler
+from .scheduler import BatchScheduler, ItemPool
 from .slots import Finished, Inflight
 from .taker import Taker
 
@@ -97,7 +97,7 @@ class BatchWorker(SimpleWorker):
         self.finished = Finished()
         # Built by assemble(), once the engine is loaded. The pool is not RQ's `self.scheduler`
         # (RQ's scheduler process, which RQ's teardown stops if set).
-        self.pool: BatchScheduler | None = None
+        self.pool: ItemPool | None = None
         self.store: JobStore | None = None
         self.metrics: WorkerMetrics | None = None
         self.taker: Taker | None = None

@@ -1,7 +1,7 @@
 """The compute loop: batches from the pool through the model, each job handed on as soon as its
 last item is done.
 
-It runs in the worker's main thread. The pool (:class:`~worker.scheduler.BatchScheduler`) decides
+It runs in the worker's main thread. The pool (:class:`~worker.scheduler.ItemPool`) decides
 which items make the next batch; the engine runs it; :meth:`worker.slots.Inflight.settle` records
 the results (the taker may be settling other items of the same jobs) and names the jobs this batch
 finished, which go to the completer at once.
@@ -17,7 +17,7 @@ import structlog
 
 from .engine import BatchStats, Engine
 from .metrics import WorkerMetrics
-from .scheduler import BatchScheduler
+from .scheduler import ItemPool
 from .slots import Finished, Inflight, Slot
 
 log = structlog.get_logger(__name__)
@@ -63,7 +63,7 @@ class StatsWindow:
 class Compute:
     """Runs batches until stopped, or until the pool is empty and the taker has ended a burst."""
 
-    def __init__(self, *, engine: Engine, pool: BatchScheduler, inflight: Inflight, finished: Finished,
+    def __init__(self, *, engine: Engine, pool: ItemPool, inflight: Inflight, finished: Finished,
                  max_wait: float, metrics: WorkerMetrics | None, stop: threading.Event,
                  taker_done: threading.Event):
         self.engine = engine

@@ -17,6 +17,7 @@ import torch
 
 from queuebert.schema import INFERENCE_ERROR, INVALID_TEXT, Item, ItemResult, error_result
 
+from .budget import fits
 from .job_rows import RAW_LOGITS
 from .model import LoadedModel, apply_scoring
 
@@ -76,7 +77,7 @@ def plan_batches(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: 
     n = len(lengths)
     while start < n:
         end = start + 1
-        while end < n and end - start < max_batch_size and (end - start + 1) * lengths[end] <= max_batch_tokens:
+        while end < n and fits(end - start + 1, lengths[end], max_batch_size, max_batch_tokens):
             end += 1
         spans.append((start, end))
         start = end

@@ -21,7 +21,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from .budget import fits
 
 
 @dataclass(slots=True)
@@ -38,8 +40,35 @@ class Entry:
     arrived: float = 0.0
 
 
+class ItemPool(Protocol):
+    """What the taker and compute need of the pool the worker's batches are cut from: the one
+    interface they name, so the scheduling policy (:class:`BatchScheduler`, or another) is chosen in
+    one place, :meth:`worker.batch_worker.BatchWorker.assemble`, and tested on its own."""
+
+    #: Items the taker keeps in the pool at most.
+    capacity: int
+
+    def __len__(self) -> int: ...
+
+    def expect(self, items: int, queued: bool = False) -> None:
+        """``items`` more are on their way, and whether more jobs are still queued behind them."""
+
+    def add(self, entries: list[Entry], settled: int = 0) -> None:
+        """Tokenized items arrive; ``settled`` of the expected ones are here or gone."""
+
+    def next_batch(self, max_wait: float, timeout: float = 0.5) -> list[Entry] | None:
+        """The next batch to run, or None if nothing came within ``timeout`` or the pool closed."""
+
+    def drain(self) -> list[Entry]:
+        """Everything still waiting, removed (to give back at a stop)."""
+
+    def close(self) -> None:
+        """No more items will come: wake whoever waits for a batch."""
+
+
 class BatchScheduler:
-    """A length-sorted pool shared by the taker (adds) and compute (takes batches); thread-safe."""
+    """A length-sorted pool shared by the taker (adds) and compute (takes batches); thread-safe.
+    The worker's :class:`ItemPool`."""
 
     #: Seconds a batch may wait for a burst's items being tokenized to land (see next_batch).
     FILL_WAIT = 0.1
@@ -169,8 +198,8 @@ class BatchScheduler:
 
     def _grow_right(self, lo: int, hi: int, width: int) -> tuple[int, bool]:
         keys, n = self._keys, len(self._keys)
-        while hi < n and hi - lo < self.max_batch_size:
-            if (hi - lo + 1) * keys[hi][0] > self.max_batch_tokens:
+        while hi < n:
+            if not fits(hi - lo + 1, keys[hi][0], self.max_batch_size, self.max_batch_tokens):
                 return hi, True
             hi += 1
         return hi, hi - lo >= self.max_batch_size
@@ -192,9 +221,10 @@ class BatchScheduler:
         while hi - lo < self.max_batch_size:
             rows = hi - lo
             # A shorter neighbour is padded to the current width; a longer one widens every row.
-            left = width - keys[lo - 1][0] if lo > 0 and (rows + 1) * width <= self.max_batch_tokens else None
+            left = (width - keys[lo - 1][0]
+                    if lo > 0 and fits(rows + 1, width, self.max_batch_size, self.max_batch_tokens) else None)
             right = ((keys[hi][0] - width) * rows
-                     if hi < n and (rows + 1) * keys[hi][0] <= self.max_batch_tokens else None)
+                     if hi < n and fits(rows + 1, keys[hi][0], self.max_batch_size, self.max_batch_tokens) else None)
             if left is None and right is None:
                 return lo, hi, True
             if right is None or (left is not None and left <= right):

@@ -2,7 +2,7 @@
 
 Each round takes many jobs in one script call, registered as started exactly as RQ registers them
 (:class:`~worker.job_store.JobStore`), decodes and checks them, tokenizes their items and adds them
-to the length-sorted pool (:class:`~worker.scheduler.BatchScheduler`). Which thread may touch a
+to the pool batches are cut from (:class:`~worker.scheduler.ItemPool`). Which thread may touch a
 taken job when is :mod:`worker.slots`' rule.
 """
 
@@ -27,7 +27,7 @@ from .engine import Engine
 from .job_rows import split_items
 from .job_store import JobStore
 from .outage import Outage
-from .scheduler import BatchScheduler, Entry
+from .scheduler import Entry, ItemPool
 from .slots import Finished, Inflight, Slot
 from .tasks import deadline_message
 
@@ -43,7 +43,7 @@ class Taker:
     TOKENIZE_CHUNK = 256
 
     def __init__(self, *, connection: redis.Redis, store: JobStore, queues: list[Queue], engine: Engine,
-                 pool: BatchScheduler, settings: WorkerSettings, inflight: Inflight, finished: Finished,
+                 pool: ItemPool, settings: WorkerSettings, inflight: Inflight, finished: Finished,
                  outages: Mapping[str, Outage], execution_ttl: int, stop: threading.Event):
         self.connection = connection
         self.store = store
