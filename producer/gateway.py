@@ -486,7 +486,7 @@ class Gateway:
         self._waiting.add(waiting)
         try:
             got = await waiting
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise tei.timed_out(timeout) from None
         except asyncio.CancelledError:
             if self._cut:
@@ -498,7 +498,7 @@ class Gateway:
                 wait.cancel()
         if any(r is None for r in got):
             raise tei.timed_out(timeout)
-        return got  # type: ignore[return-value]
+        return got
 
     async def submit(self, request: Request, items: tuple[Any, ...] | list[Any], route: str, top_k: int | None = None,
                      function_to_apply: str | None = None, queue: str | None = None) -> list[ItemResult]:
@@ -1017,7 +1017,7 @@ def create_app(settings: GatewaySettings, client: AsyncClient | None = None) -> 
             # Bounded: closing sends nothing (but the deletes of released handles still under way),
             # and a stop must not hang on a Redis that is frozen.
             await asyncio.wait_for(asyncio.gather(client.aclose(), runs.aclose(), streams.aclose()), timeout=5)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             log.warning("closing the Redis clients timed out at shutdown")
 
     app = Starlette(routes=routes, middleware=[Middleware(Auth, api_key=settings.api_key)], lifespan=lifespan)
@@ -1045,8 +1045,10 @@ def serve(settings: GatewaySettings) -> int:
     # limit_concurrency answers 503 past that many connections and requests, before the process
     # runs out of file descriptors; idle keep-alive connections close after keep_alive_timeout.
     Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on",
-                          access_log=False, timeout_graceful_shutdown=settings.stop_timeout,
+                          # uvicorn annotates both as int, and hands them to asyncio's timers,
+                          # which take any number of seconds.
+                          access_log=False, timeout_graceful_shutdown=settings.stop_timeout,  # type: ignore[arg-type]
                           limit_concurrency=settings.limit_concurrency,
-                          timeout_keep_alive=settings.keep_alive_timeout)).run()
+                          timeout_keep_alive=settings.keep_alive_timeout)).run()  # type: ignore[arg-type]
     return 0
 

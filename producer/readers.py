@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
 import structlog
@@ -102,7 +102,7 @@ def _record(obj: dict[str, Any], line: int, text_field: str, id_field: str,
     return item
 
 
-def _check_columns(fmt: str, columns: list[str] | None, wanted: list[tuple[str, str]]) -> None:
+def _check_columns(fmt: str, columns: Sequence[str] | None, wanted: list[tuple[str, str]]) -> None:
     """One clear error for a column the options name and the header lacks."""
     if columns is None:  # an empty input: no header, no records
         return
@@ -220,7 +220,8 @@ class LineSplitter:
 
     def end(self) -> list[tuple[int, bytes | InputError]]:
         """The last line, when the stream does not end with a line end."""
-        last = [(self._number + 1, bytes(self._line))] if self._line and not self._dropping else []
+        last: list[tuple[int, bytes | InputError]] = (
+            [(self._number + 1, bytes(self._line))] if self._line and not self._dropping else [])
         self._line.clear()
         return last
 

@@ -53,7 +53,7 @@ def worker_stats(conn: redis.Redis) -> list[dict[str, Any]]:
 
 
 def run_stats(conn: redis.Redis, include_finished: bool = False, limit: int = 50) -> list[dict[str, Any]]:
-    run_ids = [r.decode() for r in conn.zrevrange(keys.RUNS, 0, 999)]
+    run_ids = [r.decode() if isinstance(r, bytes) else str(r) for r in conn.zrevrange(keys.RUNS, 0, 999)]
     with conn.pipeline(transaction=False) as pipe:
         for run_id in run_ids:
             pipe.hmget(keys.run_meta(run_id), "enqueued", "total", "done", "errors", "sealed", "created_at",

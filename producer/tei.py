@@ -258,9 +258,9 @@ def _bad_json(reason: str) -> TEIError:
 
 def decode_body(raw: bytes | str) -> Any:
     """The JSON value of a request body; 400 for what serde_json would not parse (bad UTF-8,
-    bad syntax, ``NaN``/``Infinity``, nesting too deep to parse), as TEI's extractor answers. Lone surrogates (``"\\ud800"``),
-    which serde_json also refuses, are caught where texts are read (``predict_inputs``,
-    ``parse_rerank``), so a big body is not walked twice."""
+    bad syntax, ``NaN``/``Infinity``, nesting too deep to parse), as TEI's extractor answers.
+    Lone surrogates (``"\\ud800"``), which serde_json also refuses, are caught where texts are
+    read (``predict_inputs``, ``parse_rerank``), so a big body is not walked twice."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         return json.loads(text, parse_constant=_refuse_constant)

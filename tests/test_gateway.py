@@ -18,9 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import start_gateway, start_worker
 
 from queuebert.procs import LoggedProcess, stop_processes
+
+from helpers import start_gateway, start_worker
 
 API_KEY = "s3cret-token"
 
@@ -62,8 +63,9 @@ def test_inference_client_matches_pipeline(served, tiny_models):
         "import json, sys\n"
         "from huggingface_hub import InferenceClient\n"
         f"c = InferenceClient(model={served['cls']!r}, token={API_KEY!r})\n"
-        "out = [[{'label': e.label, 'score': e.score} for e in c.text_classification(t)] for t in json.loads(sys.argv[1])]\n"
-        "top2 = [{'label': e.label, 'score': e.score} for e in c.text_classification(json.loads(sys.argv[1])[0], top_k=1)]\n"
+        "texts = json.loads(sys.argv[1])\n"
+        "out = [[{'label': e.label, 'score': e.score} for e in c.text_classification(t)] for t in texts]\n"
+        "top2 = [{'label': e.label, 'score': e.score} for e in c.text_classification(texts[0], top_k=1)]\n"
         "print(json.dumps({'all': out, 'top1': top2}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}

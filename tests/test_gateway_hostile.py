@@ -16,9 +16,10 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 import redis as redis_py
-from helpers import LOG_DIR, start_worker
 
 from queuebert.procs import LoggedProcess, free_port, start_process, stop_processes
+
+from helpers import LOG_DIR, start_worker
 
 #: Only a hang fails these: every answer below comes in well under a second when things work.
 HANG_S = 20

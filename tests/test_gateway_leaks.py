@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from helpers import reap, start_worker
 from rq import Queue
 from rq.registry import FinishedJobRegistry
 from test_gateway_hostile import HANG_S, connect, head, start_gateway, tei_error
@@ -29,6 +28,8 @@ from test_gateway_hostile import HANG_S, connect, head, start_gateway, tei_error
 from queuebert import keys
 from queuebert.procs import LoggedProcess
 from queuebert.settings import DEFAULT_RESULT_TTL, GatewaySettings
+
+from helpers import reap, start_worker
 
 _started: list[LoggedProcess] = []
 

@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import redis
-from helpers import reap, start_gateway, start_worker
 from rq import Queue
 
 from producer.embedded_redis import RedisServer
 from queuebert.procs import LoggedProcess
 from queuebert.serializer import JSONSerializer
+
+from helpers import reap, start_gateway, start_worker
 
 _started: list[LoggedProcess] = []
 
@@ -243,6 +244,6 @@ def test_worker_killed_with_default_heartbeat_answers_within_default_timeout(red
     assert held_at_kill and held_at_kill[0] > 0, f"worker a never held a job: {Counter(statuses)}"
     assert workers["killdef-a"].wait(10) == -signal.SIGKILL
     slowest = max(s for s, _ in responses)
-    print(f"worker SIGKILLed holding {held_at_kill[0]} jobs: statuses {dict(Counter(statuses))}, slowest {slowest:.1f} s"
-          f" (request timeout {GatewaySettings().request_timeout:g} s)")
+    print(f"worker SIGKILLed holding {held_at_kill[0]} jobs: statuses {dict(Counter(statuses))}, "
+          f"slowest {slowest:.1f} s (request timeout {GatewaySettings().request_timeout:g} s)")
     assert statuses == [200] * len(bodies)

@@ -106,7 +106,8 @@ def test_services_and_budgets_select_pods_and_name_real_ports(resources: list[di
         ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports, name
     for name, pdb in of_kind(resources, "PodDisruptionBudget").items():
-        matched = [n for n, p in pods.items() if _selects(pdb["spec"]["selector"]["matchLabels"], p["metadata"]["labels"])]
+        selector = pdb["spec"]["selector"]["matchLabels"]
+        matched = [n for n, p in pods.items() if _selects(selector, p["metadata"]["labels"])]
         assert matched == [name], (name, matched)
     for w in workloads.values():  # a Deployment's selector matches its own pods (the API checks it too)
         assert _selects(w["spec"]["selector"]["matchLabels"], w["spec"]["template"]["metadata"]["labels"])
@@ -281,7 +282,8 @@ def test_scaled_objects_follow_kedas_schema(resources: list[dict[str, Any]]) -> 
         assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100)
         assert spec["minReplicaCount"] == 0  # scale to zero
         assert "idleReplicaCount" not in spec  # "must be less than minReplicaCount": 0 leaves no room
-        assert spec["scaleTargetRef"]["name"] == name and spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+        target = spec["scaleTargetRef"]
+        assert target["name"] == name and target.get("kind", "Deployment") == "Deployment"
         if "fallback" in spec:
             assert any(t["type"] not in ("cpu", "memory") and t.get("metricType", "AverageValue") == "AverageValue"
                        for t in spec["triggers"])
