@@ -65,7 +65,7 @@ def zero_shot_item(text: str | dict[str, Any], candidate_labels: Sequence[str] |
     """One zero-shot item; labels as a list or, as the pipeline takes them, comma-separated."""
     labels = [x.strip() for x in candidate_labels.split(",") if x.strip()] if isinstance(candidate_labels, str) \
         else list(candidate_labels)
-    item = dict(text) if isinstance(text, dict) else {"text": text}
+    item: dict[str, Any] = dict(text) if isinstance(text, dict) else {"text": text}
     item.update(candidate_labels=labels, hypothesis_template=hypothesis_template, multi_label=multi_label)
     return item
 
@@ -112,35 +112,54 @@ def stream_through(client: Client, items: Iterable[Any], *, run_id: str, chunk_s
         raise failed[0]
 
 
-def rerank_stream(client: Client, queries: Iterable[dict[str, Any]], *, run_id: str, top_n: int | None = None,
-                  return_text: bool = False, label: str | None = None,
-                  on_sealed: Callable[[int], None] | None = None, **stream: Any) -> Iterator[dict[str, Any]]:
-    """For each ``{"id"?, "query", "passages", ...}`` in order: ``{"id", "results": ranking, "meta"?}``.
+class Reranking:
+    """Queries becoming pairs and their pairs' results becoming answers, for ``rerank_many`` in
+    either client (no I/O here): :meth:`pairs` as the run is enqueued, :meth:`add` for each result
+    in input order, :meth:`rest` at the end. Only the queries between the one being answered and
+    the enqueue front are held."""
 
-    Every query's pairs go out as one run, enqueued while results are read; only the queries
-    between the one being answered and the enqueue front are held here. ``on_sealed`` hears the
-    number of queries once all are enqueued."""
-    waiting: deque[Query] = deque()
-    seen = 0
+    def __init__(self, *, top_n: int | None = None, return_text: bool = False, label: str | None = None):
+        self.top_n, self.return_text, self.label = top_n, return_text, label
+        self.waiting: deque[Query] = deque()
+        #: Queries read so far.
+        self.seen = 0
+        self._results: list[ItemResult] = []
 
-    def items() -> Iterator[Item]:
-        nonlocal seen
-        for n, q in enumerate(queries):
-            seen = n + 1
-            query_id = str(q["id"]) if q.get("id") is not None else str(n)
-            passages = q.get("passages")
-            meta = {k: v for k, v in q.items() if k not in ("id", "query", "passages")} or None
-            if not isinstance(q.get("query"), str) or not isinstance(passages, list):
-                waiting.append(Query(query_id, [], meta, "a query is {'query': str, 'passages': [str, ...]}"))
-                continue
-            waiting.append(Query(query_id, passages, meta))
-            yield from pair_items(query_id, q["query"], passages)
+    def pairs(self, n: int, q: dict[str, Any]) -> list[Item]:
+        """The pair items of query number ``n`` (``{"id"?, "query", "passages", ...}``), which now
+        waits for their results (none for an unusable query: its answer is an error)."""
+        self.seen = n + 1
+        query_id = str(q["id"]) if q.get("id") is not None else str(n)
+        passages = q.get("passages")
+        meta = {k: v for k, v in q.items() if k not in ("id", "query", "passages")} or None
+        if not isinstance(q.get("query"), str) or not isinstance(passages, list):
+            self.waiting.append(Query(query_id, [], meta, "a query is {'query': str, 'passages': [str, ...]}"))
+            return []
+        self.waiting.append(Query(query_id, passages, meta))
+        return pair_items(query_id, q["query"], passages)
 
-    def answered(query: Query, results: list[ItemResult]) -> dict[str, Any]:
+    def add(self, result: ItemResult) -> list[dict[str, Any]]:
+        """The next pair's result (input order): the answers it completes."""
+        out = []
+        while self.waiting and not self.waiting[0].passages:  # a query without passages has no results to wait for
+            out.append(self._answer(self.waiting.popleft(), []))
+        self._results.append(result)
+        if len(self._results) == len(self.waiting[0].passages):
+            out.append(self._answer(self.waiting.popleft(), self._results))
+            self._results = []
+        return out
+
+    def rest(self) -> list[dict[str, Any]]:
+        """Once every result is in: the answers of the queries left (ones without passages)."""
+        out = [self._answer(query, []) for query in self.waiting]
+        self.waiting.clear()
+        return out
+
+    def _answer(self, query: Query, results: list[ItemResult]) -> dict[str, Any]:
         if query.error is not None:
             return {"id": query.id, "error": {"type": INVALID_ITEM, "message": query.error}}
-        out: dict[str, Any] = {"id": query.id, "results": ranking(results, query.passages if return_text else None,
-                                                                  top_n, label)}
+        out: dict[str, Any] = {"id": query.id, "results": ranking(results, query.passages if self.return_text else None,
+                                                                  self.top_n, self.label)}
         errors = [r for r in results if "error" in r]
         if errors:
             out["errors"] = errors
@@ -148,14 +167,21 @@ def rerank_stream(client: Client, queries: Iterable[dict[str, Any]], *, run_id: 
             out["meta"] = query.meta
         return out
 
-    results: list[ItemResult] = []
-    sealed = (lambda _pairs: on_sealed(seen)) if on_sealed is not None else None
+
+def rerank_stream(client: Client, queries: Iterable[dict[str, Any]], *, run_id: str, top_n: int | None = None,
+                  return_text: bool = False, label: str | None = None,
+                  on_sealed: Callable[[int], None] | None = None, **stream: Any) -> Iterator[dict[str, Any]]:
+    """For each ``{"id"?, "query", "passages", ...}`` in order: ``{"id", "results": ranking, "meta"?}``.
+
+    Every query's pairs go out as one run, enqueued while results are read (see :class:`Reranking`).
+    ``on_sealed`` hears the number of queries once all are enqueued."""
+    reranking = Reranking(top_n=top_n, return_text=return_text, label=label)
+
+    def items() -> Iterator[Item]:
+        for n, q in enumerate(queries):
+            yield from reranking.pairs(n, q)
+
+    sealed = (lambda _pairs: on_sealed(reranking.seen)) if on_sealed is not None else None
     for result in stream_through(client, items(), run_id=run_id, on_sealed=sealed, **stream):
-        while waiting and not waiting[0].passages:  # a query without passages has no results to wait for
-            yield answered(waiting.popleft(), [])
-        results.append(result)
-        if len(results) == len(waiting[0].passages):
-            yield answered(waiting.popleft(), results)
-            results = []
-    while waiting:
-        yield answered(waiting.popleft(), [])
+        yield from reranking.add(result)
+    yield from reranking.rest()

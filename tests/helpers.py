@@ -47,7 +47,7 @@ def slowed(self, *args, **kwargs):
     time.sleep({forward_s})
     return run_batch(self, *args, **kwargs)
 Engine.run_batch = slowed
-from queuebert_cli import main
+from queuebert_cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -108,7 +108,7 @@ def bug(self, *args):
     raise RuntimeError("bug in {method}")
 
 {cls}.{method} = bug
-from queuebert_cli import main
+from queuebert_cli.main import main
 sys.exit(main(["worker", "--name", "buggy", "--log-format", "json"]))
 """
 

@@ -35,20 +35,21 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import run_burst
 from rq import Callback, Queue, Repeat, Retry
 from rq.group import Group
 from rq.job import JobStatus
 from rq.rate_limit import RateLimit
 from rq.worker import SimpleWorker
 
-import producer.client
+import producer.jobs
 import worker.tasks
 from producer import Client
 from queuebert import keys, upstream
 from queuebert.job import QueuebertJob
 from queuebert.schema import job_kwargs
 from queuebert.serializer import JSONSerializer
+
+from helpers import run_burst
 
 WORKER = "qb-parity"
 QUEUE = "default"
@@ -96,7 +97,7 @@ def run_batch_worker(conn: redis.Redis, engine: Any, queues: list[str]) -> None:
 def ids(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """Deterministic producer ids (runs, jobs, items), restarted for each worker's turn."""
     counter: list[Iterator[int]] = [itertools.count()]
-    monkeypatch.setattr(producer.client, "new_id", lambda: f"id{next(counter[0]):04d}")
+    monkeypatch.setattr(producer.jobs, "new_id", lambda: f"id{next(counter[0]):04d}")
 
     def restart() -> None:
         counter[0] = itertools.count()
