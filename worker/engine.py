@@ -88,10 +88,11 @@ def default_batch_size(device: torch.device) -> int:
     """Rows per forward, where the token budget does not bound a batch first. On a GPU only very
     short texts reach it: each eager forward costs the host milliseconds of kernel launches under
     the GIL whatever its size (MiniLM-L6: ~830 ATen calls, 4.8 ms of CPU for a one-row forward on
-    a CPU here), so 64-row forwards of short texts would spend the worker's CPU launching kernels
-    (a simulated GPU with 3 ms of it per forward: 1.26x the texts/s at 512 rows against 64, the
-    same 16,384-token budget, so no more device memory; benchmarks/README.md). A CPU's batches
-    stay small to stay in cache."""
+    a CPU here), so 64-row forwards of short texts would spend the worker's CPU launching kernels.
+    On a simulated GPU (benchmarks/README.md) 512 rows gave 1.16-1.33x the texts/s of 64 at 3 ms of
+    host CPU per forward, and 0.94-0.96x at none (runs of 512 sorted neighbours pad more); the
+    16,384-token budget, and so device memory, is the same. A CPU's batches stay small to stay in
+    cache."""
     return 512 if device.type == "cuda" else 64
 
 
