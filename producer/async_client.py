@@ -117,6 +117,7 @@ class AsyncHandle(HandleRecord):
     async def result(self, timeout: float | None = 0) -> ItemResult | None:
         """The item's result; waits up to ``timeout`` seconds (None: forever, 0: just look).
         Raises :class:`JobFailed` if its job failed as a whole."""
+        # Without item_id, job_results gives the job's list (its return type also covers one item's).
         return self.pick(await self.client.job_results(self.job_id, timeout=timeout))  # type: ignore[arg-type]
 
 
@@ -504,6 +505,7 @@ class _Coalescer:
     def results_arrived(self, items: int) -> None:
         """Results for ``items`` awaited items arrived (see :meth:`CoalescingPolicy.results_arrived`)."""
         for key, decision in self.policy.results_arrived(items, self._awaited()).items():
+            # The policy keys batches by any hashable; this client's keys are (queue, options) pairs.
             self._apply(key, decision)  # type: ignore[arg-type]
 
     def _apply(self, key: tuple[str, JobOptions], decision: Decision) -> None:
@@ -830,6 +832,8 @@ class AsyncClient:
         items = [pairs.zero_shot_item(t, candidate_labels, hypothesis_template, multi_label) for t in values]
         results = [r async for r in self._stream_through(items, run_id=run_id or jobs.new_id(), chunk_size=chunk_size,
                                                           max_pending=0, timeout=timeout)]
+        # Zero-shot answers are plain dicts; stream_through is typed with ItemResult, a TypedDict,
+        # which mypy does not take for dict[str, Any].
         return results[0] if single else results  # type: ignore[return-value]
 
     async def _stream_through(

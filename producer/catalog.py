@@ -203,6 +203,7 @@ def build_catalog(workers: Sequence[Mapping[str, Any]], declared: Mapping[str, s
     for name, qs in candidates.items():
         if len(name) > MAX_MODEL_NAME:
             continue  # a request could never name it
+        # A candidate's queues all have a served model (only those were added), so queues[q] is a tuple.
         best = default_queue if default_queue in qs else min(qs, key=lambda q: (-queues[q][1], q))  # type: ignore[index]
         entries[name] = Entry(name, best, declared=False, default=best == default_queue)
     for name, queue in declared.items():

@@ -56,6 +56,7 @@ class Handle(HandleRecord):
     def result(self, timeout: float | None = 0) -> ItemResult | None:
         """The item's result; waits up to ``timeout`` seconds (None: forever, 0: just look).
         Raises :class:`JobFailed` if its job failed as a whole."""
+        # Without item_id, job_results gives the job's list (its return type also covers one item's).
         return self.pick(self.client.job_results(self.job_id, timeout=timeout))  # type: ignore[arg-type]
 
 
@@ -287,6 +288,8 @@ class Client:
         items = (pairs.zero_shot_item(t, candidate_labels, hypothesis_template, multi_label) for t in values)
         results = list(pairs.stream_through(self, items, run_id=run_id or jobs.new_id(), chunk_size=chunk_size,
                                             max_pending=0, timeout=timeout))
+        # Zero-shot answers are plain dicts; stream_through is typed with ItemResult, a TypedDict,
+        # which mypy does not take for dict[str, Any].
         return results[0] if single else results  # type: ignore[return-value]
 
     def submit_many(

@@ -295,6 +295,7 @@ class Cached(Generic[T]):
         every = self.short_every if self.short is not None and value is not None and self.short(value) else self.every
         fresh = time.monotonic() - self._at <= every and (self.keep_none or value is not None)
         if fresh:
+            # Fresh means read at least once: _value is a T (None itself only when keep_none allows it).
             return self._value  # type: ignore[return-value]
         if self._reading is None:
             self._reading = asyncio.ensure_future(self._refresh())

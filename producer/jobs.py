@@ -172,6 +172,8 @@ def enqueue_commands(
     watches the cursor.
     """
     recorder = CommandRecorder()
+    # The recorder stands in for RQ's connection and pipeline (the commands they would send, kept):
+    # RQ types them as redis.Redis and Pipeline.
     q = Queue(queue, connection=recorder, serializer=JSONSerializer)  # type: ignore[arg-type]
     q.redis_server_version = _RECORDING_SERVER_VERSION
     q.enqueue_many([job_data(settings, list(c), run_id, options, j) for c, j in zip(chunks, job_ids)],

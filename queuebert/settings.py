@@ -51,6 +51,7 @@ class _FromEnv:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Any:
         environ = dict(os.environ if environ is None else environ)
         values: dict[str, Any] = {}
+        # A mixin of dataclasses: cls is one, which typeshed's fields() cannot see through the mixin.
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             raw = environ.get(env_name(f.name))
             if raw is not None:
