@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -113,12 +113,19 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
                    help=f"after a job arrives, wait this long for more to batch with it (default: {d.max_wait_ms})")
 
 
-def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
-    names = {f for f in WorkerSettings.__dataclass_fields__}
+S = TypeVar("S", WorkerSettings, GatewaySettings, ExporterSettings)
+
+
+def _settings(cls: type[S], args: argparse.Namespace, **extra: Any) -> S:
+    """``cls`` from its ``QUEUEBERT_*`` variables, overridden by the flags given (same names)."""
+    names = set(cls.__dataclass_fields__)
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if getattr(args, "queue", None):
-        overrides["queues"] = args.queue
-    return WorkerSettings.from_env(**overrides)
+    overrides.update({k: v for k, v in extra.items() if v})
+    return cls.from_env(**overrides)
+
+
+def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    return _settings(WorkerSettings, args, queues=getattr(args, "queue", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,8 +425,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         log.error("the gateway needs the http extra: pip install 'queuebert[http]'", error=str(exc))
         return 2
-    names = {f for f in GatewaySettings.__dataclass_fields__}
-    settings = GatewaySettings.from_env(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    settings = _settings(GatewaySettings, args)
     try:
         parse_model_map(settings.models)
     except ValueError as exc:  # a typo in the map: refuse to start rather than route a model nowhere
@@ -434,11 +440,7 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     except ImportError as exc:
         log.error("the exporter needs the http extra: pip install 'queuebert[http]'", error=str(exc))
         return 2
-    names = {f for f in ExporterSettings.__dataclass_fields__}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if args.queue:
-        overrides["queues"] = args.queue
-    return run_exporter(ExporterSettings.from_env(**overrides))
+    return run_exporter(_settings(ExporterSettings, args, queues=args.queue))
 
 
 def cmd_model(args: argparse.Namespace) -> int:
