@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from queuebert.settings import WorkerSettings
     from worker.batch_worker import BatchWorker
     from worker.engine import Encoded, Engine
+    from worker.job_rows import RowOptions
     from worker.model import load_model
 
     class NoopEngine(Engine):
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     class NoopTokenizerEngine(NoopEngine):
         """No-op model and no-op tokenizer: what remains is the queue."""
 
-        def encode(self, items: list[Item], top_k: list[int | None]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
+        def encode(self, items: list[Item], options: list[RowOptions]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
             ids = [[0] * (2 + min(len(it["text"]) // 6, 60)) for it in items]  # about a token per 6 characters
-            return Encoded(items=items, top_k=top_k, ids=ids, order=[]), []
+            return Encoded(items=items, options=options, ids=ids, order=[]), []
 
     logs.configure("json", args.log_level)
     settings = WorkerSettings.from_env(redis_url=args.redis_url, queues=args.queue or ["default"],

@@ -38,7 +38,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import redis
 import redis.asyncio
@@ -50,13 +50,12 @@ from rq.results import Result
 from queuebert import keys
 from queuebert.connection import connect_async, resolve_url
 from queuebert.results import forget_run
-from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, Item, ItemResult, normalize_item
+from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, Item, ItemResult, JobOptionFields, JobOptions, normalize_item
 from queuebert.settings import ClientSettings
 
 from . import effects, jobs, pairs, protocol
 from .coalescing import SEND, CoalescingPolicy, Decision, HoldUntil
 from .effects import Stepper, Steps
-from .jobs import JobOptions
 from .protocol import (
     HandleRecord,
     JobFailed,
@@ -648,32 +647,33 @@ class AsyncClient:
         return run_id, job_ids, int(replies[-2]), int(replies[-1])
 
     async def submit(
-        self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, top_k: int | None = None,
-        function_to_apply: str | None = None, queue: str | None = None,
+        self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, queue: str | None = None,
+        **options: Unpack[JobOptionFields],
     ) -> AsyncHandle:
         """One text (or ``{"id", "text", "text_pair"?, "meta"?}``); the handle awaits its result.
 
         Concurrent calls share jobs (see ``coalesce_ms``); with ``coalesce_ms=0`` each is one job
-        of its own run, as ``Client.submit`` writes it."""
+        of its own run, as ``Client.submit`` writes it. ``options``: the job's
+        :class:`~queuebert.schema.JobOptions`; only submits with equal options share a job."""
+        job_options = JobOptions(**options)
         item = normalize_item(text_or_item, jobs.new_id())
         if text_pair is not None:
             item["text_pair"] = text_pair
         queue = queue or self.settings.queue
-        options = JobOptions(top_k, function_to_apply)
         if self.settings.coalesce_ms <= 0:
-            run_id, (job_id,), _, _ = await self._enqueue_run([[item]], queue, options)
+            run_id, (job_id,), _, _ = await self._enqueue_run([[item]], queue, job_options)
             return AsyncHandle(self, job_id, item["id"], run_id, 0, _claim=_JobClaim(job_id, queue, 1,
                                                                                      _RunClaim(run_id, 1)))
-        return await self._coalescer.submit(item, queue, options)
+        return await self._coalescer.submit(item, queue, job_options)
 
     async def submit_many(
         self, items: Iterable[str | dict[str, Any]] | AsyncIterable[str | dict[str, Any]], *,
-        chunk_size: int | None = None, top_k: int | None = None, function_to_apply: str | None = None,
-        queue: str | None = None, run_id: str | None = None,
+        chunk_size: int | None = None, queue: str | None = None, run_id: str | None = None,
+        **options: Unpack[JobOptionFields],
     ) -> list[AsyncHandle]:
         """Items in jobs of ``chunk_size`` (1: one job per item); one handle per item, all in one run."""
-        run = await self.enqueue_stream(items, chunk_size=chunk_size, top_k=top_k, function_to_apply=function_to_apply,
-                                        queue=queue, run_id=run_id, max_pending=0, keep_handles=True)
+        run = await self.enqueue_stream(items, chunk_size=chunk_size, queue=queue, run_id=run_id, max_pending=0,
+                                        keep_handles=True, **options)
         by_job: dict[str, list[AsyncHandle]] = {}
         for handle in run.handles:
             by_job.setdefault(handle.job_id, []).append(handle)
@@ -758,12 +758,11 @@ class AsyncClient:
         chunk_size: int | None = None,
         max_pending: int | None = None,
         run_id: str | None = None,
-        top_k: int | None = None,
-        function_to_apply: str | None = None,
         queue: str | None = None,
         on_progress: Callable[[int], Any] | None = None,
         keep_handles: bool = False,
         job_ttl: float | None | _Setting = SETTING,
+        **options: Unpack[JobOptionFields],
     ) -> AsyncRun:
         """Enqueue a (sync or async) iterable lazily, in pipelined round trips, as one run:
         ``Client.enqueue_stream`` on asyncio (the same steps), with the same backpressure
@@ -772,13 +771,15 @@ class AsyncClient:
         :class:`~producer.jobs.LostWrites`). ``on_progress`` may be a coroutine function.
         ``job_ttl`` (seconds a job may wait before it is dropped; None: no deadline) overrides the
         client's ``job_ttl`` for this run: one client can serve interactive requests with a
-        deadline and long streams without one."""
+        deadline and long streams without one. ``options``: every job's
+        :class:`~queuebert.schema.JobOptions`, checked before anything is written."""
+        job_options = JobOptions(**options)
         job_settings = None if job_ttl is SETTING else dataclasses.replace(self.settings, job_ttl=job_ttl)
         run = AsyncRun(self, run_id or jobs.new_id())
         source = aiter(iterable) if isinstance(iterable, AsyncIterable) else iter(iterable)
         await self._driver.run(self._protocol.enqueue_stream(
             run, source, chunk_size=chunk_size, max_pending=max_pending, queue=queue,
-            options=JobOptions(top_k, function_to_apply), on_progress=on_progress, keep_handles=keep_handles,
+            options=job_options, on_progress=on_progress, keep_handles=keep_handles,
             job_settings=job_settings))
         return run
 
@@ -838,8 +839,8 @@ class AsyncClient:
 
     async def _stream_through(
         self, items: Iterable[Any] | AsyncIterable[Any], *, run_id: str, chunk_size: int | None = None,
-        max_pending: int | None = None, timeout: float | None = None, top_k: int | None = None,
-        consume: bool = True, on_enqueued: Callable[[int], Any] | None = None,
+        max_pending: int | None = None, timeout: float | None = None, consume: bool = True,
+        on_enqueued: Callable[[int], Any] | None = None, **options: Unpack[JobOptionFields],
     ) -> AsyncIterator[ItemResult]:
         """``pairs.stream_through`` on asyncio: enqueue ``items`` as one run in a task while yielding
         their results in input order; with ``consume`` each job's results leave Redis once read."""
@@ -848,7 +849,7 @@ class AsyncClient:
         async def produce() -> None:
             try:
                 await self.enqueue_stream(items, chunk_size=chunk_size, max_pending=max_pending, run_id=run_id,
-                                          top_k=top_k, on_progress=on_enqueued)
+                                          on_progress=on_enqueued, **options)
             except BaseException as exc:  # surfaced to the reader
                 failed.append(exc)
                 await self.seal(run_id)  # so the reader ends

@@ -12,7 +12,7 @@ import itertools
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import redis
 import structlog
@@ -20,13 +20,13 @@ from rq import Queue
 from rq.results import Result
 
 from queuebert.connection import connect, resolve_url
-from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, ItemResult, normalize_item
+from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, ItemResult, JobOptionFields, JobOptions, normalize_item
 from queuebert.serializer import JSONSerializer
 from queuebert.settings import ClientSettings
 
 from . import effects, jobs, pairs, protocol
 from .effects import Stepper, Steps
-from .jobs import JOBS_PER_ROUND_TRIP, JobOptions, LostWrites, ResumeError, new_id
+from .jobs import JOBS_PER_ROUND_TRIP, LostWrites, ResumeError, new_id
 from .protocol import (
     HandleRecord,
     JobFailed,
@@ -239,16 +239,17 @@ class Client:
         return self._driver.run(self._protocol.seal(run_id, total))
 
     def submit(
-        self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, top_k: int | None = None,
-        function_to_apply: str | None = None, queue: str | None = None,
+        self, text_or_item: str | dict[str, Any], *, text_pair: str | None = None, queue: str | None = None,
+        **options: Unpack[JobOptionFields],
     ) -> Handle:
         """One text (or ``{"id", "text", "text_pair"?, "meta"?}``) as one job of a sealed run of its
         own, in one round trip; the handle polls its result. ``text_pair`` makes it a pair, as the
-        pipeline's ``{"text", "text_pair"}``."""
+        pipeline's ``{"text", "text_pair"}``. ``options``: the job's
+        :class:`~queuebert.schema.JobOptions` (``top_k``, ``function_to_apply``), checked here."""
         item = normalize_item(text_or_item, jobs.new_id())
         if text_pair is not None:
             item["text_pair"] = text_pair
-        run_id, (job_id,) = self._enqueue_run([[item]], queue, JobOptions(top_k, function_to_apply))
+        run_id, (job_id,) = self._enqueue_run([[item]], queue, JobOptions(**options))
         return Handle(self, job_id, item["id"], run_id, 0)
 
     def rerank(
@@ -297,15 +298,13 @@ class Client:
         items: Iterable[str | dict[str, Any]],
         *,
         chunk_size: int | None = None,
-        top_k: int | None = None,
-        function_to_apply: str | None = None,
         queue: str | None = None,
         run_id: str | None = None,
+        **options: Unpack[JobOptionFields],
     ) -> list[Handle]:
         """Items in jobs of ``chunk_size`` (1: one job per item); one handle per item, all in one run."""
         run = self.enqueue_stream(
-            items, chunk_size=chunk_size, top_k=top_k, function_to_apply=function_to_apply, queue=queue,
-            run_id=run_id, max_pending=0, keep_handles=True
+            items, chunk_size=chunk_size, queue=queue, run_id=run_id, max_pending=0, keep_handles=True, **options
         )
         return run.handles
 
@@ -316,11 +315,10 @@ class Client:
         chunk_size: int | None = None,
         max_pending: int | None = None,
         run_id: str | None = None,
-        top_k: int | None = None,
-        function_to_apply: str | None = None,
         queue: str | None = None,
         on_progress: Callable[[int], None] | None = None,
         keep_handles: bool = False,
+        **options: Unpack[JobOptionFields],
     ) -> Run:
         """Enqueue an arbitrarily large iterable lazily, in pipelined round trips, as one run.
 
@@ -341,11 +339,15 @@ class Client:
         already enqueued included; ``Run.skipped`` says how many of them an earlier call enqueued.
         ``on_progress`` is called once with that skipped count, when skipping ends, then with each
         round's item count, so a progress bar shows the whole run.
+
+        ``options``: every job's :class:`~queuebert.schema.JobOptions` (``top_k``,
+        ``function_to_apply``), checked before anything is written.
         """
+        job_options = JobOptions(**options)
         run = Run(self, run_id or jobs.new_id())
         self._driver.run(self._protocol.enqueue_stream(
             run, iter(iterable), chunk_size=chunk_size, max_pending=max_pending, queue=queue,
-            options=JobOptions(top_k, function_to_apply), on_progress=on_progress, keep_handles=keep_handles))
+            options=job_options, on_progress=on_progress, keep_handles=keep_handles))
         return run
 
     # -- reading results --------------------------------------------------------------------

@@ -77,7 +77,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from queuebert import keys
-from queuebert.schema import ItemResult
+from queuebert.schema import ItemResult, JobOptions
 from queuebert.settings import ClientSettings, GatewaySettings
 
 from . import jobs, peers, readers, tei
@@ -501,8 +501,8 @@ class Gateway:
             raise tei.timed_out(timeout)
         return got
 
-    async def submit(self, request: Request, items: tuple[Any, ...] | list[Any], route: str, top_k: int | None = None,
-                     function_to_apply: str | None = None, queue: str | None = None) -> list[ItemResult]:
+    async def submit(self, request: Request, items: tuple[Any, ...] | list[Any], route: str, options: JobOptions,
+                     queue: str | None = None) -> list[ItemResult]:
         """One input through the coalescing ``submit``; several as one job of their own, to
         ``queue`` (the model's; None: the default). Admission, enqueue and results together take at
         most ``request_timeout`` (504), whatever Redis does; a client that goes away meanwhile ends
@@ -510,14 +510,14 @@ class Gateway:
         the jobs until one starts (scale from zero) or the timeout passes."""
         timeout = self.settings.request_timeout
         async with self.within(timeout, lambda: tei.timed_out(timeout)):
-            return await _unless_disconnected(request, self._submit(items, route, top_k, function_to_apply,
+            return await _unless_disconnected(request, self._submit(items, route, options,
                                                                     queue or self.settings.queue))
 
-    async def _submit(self, items: tuple[Any, ...] | list[Any], route: str, top_k: int | None,
-                      function_to_apply: str | None, queue: str) -> list[ItemResult]:
+    async def _submit(self, items: tuple[Any, ...] | list[Any], route: str, options: JobOptions,
+                      queue: str) -> list[ItemResult]:
         await self.admit(queue)
         self.metrics.items.labels(route).inc(len(items))
-        handles = await self._enqueue(items, {"top_k": top_k, "function_to_apply": function_to_apply, "queue": queue})
+        handles = await self._enqueue(items, options, queue)
         try:
             return await self.results(handles)
         finally:
@@ -526,12 +526,12 @@ class Gateway:
             # other request shares is dropped unstarted.
             self.client.release(handles)
 
-    async def _enqueue(self, items: tuple[Any, ...] | list[Any], options: dict[str, Any]) -> list[AsyncHandle]:
+    async def _enqueue(self, items: tuple[Any, ...] | list[Any], options: JobOptions, queue: str) -> list[AsyncHandle]:
         if len(items) == 1:
             # Cancelled while its item gathers or is being sent, the coalescer drops it itself.
-            return [await self.client.submit(dict(items[0]), **options)]
+            return [await self.client.submit(dict(items[0]), queue=queue, **options.as_fields())]
         sending = asyncio.ensure_future(self.client.submit_many([dict(i) for i in items], chunk_size=len(items),
-                                                                **options))
+                                                                queue=queue, **options.as_fields()))
         try:
             return await asyncio.shield(sending)
         except asyncio.CancelledError:
@@ -604,7 +604,7 @@ class Gateway:
         return await self._predict(request, parsed, "/predict", target)
 
     async def _predict(self, request: Request, parsed: tei.PredictRequest, route: str, target: Target) -> Response:
-        results = await self.submit(request, parsed.items, route, parsed.top_k, parsed.function_to_apply, target.queue)
+        results = await self.submit(request, parsed.items, route, parsed.options, target.queue)
         return JSONResponse(tei.predict_response(parsed, results, await self._labels(target)))
 
     async def rerank(self, request: Request) -> Response:
@@ -617,7 +617,7 @@ class Gateway:
         return await self._rerank(request, parsed, "/rerank", target)
 
     async def _rerank(self, request: Request, parsed: tei.RerankRequest, route: str, target: Target) -> Response:
-        results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply, target.queue)
+        results = await self.submit(request, parsed.items, route, parsed.options, target.queue)
         return JSONResponse(tei.rerank_response(parsed, results))
 
     async def root(self, request: Request) -> Response:
@@ -693,7 +693,7 @@ class Gateway:
             parsed = peers.parse_classify(await self._body(request),
                                           max_client_batch_size=self.settings.max_client_batch_size)
             target = await self.target(parsed.model)
-            results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply, target.queue)
+            results = await self.submit(request, parsed.items, route, parsed.options, target.queue)
             return JSONResponse(peers.classify_response(parsed, results, target.name, await self._labels(target)))
 
         return await self._peer(peers.infinity_refusal, route, work())
@@ -713,7 +713,7 @@ class Gateway:
         target = await self.target(parsed.model)
         if target.info is not None and not target.info.reranker:
             raise peers.not_a_reranker(target.name, "rerank")
-        results = await self.submit(request, parsed.items, route, None, parsed.function_to_apply, target.queue)
+        results = await self.submit(request, parsed.items, route, parsed.options, target.queue)
         try:
             return JSONResponse(peers.infinity_rerank_response(parsed, results, target.name))
         except RerankError:
@@ -731,7 +731,7 @@ class Gateway:
                                                 "labels, a reranker scores with one")
             if target.info is not None and not target.info.reranker:
                 raise not_reranker
-            results = await self.submit(request, parsed.items, route, None, None, target.queue)
+            results = await self.submit(request, parsed.items, route, parsed.options, target.queue)
             try:
                 return JSONResponse(peers.cohere_rerank_response(parsed, results))
             except RerankError:

@@ -26,7 +26,7 @@ from rq.registry import FinishedJobRegistry
 from rq.results import Result
 
 from queuebert import keys
-from queuebert.schema import Item, job_kwargs
+from queuebert.schema import Item, JobOptions, job_kwargs
 from queuebert.serializer import JSONSerializer
 from queuebert.settings import ClientSettings
 
@@ -109,16 +109,6 @@ def apply(commands: Sequence[Command], pipe: Any) -> None:
         getattr(pipe, c.name)(*c.args, **c.kwargs)
 
 
-@dataclass(frozen=True)
-class JobOptions:
-    """What a job asks of its items' scoring besides the items: the pipeline's ``top_k`` and
-    ``function_to_apply`` (None: every label; the model's own rule). Hashable: coalesced submits
-    share a job only with the same options."""
-
-    top_k: int | None = None
-    function_to_apply: str | None = None
-
-
 def job_data(settings: ClientSettings, items: list[Item], run_id: str | None, options: JobOptions,
              job_id: str) -> EnqueueData:
     """RQ's enqueue arguments of one classify job."""
@@ -128,7 +118,7 @@ def job_data(settings: ClientSettings, items: list[Item], run_id: str | None, op
     deadline = time.time() + s.job_ttl if s.job_ttl else None
     return Queue.prepare_data(
         keys.JOB_FUNC,
-        kwargs=job_kwargs(items, run_id, options.top_k, deadline, options.function_to_apply),
+        kwargs=job_kwargs(items, run_id, deadline, options),
         job_id=job_id,
         timeout=s.job_timeout,
         result_ttl=s.result_ttl,

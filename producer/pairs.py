@@ -12,9 +12,9 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, INVALID_ITEM, Item, ItemResult
+from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE, INVALID_ITEM, Item, ItemResult, JobOptionFields
 
 if TYPE_CHECKING:
     from .client import Client
@@ -81,10 +81,11 @@ class Query:
 
 
 def stream_through(client: Client, items: Iterable[Any], *, run_id: str, chunk_size: int | None = None,
-                   max_pending: int | None = None, timeout: float | None = None, top_k: int | None = None,
+                   max_pending: int | None = None, timeout: float | None = None,
                    on_enqueued: Callable[[int], None] | None = None, on_sealed: Callable[[int], None] | None = None,
                    on_idle: Callable[[], None] | None = None, consume: bool = True,
-                   before_delete: Callable[[], None] | None = None) -> Iterator[ItemResult]:
+                   before_delete: Callable[[], None] | None = None,
+                   **options: Unpack[JobOptionFields]) -> Iterator[ItemResult]:
     """Enqueue ``items`` as one run in a background thread (with backpressure) while yielding
     their results in input order; with ``consume`` each job's results leave Redis once read.
     ``on_sealed`` hears the run's item count once everything is enqueued."""
@@ -93,7 +94,7 @@ def stream_through(client: Client, items: Iterable[Any], *, run_id: str, chunk_s
     def produce() -> None:
         try:
             run = client.enqueue_stream(items, chunk_size=chunk_size, max_pending=max_pending, run_id=run_id,
-                                        top_k=top_k, on_progress=on_enqueued)
+                                        on_progress=on_enqueued, **options)
             if on_sealed is not None:
                 on_sealed(run.enqueued)
         except BaseException as exc:  # surfaced in the reading thread

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from queuebert.schema import Item, ItemResult
+from queuebert.schema import Item, ItemResult, JobOptions
 
 from . import tei
 from .catalog import INFINITY_UNSPECIFIED, ModelError, check_model_name
@@ -150,8 +150,8 @@ class ClassifyRequest:
         return tuple({"id": str(i), "text": t} for i, t in enumerate(self.texts))
 
     @property
-    def function_to_apply(self) -> str | None:
-        return "none" if self.raw_scores else None
+    def options(self) -> JobOptions:
+        return JobOptions(function_to_apply="none" if self.raw_scores else None)
 
 
 def parse_classify(body: Any, *, max_client_batch_size: int) -> ClassifyRequest:
@@ -177,8 +177,8 @@ class PeerRerankRequest:
         return tuple({"id": str(i), "text": self.query, "text_pair": d} for i, d in enumerate(self.documents))
 
     @property
-    def function_to_apply(self) -> str | None:
-        return "none" if self.raw_scores else None
+    def options(self) -> JobOptions:
+        return JobOptions(function_to_apply="none" if self.raw_scores else None)
 
 
 def is_infinity_rerank(body: Any) -> bool:

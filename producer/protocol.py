@@ -27,7 +27,7 @@ from rq.results import Result
 
 from queuebert import keys
 from queuebert.results import decode_entry, decode_rq_failure, decode_rq_return_value, finish_consumed
-from queuebert.schema import Item, ItemResult, normalize_item
+from queuebert.schema import Item, ItemResult, JobOptions, normalize_item
 from queuebert.settings import ClientSettings
 
 from . import jobs
@@ -48,7 +48,7 @@ from .effects import (
     next_output,
     notify,
 )
-from .jobs import JOBS_PER_ROUND_TRIP, Command, JobOptions, ResumeError, resume_hint
+from .jobs import JOBS_PER_ROUND_TRIP, Command, ResumeError, resume_hint
 
 T = TypeVar("T")
 

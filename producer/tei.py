@@ -53,6 +53,8 @@ from queuebert.schema import (
     TEXT_TOO_LONG,
     Item,
     ItemResult,
+    JobError,
+    JobOptions,
 )
 
 from .pairs import RerankError, relevance
@@ -213,14 +215,14 @@ class PredictRequest:
     """A parsed ``/predict`` (or ``POST /`` on a classifier) body.
 
     ``items`` are in input order, ids their positions. ``batch``: the answer is one list per input
-    (TEI's ``PredictResponse::Batch``), else one list (``Single``). ``function_to_apply``: the job
-    option (None: the model's own rule). ``top_k`` cuts each answer (only through ``parameters``).
+    (TEI's ``PredictResponse::Batch``), else one list (``Single``). ``options``: the job's
+    (``function_to_apply`` from ``raw_scores`` or ``parameters``; ``top_k`` only through
+    ``parameters``, and it cuts each answer too).
     ``truncate`` is kept as sent, for logs: it does not change what the worker does."""
 
     items: tuple[Item, ...]
     batch: bool
-    function_to_apply: str | None = None
-    top_k: int | None = None
+    options: JobOptions = JobOptions()
     truncate: bool | None = None
 
 
@@ -232,7 +234,7 @@ class RerankRequest:
     texts: tuple[str, ...]
     items: tuple[Item, ...]
     return_text: bool = False
-    function_to_apply: str | None = None
+    options: JobOptions = JobOptions()
     truncate: bool | None = None
 
 
@@ -400,18 +402,22 @@ def _items(sequences: Sequence[Input]) -> tuple[Item, ...]:
     return tuple(items)
 
 
-def _parameters(value: Any) -> tuple[int | None, str | None]:
-    """The Inference API's ``parameters`` for text classification: ``(top_k, function_to_apply)``."""
+def _parameters(value: Any, raw_scores: bool) -> JobOptions:
+    """The Inference API's ``parameters`` for text classification (``top_k``, ``function_to_apply``)
+    with TEI's ``raw_scores``, as the job's options."""
     if not isinstance(value, dict):
         raise _invalid(f"parameters: invalid type: {_kind(value)}, expected an object")
-    top_k = value.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise TEIError.of(VALIDATION, f"{VALIDATION_PREFIX}parameters.top_k must be a positive integer, got {top_k!r}")
     function = value.get("function_to_apply")
-    if function is not None and function not in HF_FUNCTIONS:
+    if function is not None and function not in HF_FUNCTIONS:  # the Inference API's words: no "default"
         raise TEIError.of(VALIDATION, f"{VALIDATION_PREFIX}parameters.function_to_apply must be one of "
                                       f"{', '.join(HF_FUNCTIONS)}, got {function!r}")
-    return top_k, function
+    if raw_scores and function not in (None, "none"):
+        raise TEIError.of(VALIDATION, f"{VALIDATION_PREFIX}raw_scores asks for raw logits but "
+                                      f"parameters.function_to_apply is {function!r}")
+    try:
+        return JobOptions(top_k=value.get("top_k"), function_to_apply="none" if raw_scores else function)
+    except JobError as exc:  # its message starts with the option's name
+        raise TEIError.of(VALIDATION, f"{VALIDATION_PREFIX}parameters.{exc}") from None
 
 
 def parse_predict(body: Any, *, max_client_batch_size: int, inference_api: bool = False) -> PredictRequest:
@@ -427,22 +433,18 @@ def parse_predict(body: Any, *, max_client_batch_size: int, inference_api: bool 
     sequences, batch = predict_inputs(body["inputs"])
     truncate = _flag(body, "truncate", nullable=True)
     _check_direction(body)
-    raw_scores = _flag(body, "raw_scores", nullable=False)
-    top_k = function = None
-    nested = False
-    if inference_api and body.get("parameters") is not None:
-        top_k, function = _parameters(body["parameters"])
-        nested = True
-    if raw_scores and function not in (None, "none"):
-        raise TEIError.of(VALIDATION, f"{VALIDATION_PREFIX}raw_scores asks for raw logits but "
-                                      f"parameters.function_to_apply is {function!r}")
-    if raw_scores:
-        function = "none"
+    raw_scores = bool(_flag(body, "raw_scores", nullable=False))
+    nested = inference_api and body.get("parameters") is not None
+    options = _parameters(body["parameters"], raw_scores) if nested else _raw(raw_scores)
     if batch:
         _max_batch(len(sequences), max_client_batch_size)
     _check_not_empty(sequences)
-    return PredictRequest(items=_items(sequences), batch=batch or nested, function_to_apply=function, top_k=top_k,
-                          truncate=truncate)
+    return PredictRequest(items=_items(sequences), batch=batch or nested, options=options, truncate=truncate)
+
+
+def _raw(raw_scores: bool) -> JobOptions:
+    """The options of a request whose only say in scoring is TEI's ``raw_scores`` (raw logits)."""
+    return JobOptions(function_to_apply="none" if raw_scores else None)
 
 
 # --- /rerank ----------------------------------------------------------------------------------
@@ -479,7 +481,7 @@ def parse_rerank(body: Any, *, max_client_batch_size: int, model: ModelInfo | No
     sequences = [(query, text) for text in texts]
     _check_not_empty(sequences)
     return RerankRequest(query=query, texts=tuple(texts), items=_items(sequences), return_text=bool(return_text),
-                         function_to_apply="none" if raw_scores else None, truncate=truncate)
+                         options=_raw(bool(raw_scores)), truncate=truncate)
 
 
 def root_route(model: ModelInfo | None) -> Literal["predict", "rerank"]:
@@ -540,7 +542,7 @@ def predict_response(request: PredictRequest, results: Sequence[ItemResult],
     ``results`` are the items' results in the items' order. The first failed item, in input order,
     fails the request, as TEI's ``join_all(...).collect::<Result<..>>()`` does."""
     _check_results(request.items, results)
-    answers = [predictions(r, labels)[:request.top_k] for r in results]
+    answers = [predictions(r, labels)[:request.options.top_k] for r in results]
     return answers if request.batch else answers[0]
 
 

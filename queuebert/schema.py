@@ -2,11 +2,12 @@
 
 Job (RQ kwargs of ``worker.tasks.classify``)::
 
-    {"items": [item, ...], "run"?: str, "top_k"?: int, "function_to_apply"?: str, "deadline"?: float}
+    {"items": [item, ...], "run"?: str, "deadline"?: float, "top_k"?: int, "function_to_apply"?: str}
 
-``deadline`` is a Unix time: a job not started by then is dropped, never run late.
+``deadline`` is a Unix time: a job not started by then is dropped, never run late. The others
+are :class:`JobOptions`, each an RQ kwarg of its own name: ``top_k`` keeps the best labels only,
 ``function_to_apply`` is the text-classification pipeline's: ``default`` (the model's rule),
-``softmax``, ``sigmoid`` or ``none`` (raw logits, TEI's ``raw_scores``); zero-shot items ignore it.
+``softmax``, ``sigmoid`` or ``none`` (raw logits, TEI's ``raw_scores``); zero-shot items ignore both.
 
 An item is one of three kinds, told apart by its fields:
 
@@ -32,7 +33,8 @@ Item error (the other items of its job and batch are unaffected)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 
@@ -44,10 +46,8 @@ class Item(TypedDict):
     hypothesis_template: NotRequired[str]
     multi_label: NotRequired[bool]
     meta: NotRequired[Any]
-    # Set by the worker, never sent: a pair's truncation rule (worker.job_rows) and the job's
-    # function_to_apply, which the engine scores the item by.
+    # Set by the worker, never sent: a pair's truncation rule (worker.job_rows).
     truncation: NotRequired[str]
-    function_to_apply: NotRequired[str]
 
 
 class ItemError(TypedDict):
@@ -109,32 +109,87 @@ def is_error(result: ItemResult) -> bool:
     return "error" in result
 
 
+#: The text-classification pipeline's ``function_to_apply`` values.
+FUNCTIONS = ("default", "softmax", "sigmoid", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """What a job asks of its items' scoring besides the items: the pipeline's ``top_k`` (None:
+    every label) and ``function_to_apply`` (None: the model's own rule; ``"default"`` reads as None).
+
+    The one place a job option is named, checked and written. A new option is a field here with
+    its check in :meth:`__post_init__` (a :class:`JobError` whose message starts with the field's
+    name, which the gateway prefixes with its parameter's path), a key in
+    :class:`JobOptionFields`, its use in the engine (``worker.engine.Engine.run_batch``), and the
+    surface that exposes it (a CLI flag, a gateway parameter). The clients take the fields as
+    keyword arguments, the producer writes them as RQ kwargs (:meth:`to_kwargs`), the worker reads
+    them back (:meth:`from_kwargs`) and hands them to the engine with each row, untouched by the
+    code in between. Checked at construction, so a client refuses a bad option before it writes
+    anything; hashable, so coalesced submits share a job only with equal options."""
+
+    top_k: int | None = None
+    function_to_apply: str | None = None
+
+    def __post_init__(self) -> None:
+        top_k = self.top_k
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise JobError(f"top_k must be a positive integer, got {top_k!r}")
+        function = self.function_to_apply
+        if function is not None and function not in FUNCTIONS:
+            raise JobError(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
+        if function == "default":  # the same job as no option at all, so it coalesces with one
+            object.__setattr__(self, "function_to_apply", None)
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The options a job's kwargs carry: those that differ from their defaults (a job without
+        options reads the same to a worker that knows none of them)."""
+        return {f.name: value for f in fields(self) if (value := getattr(self, f.name)) != f.default}
+
+    def as_fields(self) -> JobOptionFields:
+        """These options as the clients' keyword arguments (``client.submit(item, **o.as_fields())``)."""
+        return cast("JobOptionFields", {f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> JobOptions:
+        """The options among a job's kwargs (others are ignored: :func:`parse_job` refuses unknown ones)."""
+        return cls(**{name: kwargs[name] for name in OPTION_NAMES if name in kwargs})
+
+
+class JobOptionFields(TypedDict, total=False):
+    """:class:`JobOptions`' fields as keyword arguments (``Client.submit(text, top_k=3)``): what the
+    clients' ``**options`` take, so a new option reaches them without a change there."""
+
+    top_k: int | None
+    function_to_apply: str | None
+
+
+#: The kwargs names of the options, in field order.
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(JobOptions))
+#: A job's kwargs besides its options.
+JOB_FIELDS = ("items", "run", "deadline")
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """A decoded, checked job: the raw items (each still to be validated alone) and options."""
 
     items: list[Any]
     run: str | None
-    top_k: int | None
     deadline: float | None = None
-    function_to_apply: str | None = None
+    options: JobOptions = field(default_factory=JobOptions)
 
 
-#: The text-classification pipeline's ``function_to_apply`` values.
-FUNCTIONS = ("default", "softmax", "sigmoid", "none")
-
-
-def job_kwargs(items: list[Item], run: str | None, top_k: int | None, deadline: float | None = None,
-               function_to_apply: str | None = None) -> dict[str, Any]:
+def job_kwargs(items: list[Item], run: str | None, deadline: float | None = None,
+               options: JobOptions | None = None) -> dict[str, Any]:
+    """A job's RQ kwargs, as :func:`parse_job` reads them."""
     kwargs: dict[str, Any] = {"items": items}
     if run is not None:
         kwargs["run"] = run
-    if top_k is not None:
-        kwargs["top_k"] = top_k
-    if function_to_apply is not None:
-        kwargs["function_to_apply"] = function_to_apply
     if deadline is not None:
         kwargs["deadline"] = deadline
+    if options is not None:
+        kwargs.update(options.to_kwargs())
     return kwargs
 
 
@@ -144,7 +199,7 @@ def parse_job(args: Any, kwargs: Any, max_items: int) -> JobRequest:
         raise JobError(f"classify takes keyword arguments only, got {len(args)} positional")
     if not isinstance(kwargs, dict):
         raise JobError(f"job kwargs must be an object, got {type(kwargs).__name__}")
-    unknown = set(kwargs) - {"items", "run", "top_k", "deadline", "function_to_apply"}
+    unknown = set(kwargs).difference(JOB_FIELDS, OPTION_NAMES)
     if unknown:
         raise JobError(f"unknown job fields: {sorted(unknown)}")
     items = kwargs.get("items")
@@ -157,17 +212,10 @@ def parse_job(args: Any, kwargs: Any, max_items: int) -> JobRequest:
     run = kwargs.get("run")
     if run is not None and not isinstance(run, str):
         raise JobError("job 'run' must be a string")
-    top_k = kwargs.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise JobError(f"top_k must be a positive integer, got {top_k!r}")
     deadline = kwargs.get("deadline")
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
         raise JobError(f"deadline must be a Unix time, got {deadline!r}")
-    function = kwargs.get("function_to_apply")
-    if function is not None and function not in FUNCTIONS:
-        raise JobError(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
-    return JobRequest(items=items, run=run, top_k=top_k, deadline=deadline,
-                      function_to_apply=None if function == "default" else function)
+    return JobRequest(items=items, run=run, deadline=deadline, options=JobOptions.from_kwargs(kwargs))
 
 
 def _text_error(value: Any, field: str, max_chars: int) -> tuple[str, str] | None:

@@ -21,6 +21,8 @@ from queuebert.connection import RedisUnavailable
 from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE
 from queuebert.settings import ClientSettings, ExporterSettings, GatewaySettings, WorkerSettings, env_name
 
+from .job_flags import add_option_flags, check_option_flags, job_options
+
 log = structlog.get_logger(__name__)
 
 #: Seconds between reads of a growing run's total for the ``results --follow`` progress bar.
@@ -53,7 +55,7 @@ def _input_flags(p: argparse.ArgumentParser) -> None:
                         "else generated)")
     p.add_argument("--text-pair-field", default=None,
                    help="JSONL/CSV/TSV field holding a second text: each item is a pair (cross-encoders, NLI)")
-    p.add_argument("--top-k", type=int, default=None, help="labels per result (default: all)")
+    add_option_flags(p)
     _stream_flags(p)
 
 
@@ -283,7 +285,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                     bar.update(n)
 
                 run = client.enqueue_stream(records, chunk_size=args.chunk_size, max_pending=args.max_pending,
-                                            run_id=run_id, top_k=args.top_k, on_progress=progress)
+                                            run_id=run_id, on_progress=progress, **job_options(args))
                 bar.set_total(run.enqueued)
     except RedisFull as exc:
         log.error(str(exc), run=run_id)
@@ -460,7 +462,9 @@ COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_option_flags(parser, args)
     defaults = WorkerSettings.from_env()
     logs.configure(getattr(args, "log_format", None) or defaults.log_format,
                    getattr(args, "log_level", None) or defaults.log_level)

@@ -31,6 +31,7 @@ from queuebert.connection import connect
 from queuebert.procs import LoggedProcess, start_process, stop_processes
 from queuebert.settings import WorkerSettings, env_name
 
+from .job_flags import job_options
 from .progress import Progress, estimate_records
 
 log = structlog.get_logger(__name__)
@@ -126,7 +127,7 @@ def answers(args: argparse.Namespace, client: Client, inputs: Iterator[Any], run
     if args.command == "rerank":
         return pairs.rerank_stream(client, inputs, run_id=run_id, top_n=args.top_n, return_text=args.return_text,
                                    label=args.relevance_label, **streaming)
-    return pairs.stream_through(client, inputs, run_id=run_id, top_k=args.top_k, **streaming)
+    return pairs.stream_through(client, inputs, run_id=run_id, **streaming, **job_options(args))
 
 
 def _label(answer: Mapping[str, Any]) -> str | None:

@@ -27,10 +27,11 @@ import redis.asyncio
 
 import producer.jobs
 from producer import AsyncClient, Client, ResumeError
-from producer.jobs import JOBS_PER_ROUND_TRIP, JobOptions
+from producer.jobs import JOBS_PER_ROUND_TRIP
 from queuebert import keys
 from queuebert.connection import connect_async
 from queuebert.procs import stop_processes
+from queuebert.schema import JobOptions
 from queuebert.settings import ClientSettings
 
 from helpers import run_burst, start_worker

@@ -71,7 +71,8 @@ def test_default_queue_is_listed_and_health_expectation() -> None:
 
 def test_infinity_bodies() -> None:
     parsed = peers.parse_classify({"input": ["a", "b"], "model": "m", "raw_scores": True}, max_client_batch_size=4)
-    assert parsed.items == ({"id": "0", "text": "a"}, {"id": "1", "text": "b"}) and parsed.function_to_apply == "none"
+    assert parsed.items == ({"id": "0", "text": "a"}, {"id": "1", "text": "b"})
+    assert parsed.options.function_to_apply == "none"
     assert peers.parse_classify({"input": ["a"]}, max_client_batch_size=4).model == INFINITY_UNSPECIFIED
     for body, loc in (({}, ["body", "input"]), ({"input": "a"}, ["body", "input"]), ({"input": []}, ["body", "input"]),
                       ({"input": ["a"] * 5}, ["body", "input"]), ({"input": [1]}, ["body", "input", 0]),
@@ -111,7 +112,7 @@ def test_rerank_responses_rank_best_first_with_ties_in_input_order() -> None:
 def test_cohere_bodies_and_errors() -> None:
     ok = peers.parse_cohere_rerank({"model": "m", "query": "q", "documents": ["a"], "top_n": 1,
                                     "max_tokens_per_doc": 512, "priority": 0}, max_client_batch_size=4)
-    assert ok.model == "m" and ok.top_n == 1 and ok.function_to_apply is None
+    assert ok.model == "m" and ok.top_n == 1 and ok.options.function_to_apply is None
     for body, words in (({"query": "q", "documents": ["a"]}, "model is required"),
                         ({"model": "m", "query": " ", "documents": ["a"]}, "query must not be empty"),
                         ({"model": "m", "query": "q", "documents": []}, "list of documents must not be empty"),

@@ -13,6 +13,7 @@ import pytest
 
 from producer import Client
 from queuebert import keys
+from queuebert.schema import JobOptions
 
 from conftest import PAIR_KINDS, TRICKY_TEXTS
 from helpers import run_burst
@@ -92,7 +93,7 @@ def test_segment_ids_reach_the_model(engines, tolerance):
     from worker.engine import Row
 
     engine = engines["bert"]
-    enc, errors = engine.encode([{"id": "a", "text": "a question?", "text_pair": "an answer here."}], [None])
+    enc, errors = engine.encode([{"id": "a", "text": "a question?", "text_pair": "an answer here."}], [JobOptions()])
     (row,) = enc.ids
     assert not errors and isinstance(row, Row) and 1 in row.types
     batch = engine._collate([row])
@@ -101,7 +102,7 @@ def test_segment_ids_reach_the_model(engines, tolerance):
     without = engine.forward([list(row)])
     assert np.abs(with_types - without).max() > 2 * tolerance
     # RoBERTa takes no segment ids at all: its pairs are plain rows.
-    enc, _ = engines["roberta"].encode([{"id": "a", "text": "q", "text_pair": "p"}], [None])
+    enc, _ = engines["roberta"].encode([{"id": "a", "text": "q", "text_pair": "p"}], [JobOptions()])
     assert "token_type_ids" not in engines["roberta"]._collate(enc.ids)
 
 

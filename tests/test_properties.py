@@ -40,7 +40,7 @@ def test_every_item_gets_exactly_one_answer(engines, raw_items):
     raw_items = json.loads(json.dumps(raw_items))
     request = parse_job((), {"items": raw_items}, max_items=100)
     rows = split_items(request, 500, engine.m.model.config.label2id)
-    for pos, result in zip(rows.positions, engine.classify(rows.rows, rows.top_k)):
+    for pos, result in zip(rows.positions, engine.classify(rows.rows, rows.options)):
         rows.results[pos] = result
     results = finish(rows.results, rows.groups, len(raw_items))
     assert len(results) == len(raw_items) and all(r is not None for r in results)
@@ -60,14 +60,14 @@ def test_every_item_gets_exactly_one_answer(engines, raw_items):
 
 
 MAX_ITEMS = 10
-JOB_FIELDS = ("items", "run", "top_k", "deadline", "function_to_apply")
+JOB_FIELDS = ("items", "run", "deadline", "top_k", "function_to_apply")
 #: Per job field: a fitting value and a wrong one (wrong type, out of range, or anything at all).
 FIELD_VALUES = {
     "items": (st.lists(json_values, min_size=1, max_size=MAX_ITEMS),
               st.just([]) | st.lists(json_values, min_size=MAX_ITEMS + 1, max_size=MAX_ITEMS + 2) | json_values),
     "run": (st.text(max_size=8), json_values),
-    "top_k": (st.integers(min_value=1, max_value=5), st.integers(max_value=0) | st.booleans() | json_values),
     "deadline": (st.floats(allow_nan=False) | st.integers(), st.booleans() | st.text(max_size=5) | json_values),
+    "top_k": (st.integers(min_value=1, max_value=5), st.integers(max_value=0) | st.booleans() | json_values),
     "function_to_apply": (st.sampled_from(["default", "softmax", "sigmoid", "none"]),
                           st.text(max_size=8) | json_values),
 }
@@ -106,10 +106,10 @@ def refusal(args: tuple[object, ...], payload: object) -> str | None:
     run, top_k, deadline = payload.get("run"), payload.get("top_k"), payload.get("deadline")
     if run is not None and not isinstance(run, str):
         return "run"
-    if top_k is not None and (type(top_k) is not int or top_k < 1):
-        return "top_k"
     if deadline is not None and type(deadline) not in (int, float):
         return "deadline"
+    if top_k is not None and (type(top_k) is not int or top_k < 1):
+        return "top_k"
     function = payload.get("function_to_apply")
     if function is not None and function not in ("default", "softmax", "sigmoid", "none"):
         return "function_to_apply"
@@ -127,9 +127,9 @@ def test_job_payload_is_accepted_exactly_when_the_schema_allows_it(call):
     if expected is None:
         request = parse_job(args, payload, max_items=MAX_ITEMS)
         assert request.items == payload["items"]
-        assert (request.run, request.top_k, request.deadline) == tuple(payload.get(f) for f in JOB_FIELDS[1:4])
+        assert (request.run, request.deadline, request.options.top_k) == tuple(payload.get(f) for f in JOB_FIELDS[1:4])
         function = payload.get("function_to_apply")
-        assert request.function_to_apply == (None if function == "default" else function)
+        assert request.options.function_to_apply == (None if function == "default" else function)
     else:
         with pytest.raises(JobError, match=expected):
             parse_job(args, payload, max_items=MAX_ITEMS)

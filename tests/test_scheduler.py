@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from queuebert.schema import JobOptions
 from worker.engine import plan_batches
 from worker.scheduler import BatchScheduler, Entry
 
@@ -21,7 +22,7 @@ _ids = iter(range(10**9))
 
 def entry(length: int, priority: int = 0, owner: Any = None) -> Entry:
     n = next(_ids)
-    return Entry(owner=owner, index=n, item={"id": n, "text": "x" * length}, top_k=None, ids=[0] * length,
+    return Entry(owner=owner, index=n, item={"id": n, "text": "x" * length}, options=JobOptions(), ids=[0] * length,
                  priority=priority)
 
 

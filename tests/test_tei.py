@@ -14,6 +14,7 @@ import pytest
 from producer import tei
 from producer.tei import TEIError
 from queuebert import keys, schema
+from queuebert.schema import JobOptions
 
 MAX_BATCH = 4  # the gateway's --max-client-batch-size in these tests (TEI's default is 32)
 LABELS = ["negative", "neutral", "positive"]
@@ -152,9 +153,9 @@ def test_predict_pair_and_batch_items() -> None:
 
 def test_raw_scores_asks_for_raw_logits() -> None:
     # PredictRequest.raw_scores: #[serde(default)] bool; Infer::predict skips softmax/sigmoid when true
-    assert predict({"inputs": "a", "raw_scores": True}).function_to_apply == "none"
-    assert predict({"inputs": "a", "raw_scores": False}).function_to_apply is None
-    assert predict({"inputs": "a"}).function_to_apply is None
+    assert predict({"inputs": "a", "raw_scores": True}).options == JobOptions(function_to_apply="none")
+    assert predict({"inputs": "a", "raw_scores": False}).options == JobOptions()
+    assert predict({"inputs": "a"}).options == JobOptions()
 
 
 @pytest.mark.parametrize("truncate", [True, False, None])
@@ -199,7 +200,7 @@ def test_missing_inputs_is_422() -> None:
 def test_unknown_fields_are_ignored_as_serde_does() -> None:
     # no #[serde(deny_unknown_fields)]: /predict ignores huggingface_hub's `parameters` as TEI does
     req = predict({"inputs": "a", "parameters": {"top_k": 1}, "extra": [1, 2]})
-    assert (req.batch, req.top_k) == (False, None)
+    assert (req.batch, req.options.top_k) == (False, None)
 
 
 def test_batch_over_the_client_limit_is_422_with_teis_message() -> None:
@@ -271,10 +272,12 @@ def test_root_without_parameters_is_teis_predict() -> None:
 
 def test_root_reads_inference_api_parameters() -> None:
     req = root({"inputs": "a", "parameters": {"top_k": 2, "function_to_apply": "sigmoid"}})
-    assert (req.batch, req.top_k, req.function_to_apply) == (True, 2, "sigmoid")
+    assert (req.batch, req.options) == (True, JobOptions(top_k=2, function_to_apply="sigmoid"))
     assert root({"inputs": "a", "parameters": {}}).batch  # one list per input, even for one input
-    assert root({"inputs": "a", "parameters": {"function_to_apply": "none"}, "raw_scores": True}).function_to_apply \
-        == "none"
+    assert root({"inputs": "a", "parameters": {"function_to_apply": "none"}, "raw_scores": True}).options \
+        == JobOptions(function_to_apply="none")
+    assert root({"inputs": "a", "parameters": {"top_k": 1}, "raw_scores": True}).options \
+        == JobOptions(top_k=1, function_to_apply="none")
 
 
 @pytest.mark.parametrize("parameters", [{"top_k": 0}, {"top_k": "2"}, {"top_k": True}, {"function_to_apply": "relu"},
@@ -386,7 +389,7 @@ def test_huggingface_hub_text_classification_round_trip() -> None:
                                          headers={}, model=url, api_key=None)
         assert request.url == url  # a URL model: POST /
         req = root(tei.decode_body(json.dumps(request.json)))
-        assert (req.top_k, req.function_to_apply) == (top_k, function)
+        assert req.options == JobOptions(top_k=top_k, function_to_apply=function)
         answer = json.loads(json.dumps(tei.predict_response(req, [result(0, scores)], LABELS)))
         out = hub.TextClassificationOutputElement.parse_obj_as_list(answer)[0]
         want = sorted(scores.items(), key=lambda kv: -kv[1])[:top_k]
@@ -403,9 +406,9 @@ def test_huggingface_hub_text_classification_round_trip() -> None:
 def test_rerank_request_is_query_text_pairs() -> None:
     req = rerank({"query": "q", "texts": ["a", "b"]})
     assert req.items == ({"id": "0", "text": "q", "text_pair": "a"}, {"id": "1", "text": "q", "text_pair": "b"})
-    assert (req.return_text, req.function_to_apply, req.truncate) == (False, None, None)
+    assert (req.return_text, req.options.function_to_apply, req.truncate) == (False, None, None)
     req = rerank({"query": "q", "texts": ["a"], "raw_scores": True, "return_text": True, "truncate": False})
-    assert (req.return_text, req.function_to_apply, req.truncate) == (True, "none", False)
+    assert (req.return_text, req.options.function_to_apply, req.truncate) == (True, "none", False)
 
 
 @pytest.mark.parametrize("body, field", [

@@ -85,7 +85,8 @@ class Compute:
                     break
                 continue
             stats = BatchStats()
-            results = engine.run_batch([e.item for e in batch], [e.top_k for e in batch], [e.ids for e in batch], stats)
+            results = engine.run_batch([e.item for e in batch], [e.options for e in batch], [e.ids for e in batch],
+                                       stats)
             waits: list[float] = []
             wall = time.time()
             for e in batch:

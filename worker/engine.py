@@ -15,10 +15,10 @@ import numpy as np
 import structlog
 import torch
 
-from queuebert.schema import INFERENCE_ERROR, INVALID_TEXT, Item, ItemResult, error_result
+from queuebert.schema import INFERENCE_ERROR, INVALID_TEXT, Item, ItemResult, JobOptions, error_result
 
 from .budget import fits
-from .job_rows import RAW_LOGITS
+from .job_rows import Raw, RowOptions
 from .model import LoadedModel, apply_scoring
 
 log = structlog.get_logger(__name__)
@@ -47,7 +47,7 @@ class Encoded:
     """A pool of tokenized items, ready to be cut into batches."""
 
     items: list[Item]
-    top_k: list[int | None]
+    options: list[RowOptions]
     ids: list[list[int]]  # a :class:`Row` where the segment ids matter
     #: Index into ``items`` of each valid row, sorted by token length.
     order: list[int] = field(default_factory=list)
@@ -224,7 +224,7 @@ class Engine:
         return self._encode_hf([it["text"] for it in items], [it["text_pair"] for it in items], strategy,
                                self.send_types)
 
-    def encode(self, items: list[Item], top_k: list[int | None]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
+    def encode(self, items: list[Item], options: list[RowOptions]) -> tuple[Encoded, list[tuple[int, ItemResult]]]:
         """Tokenize the items, one call per kind (texts; pairs by truncation rule); an item the
         tokenizer rejects, or that comes out with no tokens at all, becomes an error alone."""
         errors: list[tuple[int, ItemResult]] = []
@@ -262,7 +262,7 @@ class Engine:
                 errors.append((i, error_result(items[i]["id"], INVALID_TEXT, "text has no tokens after tokenization",
                                                items[i].get("meta"))))
         order = sorted((i for i in range(len(items)) if i not in bad), key=lambda i: len(ids[i]))
-        return Encoded(items=items, top_k=top_k, ids=ids, order=order), errors
+        return Encoded(items=items, options=options, ids=ids, order=order), errors
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -321,15 +321,16 @@ class Engine:
         lengths = [len(enc.ids[i]) for i in enc.order]
         for start, end in plan_batches(lengths, self.max_batch_size, self.max_batch_tokens):
             idx = enc.order[start:end]
-            out = self.run_batch([enc.items[i] for i in idx], [enc.top_k[i] for i in idx],
+            out = self.run_batch([enc.items[i] for i in idx], [enc.options[i] for i in idx],
                                  [enc.ids[i] for i in idx], stats)
             for i, result in zip(idx, out):
                 results[i] = result
         return cast("list[ItemResult]", results)  # enc.order covers every item
 
-    def run_batch(self, items: list[Item], top_k: list[int | None], rows: list[list[int]],
+    def run_batch(self, items: list[Item], options: list[RowOptions], rows: list[list[int]],
                   stats: BatchStats | None = None) -> list[ItemResult]:
-        """One forward batch (rows sorted by length, ascending): a result per item, in order.
+        """One forward batch (rows sorted by length, ascending): a result per item, in order,
+        each scored by its own job's options (jobs with different options share a forward).
         A row that fails alone gets an error result; its neighbours still get theirs."""
         t0 = time.perf_counter()
         try:
@@ -358,18 +359,19 @@ class Engine:
             if not isinstance(o, np.ndarray):
                 it = items[n]
                 results[n] = error_result(it["id"], INFERENCE_ERROR, f"{type(o).__name__}: {o}", it.get("meta"))
-        raw = [n for n in good if top_k[n] == RAW_LOGITS]
-        if raw:
-            good = [n for n in good if top_k[n] != RAW_LOGITS]
-            for n in raw:
-                results[n] = {"id": items[n]["id"], "logits": arrays[n].tolist()}
         # Rows score by the model's rule unless their job asked for another (function_to_apply).
         by_function: dict[str, list[int]] = {}
+        scored: dict[int, JobOptions] = {}
         for n in good:
-            by_function.setdefault(items[n].get("function_to_apply") or self.m.function, []).append(n)
+            opts = options[n]
+            if opts is Raw.LOGITS:
+                results[n] = {"id": items[n]["id"], "logits": arrays[n].tolist()}
+            else:
+                scored[n] = opts
+                by_function.setdefault(opts.function_to_apply or self.m.function, []).append(n)
         for function, idx in by_function.items():
             scores = apply_scoring(np.stack([arrays[n] for n in idx]), function)
-            for n, result in zip(idx, self._results([items[n] for n in idx], scores, [top_k[n] for n in idx])):
+            for n, result in zip(idx, self._results([items[n] for n in idx], scores, [scored[n].top_k for n in idx])):
                 results[n] = result
         return cast("list[ItemResult]", results)  # each row is an error, raw logits or scored
 
@@ -390,11 +392,13 @@ class Engine:
             out.append(result)
         return out
 
-    def classify(self, items: list[Item], top_k: int | list[int | None] | None = None,
+    def classify(self, items: list[Item], options: JobOptions | list[RowOptions] | None = None,
                  stats: BatchStats | None = None) -> list[ItemResult]:
-        """Encode and run valid items (errors merged back in item order); ``top_k`` for all items,
-        or one per item."""
-        enc, errors = self.encode(items, top_k if isinstance(top_k, list) else [top_k] * len(items))
+        """Encode and run valid items (errors merged back in item order); ``options`` for all
+        items (None: the defaults), or one per item."""
+        if not isinstance(options, list):
+            options = [options or JobOptions()] * len(items)
+        enc, errors = self.encode(items, options)
         results = self.run(enc, stats)
         for i, err in errors:
             results[i] = err

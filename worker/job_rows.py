@@ -10,9 +10,10 @@ job's results, and the run record (once per job) makes it appear once, whichever
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, TypeAlias, cast
 
 import numpy as np
 
@@ -21,15 +22,23 @@ from queuebert.schema import (
     INFERENCE_ERROR,
     Item,
     ItemResult,
+    JobOptions,
     JobRequest,
     check_item,
     error_result,
 )
 
-#: The ``top_k`` of a row whose result is its raw logits (``{"id", "logits": [...]}``): the pairs
-#: of a zero-shot item, which :func:`finish` turns into the item's answer. A job's own top_k is at
-#: least 1, so no job can ask for it.
-RAW_LOGITS = 0
+
+class Raw(enum.Enum):
+    """What a row asks of the engine instead of its job's options when its result is its raw
+    logits (``{"id", "logits": [...]}``): a zero-shot item's pairs, which :func:`finish` turns into
+    the item's answer. Not a :class:`JobOptions`, so no job can ask for it."""
+
+    LOGITS = "raw logits"
+
+
+#: What the engine scores a row by: its job's options, or ``Raw.LOGITS``.
+RowOptions: TypeAlias = JobOptions | Literal[Raw.LOGITS]
 
 
 @dataclass(slots=True)
@@ -48,7 +57,7 @@ class JobRows:
     """A checked job as rows: what goes to the model, and where each row's result goes."""
 
     rows: list[Item] = field(default_factory=list)
-    top_k: list[int | None] = field(default_factory=list)
+    options: list[RowOptions] = field(default_factory=list)
     #: Where each row's result goes in :attr:`results`.
     positions: list[int] = field(default_factory=list)
     #: One per job item (item errors already filled in), then one per zero-shot pair.
@@ -73,14 +82,12 @@ def split_items(request: JobRequest, max_chars: int, label2id: Mapping[str, int]
             for label in item["candidate_labels"]:
                 out.rows.append({"id": item["id"], "text": item["text"], "text_pair": template.format(label),
                                  "truncation": "only_first"})
-                out.top_k.append(RAW_LOGITS)
+                out.options.append(Raw.LOGITS)
                 out.positions.append(len(out.results))
                 out.results.append(None)
         else:
-            if request.function_to_apply is not None:
-                item["function_to_apply"] = request.function_to_apply
             out.rows.append(item)
-            out.top_k.append(request.top_k)
+            out.options.append(request.options)
             out.positions.append(pos)
     return out
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .budget import fits
+from .job_rows import RowOptions
 
 
 @dataclass(slots=True)
@@ -33,7 +34,7 @@ class Entry:
     owner: Any  # the job's slot in the worker
     index: int  # position of the item among its job's valid items
     item: Any
-    top_k: int | None
+    options: RowOptions  # for the engine; the pool never reads it
     ids: list[int]
     priority: int  # index of the queue it came from: 0 is the most urgent
     seq: int = 0

@@ -24,7 +24,7 @@ from queuebert.schema import DEADLINE_EXCEEDED, Item, JobError, parse_job
 from queuebert.settings import WorkerSettings
 
 from .engine import Engine
-from .job_rows import split_items
+from .job_rows import RowOptions, split_items
 from .job_store import JobStore
 from .outage import Outage
 from .scheduler import Entry, ItemPool
@@ -140,7 +140,7 @@ class Taker:
         cannot run, or whose items all failed before the forward, goes to the completer at once."""
         s = self.settings
         new_items: list[Item] = []
-        new_top_k: list[int | None] = []
+        new_options: list[RowOptions] = []
         owners: list[tuple[Slot, int]] = []
         ready: list[Slot] = []
         for slot in slots:
@@ -153,7 +153,7 @@ class Taker:
             slot.results, slot.positions, slot.remaining = rows.results, rows.positions, len(rows.rows)
             slot.groups = rows.groups
             new_items.extend(rows.rows)
-            new_top_k.extend(rows.top_k)
+            new_options.extend(rows.options)
             owners.extend(zip(itertools.repeat(slot, len(rows.rows)), range(len(rows.rows))))
             if not rows.rows:
                 ready.append(slot)
@@ -163,9 +163,9 @@ class Taker:
         self.pool.expect(len(new_items), queued=self.store.left > 0)
         for start in range(0, len(new_items), self.TOKENIZE_CHUNK):
             end = min(start + self.TOKENIZE_CHUNK, len(new_items))
-            enc, errors = self.engine.encode(new_items[start:end], new_top_k[start:end])
+            enc, errors = self.engine.encode(new_items[start:end], new_options[start:end])
             failed = dict(errors)
-            entries = [Entry(owners[i][0], owners[i][1], new_items[i], new_top_k[i], enc.ids[i - start],
+            entries = [Entry(owners[i][0], owners[i][1], new_items[i], new_options[i], enc.ids[i - start],
                              owners[i][0].priority) for i in range(start, end) if i - start not in failed]
             if failed:
                 # The tokenizer refused these texts: the error is their result. Earlier chunks

@@ -45,23 +45,23 @@ def deadline_message(deadline: float) -> str:
     return f"deadline exceeded: not started within its time-to-live (deadline {when})"
 
 
-def classify(items: Any = None, run: str | None = None, top_k: int | None = None,
-             deadline: float | None = None, function_to_apply: str | None = None) -> list[ItemResult]:
-    """Classify one job's items; bad items get error results, the others are unaffected."""
+def classify(items: Any = None, run: str | None = None, deadline: float | None = None,
+             **options: Any) -> list[ItemResult]:
+    """Classify one job's items; bad items get error results, the others are unaffected.
+    ``options``: the job's :class:`~queuebert.schema.JobOptions`, as RQ kwargs (an unknown one
+    fails the job, as the batching worker fails it)."""
     from rq import get_current_job
 
     settings = WorkerSettings.from_env()
     request = parse_job((), {"items": items, **({"run": run} if run else {}),
-                             **({"top_k": top_k} if top_k is not None else {}),
-                             **({"deadline": deadline} if deadline is not None else {}),
-                             **({"function_to_apply": function_to_apply} if function_to_apply is not None else {})},
+                             **({"deadline": deadline} if deadline is not None else {}), **options},
                         settings.max_items_per_job)
     if request.deadline is not None and time.time() > request.deadline:
         # Failed, as the batching worker fails it: on_job_failed tells the run's subscribers.
         raise DeadlineExceeded(deadline_message(request.deadline))
     engine = get_engine()
     rows = split_items(request, settings.max_text_chars, engine.m.model.config.label2id)
-    for pos, result in zip(rows.positions, engine.classify(rows.rows, rows.top_k)):
+    for pos, result in zip(rows.positions, engine.classify(rows.rows, rows.options)):
         rows.results[pos] = result
     final = finish(rows.results, rows.groups, len(request.items))
     job = get_current_job()
