@@ -55,7 +55,8 @@ def test_a_bad_option_is_refused_by_name(fields_: dict[str, Any], name: str) -> 
 
 def test_the_clients_keyword_arguments_are_the_options_fields() -> None:
     assert list(JobOptionFields.__annotations__) == [f.name for f in fields(JobOptions)] == list(OPTION_NAMES)
-    assert JobOptions(top_k=3).as_fields() == {"top_k": 3, "function_to_apply": None}
+    options = JobOptions(top_k=3, function_to_apply="sigmoid")
+    assert JobOptions(**options.as_fields()) == options
 
 
 def test_clients_refuse_a_bad_option_before_writing(conn, redis_server) -> None:
