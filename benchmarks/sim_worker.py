@@ -6,6 +6,11 @@ for ``padded tokens / --tokens-per-s`` seconds, releasing the GIL as a CUDA forw
 and returns zero logits. The device's busy fraction (seconds asleep over the span from the first
 forward's start to the last one's end) says how well the worker keeps such a device fed.
 
+With a worker whose engine launches forwards asynchronously (``Engine.launch``, as on CUDA), the
+device is simulated as a CUDA stream: a launch costs its host CPU and queues the forward behind
+the ones already queued, and waiting for its logits sleeps until the device has run it. With
+``--device-lock`` (several processes on one device), or an older worker, forwards are synchronous.
+
 It runs against whatever ``worker`` package is first on ``PYTHONPATH``, so ``benchmarks/simdevice.py``
 can run an older checkout's worker with it::
 
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-lock", default=None,
                         help="a file several sim workers lock around each forward: one simulated device "
                              "shared by several worker processes, as replicas on one GPU share it")
+    parser.add_argument("--sync", action="store_true",
+                        help="a synchronous device: each forward is waited for as it is launched")
     args = parser.parse_args(argv)
 
     import torch
@@ -70,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         padded = 0
         first: float | None = None
         last = 0.0
+        free_at = 0.0  # when the simulated stream has run everything queued on it
 
         def forward(self, rows: list[list[int]]) -> np.ndarray:
             # time.monotonic: one clock for every process on the machine, so the reports of
@@ -77,15 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             began = time.monotonic()
             if self.first is None:
                 self.first = began
-            self.forward_calls += 1
-            batch = self._collate(rows)
-            padded = int(batch["input_ids"].numel())
-            if host_s:
-                # Python and torch's dispatcher launching the forward's kernels: CPU time under
-                # the GIL, per forward whatever its size (MiniLM-L6 eager: ~830 aten calls).
-                until = time.thread_time() + host_s
-                while time.thread_time() < until:
-                    pass
+            padded = self._launch_cost(rows)
             if lock_fd is not None:
                 # The device runs one process's forward at a time (a GPU time-slices the
                 # contexts of processes without MPS); flock waits with the GIL released.
@@ -102,6 +102,39 @@ def main(argv: list[str] | None = None) -> int:
             self.padded += padded
             self.last = ended
             return np.zeros((len(rows), len(self.m.labels)), dtype=np.float32)
+
+        def _launch_cost(self, rows: list[list[int]]) -> int:
+            """The host's part of a forward: collation, then --host-ms of CPU under the GIL;
+            the padded tokens the device will run."""
+            self.forward_calls += 1
+            padded = int(self._collate(rows)["input_ids"].numel())
+            if host_s:
+                # Python and torch's dispatcher launching the forward's kernels: CPU time under
+                # the GIL, per forward whatever its size (MiniLM-L6 eager: ~830 aten calls).
+                until = time.thread_time() + host_s
+                while time.thread_time() < until:
+                    pass
+            return padded
+
+        def _start_forward(self, rows: list[list[int]]) -> tuple[float, int]:
+            """Queue the forward on the simulated stream: it starts when the device is free."""
+            if self.first is None:
+                self.first = time.monotonic()
+            padded = self._launch_cost(rows)
+            start = max(time.monotonic(), self.free_at)
+            self.free_at = start + padded / self.tokens_per_s
+            self.busy += self.free_at - start
+            self.rows += len(rows)
+            self.padded += padded
+            self.last = self.free_at
+            return self.free_at, len(rows)
+
+        def _wait_forward(self, pending: Any) -> np.ndarray:
+            done, n = pending
+            delay = done - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            return np.zeros((n, len(self.m.labels)), dtype=np.float32)
 
         def report(self) -> dict[str, Any]:
             span = self.last - self.first if self.first is not None else 0.0
@@ -132,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                                  or engine_module.default_batch_tokens(cuda))
     engine = SimulatedDevice(load_model(args.model, device="cpu", dtype="float32"), settings.max_batch_size,
                              settings.max_batch_tokens)
+    # A GPU's stream, unless processes share the device through a lock (held for a whole forward).
+    engine.asynchronous = lock_fd is None and not args.sync
     worker = BatchWorker(settings.queues, connection=connect(settings.redis_url), settings=settings,
                          engine=engine, name=args.name)
     cpu_at_start = time.process_time()  # after imports and model loading: the worker's own work

@@ -42,11 +42,11 @@ LOG_DIR = Path(os.environ.get("QB_TEST_LOG_DIR", "/tmp/queuebert-test-logs"))
 _SLOWED_WORKER = """
 import sys, time
 from worker.engine import Engine
-run_batch = Engine.run_batch
+finish = Engine.finish
 def slowed(self, *args, **kwargs):
     time.sleep({forward_s})
-    return run_batch(self, *args, **kwargs)
-Engine.run_batch = slowed
+    return finish(self, *args, **kwargs)
+Engine.finish = slowed
 from queuebert_cli.main import main
 sys.exit(main(sys.argv[1:]))
 """

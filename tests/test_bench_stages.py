@@ -14,8 +14,10 @@ from benchmarks import stages  # noqa: E402
 
 
 def test_every_stage_function_exists():
-    class SimulatedDevice:
+    class SimulatedDevice:  # sim_worker.py's, which it defines inside main()
         def forward(self) -> None: ...
+        def _start_forward(self) -> None: ...
+        def _wait_forward(self) -> None: ...
 
     _, missing = stages.targets({"sim_worker": type("m", (), {"SimulatedDevice": SimulatedDevice})})
     assert missing == []

@@ -406,7 +406,7 @@ def test_rate_limit(conn, engines, ids):
 class SnapshotWhileRunning:
     """An engine that snapshots the database the first time it is asked to compute: what a job
     looks like while it runs (RQ's worker runs it through ``classify``, BatchWorker through
-    ``run_batch``)."""
+    ``launch`` and ``finish``)."""
 
     def __init__(self, engine: Any, conn: redis.Redis):
         self._engine, self._conn = engine, conn
@@ -423,9 +423,9 @@ class SnapshotWhileRunning:
         self._snapshot()
         return self._engine.classify(*args, **kwargs)
 
-    def run_batch(self, *args: Any, **kwargs: Any) -> Any:
+    def launch(self, *args: Any, **kwargs: Any) -> Any:
         self._snapshot()
-        return self._engine.run_batch(*args, **kwargs)
+        return self._engine.launch(*args, **kwargs)
 
 
 #: While a job runs, RQ's worker gives its execution the job's timeout + 60 s as TTL and heartbeats

@@ -103,6 +103,20 @@ def default_batch_tokens(device: torch.device) -> int:
     return 16384 if device.type == "cuda" else 4096
 
 
+@dataclass
+class Launched:
+    """A batch whose forward :meth:`Engine.launch` started: :meth:`Engine.finish` waits for its
+    logits and scores them."""
+
+    items: list[Item]
+    options: list[RowOptions]
+    rows: list[list[int]]
+    began: float
+    #: What :meth:`Engine._start_forward` returned (None: not started, or it failed: ``finish``
+    #: then runs the forward itself, with the out-of-memory split and row isolation).
+    pending: Any = None
+
+
 class OutOfMemory(RuntimeError):
     """A forward pass ran out of device memory (or a test injected that)."""
 
@@ -125,6 +139,11 @@ class Engine:
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(loaded.device)
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self.pin = loaded.device.type == "cuda"
+        #: Whether :meth:`launch` returns before the forward is done (CUDA: the kernels and the
+        #: copy of the logits are queued on the stream), so the host can cut, collate and launch
+        #: the next batch while the device runs this one. Elsewhere the forward runs in
+        #: :meth:`finish` and compute keeps one batch at a time.
+        self.asynchronous = loaded.device.type == "cuda"
         #: Test hook: called with (rows, padded_tokens) before each forward; raising OutOfMemory
         #: there exercises the split-and-retry path on a CPU.
         self.fault: Callable[[int, int], None] | None = None
@@ -293,6 +312,28 @@ class Engine:
             logits = self.m.model(**self._collate(rows)).logits
             return logits.float().cpu().numpy()
 
+    def _start_forward(self, rows: list[list[int]]) -> Any:
+        """Queue a forward and the copy of its logits to the host; :meth:`_wait_forward` waits.
+        One synchronisation per batch, when its logits are needed, not when the next is launched."""
+        if self.fault is not None:
+            self.fault(len(rows), len(rows) * max(len(r) for r in rows))
+        self.forward_calls += 1
+        with torch.inference_mode():
+            logits = self.m.model(**self._collate(rows)).logits.float()
+            host = torch.empty(logits.shape, dtype=torch.float32, pin_memory=self.pin)
+            host.copy_(logits, non_blocking=self.pin)  # pinned: an asynchronous copy on the stream
+            done = None
+            if self.m.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+        return host, done
+
+    def _wait_forward(self, pending: Any) -> np.ndarray:
+        host, done = pending
+        if done is not None:
+            done.synchronize()
+        return host.numpy()
+
     def _forward_split(self, rows: list[list[int]]) -> list[np.ndarray | BaseException]:
         """Forward; on out-of-memory split in halves and retry, down to single rows."""
         try:
@@ -319,12 +360,21 @@ class Engine:
         """Results for every encoded item (in item order); failing rows get error results."""
         results: list[ItemResult | None] = [None] * len(enc.items)
         lengths = [len(enc.ids[i]) for i in enc.order]
-        for start, end in plan_batches(lengths, self.max_batch_size, self.max_batch_tokens):
-            idx = enc.order[start:end]
-            out = self.run_batch([enc.items[i] for i in idx], [enc.options[i] for i in idx],
-                                 [enc.ids[i] for i in idx], stats)
-            for i, result in zip(idx, out):
-                results[i] = result
+        running: tuple[list[int], Launched] | None = None
+        # On an asynchronous device the next batch is launched before the last one is waited
+        # for (see worker.compute); elsewhere launch() does nothing and this is one at a time.
+        # The last None is the last batch's turn to be finished.
+        spans: list[tuple[int, int] | None] = [*plan_batches(lengths, self.max_batch_size, self.max_batch_tokens), None]
+        for span in spans:
+            launched = None
+            if span is not None:
+                idx = enc.order[span[0]:span[1]]
+                launched = idx, self.launch([enc.items[i] for i in idx], [enc.options[i] for i in idx],
+                                            [enc.ids[i] for i in idx])
+            if running is not None:
+                for i, result in zip(running[0], self.finish(running[1], stats)):
+                    results[i] = result
+            running = launched
         return cast("list[ItemResult]", results)  # enc.order covers every item
 
     def run_batch(self, items: list[Item], options: list[RowOptions], rows: list[list[int]],
@@ -332,19 +382,35 @@ class Engine:
         """One forward batch (rows sorted by length, ascending): a result per item, in order,
         each scored by its own job's options (jobs with different options share a forward).
         A row that fails alone gets an error result; its neighbours still get theirs."""
-        t0 = time.perf_counter()
-        try:
-            outputs = self._forward_split(rows)
-        except Exception as exc:  # not OOM: isolate the culprit row by row
-            log.warning("batch forward failed, retrying rows alone", error=repr(exc), rows=len(rows))
-            outputs = []
-            for r in rows:
-                try:
-                    outputs.extend(self._forward_split([r]))
-                except Exception as row_exc:
-                    outputs.append(row_exc)
+        return self.finish(self.launch(items, options, rows), stats)
+
+    def launch(self, items: list[Item], options: list[RowOptions], rows: list[list[int]]) -> Launched:
+        """Start a batch's forward (:meth:`run_batch` in two halves). On an asynchronous device
+        it is under way when this returns; a launch that fails (out of memory, say) is run again,
+        the careful way, by :meth:`finish`."""
+        launched = Launched(items, options, rows, time.perf_counter())
+        if self.asynchronous:
+            try:
+                launched.pending = self._start_forward(rows)
+            except Exception as exc:
+                exc.__traceback__ = None  # its frames hold the failed forward's activations
+                launched.pending = None
+        return launched
+
+    def finish(self, launched: Launched, stats: BatchStats | None = None) -> list[ItemResult]:
+        """Wait for a launched batch's logits (or run its forward) and score each row."""
+        items, options, rows = launched.items, launched.options, launched.rows
+        outputs: list[np.ndarray | BaseException] | None = None
+        if launched.pending is not None:
+            try:
+                outputs = list(self._wait_forward(launched.pending))
+            except Exception as exc:  # an error the device reported late: run it the careful way
+                log.warning("launched forward failed, running it again", error=repr(exc), rows=len(rows))
+            launched.pending = None
+        if outputs is None:
+            outputs = self._forward_isolated(rows)
         if stats is not None:
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - launched.began
             width = max(len(r) for r in rows)
             stats.batches += 1
             stats.texts += len(rows)
@@ -374,6 +440,21 @@ class Engine:
             for n, result in zip(idx, self._results([items[n] for n in idx], scores, [scored[n].top_k for n in idx])):
                 results[n] = result
         return cast("list[ItemResult]", results)  # each row is an error, raw logits or scored
+
+    def _forward_isolated(self, rows: list[list[int]]) -> list[np.ndarray | BaseException]:
+        """Logits per row: out of memory splits the batch, any other failure retries rows alone,
+        so a row that fails gets its exception and its neighbours their logits."""
+        try:
+            return self._forward_split(rows)
+        except Exception as exc:  # not OOM: isolate the culprit row by row
+            log.warning("batch forward failed, retrying rows alone", error=repr(exc), rows=len(rows))
+            outputs: list[np.ndarray | BaseException] = []
+            for r in rows:
+                try:
+                    outputs.extend(self._forward_split([r]))
+                except Exception as row_exc:
+                    outputs.append(row_exc)
+            return outputs
 
     def _results(self, items: list[Item], scores: np.ndarray, top_k: list[int | None]) -> list[ItemResult]:
         """Item results for a batch: one sort and one conversion to Python for the whole matrix."""

@@ -60,6 +60,10 @@ class ItemPool(Protocol):
     def next_batch(self, max_wait: float, timeout: float = 0.5) -> list[Entry] | None:
         """The next batch to run, or None if nothing came within ``timeout`` or the pool closed."""
 
+    def ready_batch(self, max_wait: float) -> list[Entry] | None:
+        """The batch :meth:`next_batch` would return at once, or None: never waits. For cutting
+        the next batch while a forward is under way on an asynchronous device."""
+
     def drain(self) -> list[Entry]:
         """Everything still waiting, removed (to give back at a stop)."""
 
@@ -153,17 +157,31 @@ class BatchScheduler:
                     return None
                 now = time.monotonic()
                 if self._entries:
-                    lo, hi, full = self._window()
-                    filling = (self._pending > 0 or self._queued) and len(self._entries) < self.fill_items
-                    oldest = self._oldest(len(self._fifo)).arrived
-                    wait = oldest + (max(max_wait, self.FILL_WAIT) if filling else max_wait) - now
-                    if (full and not filling) or wait <= 0:
-                        return self._remove(lo, hi)
+                    batch, wait = self._cut(max_wait, now)
+                    if batch is not None:
+                        return batch
                 else:
                     wait = deadline - now
                     if wait <= 0:
                         return None
                 self._cond.wait(wait)
+
+    def ready_batch(self, max_wait: float) -> list[Entry] | None:
+        with self._cond:
+            if self._closed or not self._entries:
+                return None
+            return self._cut(max_wait, time.monotonic())[0]
+
+    def _cut(self, max_wait: float, now: float) -> tuple[list[Entry] | None, float]:
+        """The next batch if its time has come (the rules of :meth:`next_batch`), else None and
+        how long until it comes. The pool holds entries; the caller holds the lock."""
+        lo, hi, full = self._window()
+        filling = (self._pending > 0 or self._queued) and len(self._entries) < self.fill_items
+        oldest = self._oldest(len(self._fifo)).arrived
+        wait = oldest + (max(max_wait, self.FILL_WAIT) if filling else max_wait) - now
+        if (full and not filling) or wait <= 0:
+            return self._remove(lo, hi), 0.0
+        return None, wait
 
     def _oldest(self, below: int) -> Entry:
         """The oldest item of the most urgent queue with priority < ``below`` that has any."""
