@@ -60,7 +60,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import redis
@@ -77,7 +77,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from queuebert import keys
-from queuebert.schema import ItemResult, JobOptions
+from queuebert.schema import OPTION_NAMES, ItemResult, JobError, JobOptions
 from queuebert.settings import ClientSettings, GatewaySettings
 
 from . import jobs, peers, readers, tei
@@ -134,6 +134,25 @@ def check_job_ttl(raw: str | None) -> float | None:
         raise tei.TEIError.of(tei.VALIDATION, f"{tei.VALIDATION_PREFIX}job_ttl {json.dumps(raw)[:40]} must be a "
                                               f"number of seconds above 0 and at most {MAX_JOB_TTL:g}")
     return value
+
+
+def query_options(params: Mapping[str, str]) -> JobOptions:
+    """The job options a ``POST /runs`` asks for as query parameters named as the options
+    (``?top_k=2&function_to_apply=sigmoid``). A value is read as JSON where it parses (numbers),
+    else as the string sent; a bad one is 422 naming the parameter, never silently ignored."""
+    values: dict[str, Any] = {}
+    for name in OPTION_NAMES:
+        raw = params.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[name] = json.loads(raw)
+        except ValueError:
+            values[name] = raw
+    try:
+        return JobOptions(**values)
+    except JobError as exc:  # its message starts with the option's name
+        raise tei.TEIError.of(tei.VALIDATION, f"{tei.VALIDATION_PREFIX}{exc}") from None
 
 
 def check_run_id(run_id: str) -> str:
@@ -765,7 +784,7 @@ class Gateway:
         as ``queuebert enqueue`` reads them (:func:`producer.readers.record_from_json_line`), with
         its options as query parameters (``text_field``, ``id_field``, ``text_pair_field``): a bare
         string is a text, other fields go to ``meta``. An unreadable or over-long line is skipped
-        and reported.
+        and reported. The job options are query parameters too (``top_k``, ``function_to_apply``).
 
         An upload cut short (the client went away, or paused past ``body_timeout``) keeps what
         arrived. Under a ``run_id`` the client chose, every whole chunk that arrived is written and
@@ -780,6 +799,7 @@ class Gateway:
         given = params.get("run_id") or None
         run_id = check_run_id(given) if given is not None else new_id()
         job_ttl = check_job_ttl(params.get("job_ttl"))
+        options = query_options(params)
         fields = {"text_field": params.get("text_field") or "text", "id_field": params.get("id_field") or "id",
                   "text_pair_field": params.get("text_pair_field") or None}
         async with self.within(self.settings.request_timeout, tei.redis_unavailable):
@@ -835,7 +855,7 @@ class Gateway:
 
         try:
             run = await self.runs.enqueue_stream(items(), run_id=run_id, on_progress=written, job_ttl=job_ttl,
-                                                 queue=queue)
+                                                 queue=queue, **options.as_fields())
         except (ClientDisconnect, BodyTimeout) as exc:
             raise self._upload_cut(exc, run_id, kept, sealed=False) from None
         if cut is not None:

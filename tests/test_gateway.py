@@ -211,6 +211,18 @@ def test_runs_read_lines_as_queuebert_enqueue_does(served):
     pair = client.post(f"{cls}/predict", json={"inputs": ["is it good?", "it is great"]}).json()
     assert result["scores"] == pytest.approx({p["label"]: p["score"] for p in pair}, abs=1e-5)
 
+    # The job options are query parameters too, checked like the clients' (422, nothing enqueued).
+    created = client.post(f"{cls}/runs?top_k=1&function_to_apply=none", content=b'"good film"\n',
+                          headers={"content-type": "application/x-ndjson"})
+    assert created.status_code == 201, created.text
+    with client.stream("GET", f"{cls}/runs/{created.json()['run_id']}/results") as response:
+        (result,) = [json.loads(line) for line in response.iter_lines() if line]
+    raw = client.post(f"{cls}/predict", json={"inputs": "good film", "raw_scores": True}).json()
+    assert result["scores"] == pytest.approx({raw[0]["label"]: raw[0]["score"]}, abs=1e-5)
+    for query in ("top_k=0", "top_k=two", "function_to_apply=relu"):
+        refused = client.post(f"{cls}/runs?{query}", content=b'"x"\n', headers={"content-type": "application/x-ndjson"})
+        assert refused.status_code == 422 and query.split("=")[0] in refused.json()["error"], refused.text
+
 
 def test_pressure_429_and_504_with_deadline(redis_server, served):
     """No worker on queue "idle": a request whose result does not come within its timeout gets

@@ -276,3 +276,16 @@ def test_out_of_memory_split_keeps_segment_ids(conn, redis_server, engines, tiny
         assert "error" not in got, got
         for label, score in want.items():
             assert got["scores"][label] == pytest.approx(score, abs=tolerance)
+
+
+def test_zero_shot_on_a_model_without_an_entailment_label_warns_once() -> None:
+    """As the pipeline warns: such a model's zero-shot scores rest on its last logit."""
+    import structlog
+
+    from worker.job_rows import entailment_ids
+
+    with structlog.testing.capture_logs() as logs:
+        assert entailment_ids({"warn_a": 0, "warn_b": 1}) == (-1, 0)
+        assert entailment_ids({"warn_a": 0, "warn_b": 1}) == (-1, 0)
+        assert entailment_ids({"contradiction": 0, "entailment": 1}) == (1, 0)
+    assert [e["labels"] for e in logs if e["log_level"] == "warning"] == [["warn_a", "warn_b"]]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeAlias, cast
 
 import numpy as np
+import structlog
 
 from queuebert.schema import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
@@ -27,6 +28,10 @@ from queuebert.schema import (
     check_item,
     error_result,
 )
+
+log = structlog.get_logger(__name__)
+#: The label sets already warned about (once per model, not once per job).
+_warned: set[tuple[str, ...]] = set()
 
 
 class Raw(enum.Enum):
@@ -97,6 +102,11 @@ def entailment_ids(label2id: Mapping[str, int]) -> tuple[int, int]:
     with "entail" (-1, the last logit, when none does, as the pipeline falls back), contradiction
     is logit 0, or the last one when entailment is 0."""
     entailment = next((i for label, i in label2id.items() if label.lower().startswith("entail")), -1)
+    if entailment == -1 and tuple(label2id) not in _warned:
+        # The pipeline warns too: such a model's zero-shot scores are only as good as that guess.
+        _warned.add(tuple(label2id))
+        log.warning("zero-shot item on a model with no 'entailment' label: using its last logit, as the "
+                    "pipeline does; zero-shot needs an NLI model", labels=list(label2id))
     return entailment, (-1 if entailment == 0 else 0)
 
 
