@@ -4,7 +4,8 @@ the worker (keys, schemas, serializer, settings) is in :mod:`queuebert`."""
 from __future__ import annotations
 
 from queuebert import logs
-from queuebert.settings import ClientSettings, WorkerSettings
+from queuebert.schema import JobError
+from queuebert.settings import ClientSettings, SettingError, WorkerSettings
 
 from .async_client import AsyncClient, AsyncHandle, AsyncRun, AsyncSubscription
 from .client import Client, Handle, JobFailed, RedisFull, ResumeError, Run, Subscription
@@ -15,4 +16,5 @@ from .jobs import LostWrites
 logs.route_to_stdlib()
 
 __all__ = ["AsyncClient", "AsyncHandle", "AsyncRun", "AsyncSubscription", "Client", "ClientSettings", "Handle",
-           "JobFailed", "LostWrites", "RedisFull", "ResumeError", "Run", "Subscription", "WorkerSettings"]
+           "JobError", "JobFailed", "LostWrites", "RedisFull", "ResumeError", "Run", "SettingError", "Subscription",
+           "WorkerSettings"]

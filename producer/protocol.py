@@ -28,7 +28,7 @@ from rq.results import Result
 from queuebert import keys
 from queuebert.results import decode_entry, decode_rq_failure, decode_rq_return_value, finish_consumed
 from queuebert.schema import Item, ItemResult, JobOptions, normalize_item
-from queuebert.settings import ClientSettings
+from queuebert.settings import ClientSettings, check_setting
 
 from . import jobs
 from .effects import (
@@ -80,6 +80,11 @@ class RedisFull(RuntimeError):
         )
         self.run_id = run_id
         self.enqueued = enqueued
+
+
+def consumed_message(run_id: str) -> str:
+    """Why a run whose results a consuming read deleted cannot be enqueued or read again."""
+    return f"run {run_id} was already read and its results deleted; use a new --run-id"
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -315,8 +320,13 @@ class ProducerProtocol(Generic[T]):
     # -- small reads and writes -------------------------------------------------------------------
 
     def run_progress(self, run_id: str) -> Steps[dict[str, int]]:
-        raw = yield Call(Command("hmget", (keys.run_meta(run_id), *jobs.PROGRESS_FIELDS)))
-        return jobs.parse_progress(raw)
+        """The run's counters, and ``consumed``: 1 once a consuming read finished it (or its
+        handles were released): its results and job list are gone, so reading it again yields
+        nothing, and enqueueing into it would wait forever (completions never reopen it)."""
+        raw = yield Call(Command("hmget", (keys.run_meta(run_id), *jobs.PROGRESS_FIELDS, "consumed")))
+        progress = jobs.parse_progress(raw[:-1])
+        progress["consumed"] = int(raw[-1] or 0)
+        return progress
 
     def latest_result(self, job_id: str) -> Steps[list[ItemResult] | None]:
         """A job's item results if it has finished (RQ's result stream), without waiting."""
@@ -350,8 +360,17 @@ class ProducerProtocol(Generic[T]):
         ``JOBS_PER_ROUND_TRIP`` jobs, resuming where an earlier call stopped (see
         ``Client.enqueue_stream``). ``job_settings``: the settings the jobs are written with (a
         run's own ``job_ttl``), else the client's."""
-        raw_cursor, stored = yield Send([Command("get", (keys.run_cursor(run.id),)),
-                                         Command("hmget", (keys.run_meta(run.id), *jobs.RESUME_FIELDS))])
+        # Checked here, before anything is sent, as the settings check theirs: a chunk size of 0
+        # or less broke the first round, and a negative max_pending waited forever for room.
+        check_setting(ClientSettings, "chunk_size", chunk_size)
+        check_setting(ClientSettings, "max_pending", max_pending)
+        raw_cursor, stored, consumed = yield Send([Command("get", (keys.run_cursor(run.id),)),
+                                                   Command("hmget", (keys.run_meta(run.id), *jobs.RESUME_FIELDS)),
+                                                   Command("hget", (keys.run_meta(run.id), "consumed"))])
+        if consumed:
+            # Its results were read and deleted: a resumed enqueue would find nothing to send (a
+            # sealed run) or send jobs whose completions the consumed run never records again.
+            raise ResumeError(consumed_message(run.id))
         plan = jobs.resume_plan(self.settings, run.id, raw_cursor, stored, chunk_size, queue, self.log)
         size, queue, resume_from = plan.chunk_size, plan.queue, plan.resume_from
         run.queue = queue or self.settings.queue

@@ -27,6 +27,13 @@ DEFAULT_ID_FIELD = "id"
 
 BOM = "\ufeff"
 
+#: Longest CSV/TSV field read, in characters. The csv module's default (131,072) made a longer text
+#: a crash of the whole read (``_csv.Error: field larger than field limit``) where the worker would
+#: have classified it, or refused it with its own ``text_too_long`` past ``max_text_chars``
+#: (200,000 by default): this leaves that decision to the worker for any text a setting allows.
+#: A field beyond even this is the line's error, like any unreadable line.
+MAX_FIELD_CHARS = 64 * 1024 * 1024
+
 
 class InputError(ValueError):
     """A record that cannot be read; carries its line number."""
@@ -137,11 +144,40 @@ def read_records(
             wanted.append((text_pair_field, "--text-pair-field"))
         if id_field is not None:
             wanted.append((id_field, "--id-field"))
-        _check_columns(fmt, reader.fieldnames, wanted)  # reads the header now
-        rows = ((reader.line_num, row) for row in reader)
+        _raise_field_limit()
+        try:
+            header = reader.fieldnames  # read now
+        except csv.Error as exc:  # nothing can be read without it, whatever on_error says
+            raise InputShapeError(f"line 1: the {fmt.upper()} header cannot be read: {exc}") from None
+        _check_columns(fmt, header, wanted)
+        rows = _csv_rows(reader, fmt)
     else:
         rows = ((n, line) for n, line in enumerate(lines, 1) if line.strip() != "")
     return _records(rows, fmt, text_field, id_field or DEFAULT_ID_FIELD, text_pair_field, on_error, errors)
+
+
+def _raise_field_limit() -> None:
+    """Lift the csv module's field limit to :data:`MAX_FIELD_CHARS`. The limit is process-wide, so
+    it is only ever raised (never lowered, never put back): lowering it under another thread's
+    read would fail that read, and a larger limit only lets fields through that were refused."""
+    if csv.field_size_limit() < MAX_FIELD_CHARS:
+        csv.field_size_limit(MAX_FIELD_CHARS)
+
+
+def _csv_rows(reader: csv.DictReader[str], fmt: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, row)`` pairs of ``reader``; a row the csv module cannot parse (a field over
+    the limit, a NUL byte) becomes that line's :class:`InputError` (the line its record starts on),
+    so ``on_error`` decides, as for any unreadable line; the read goes on from the next line."""
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield line, InputError(line, f"not valid {fmt.upper()}: {exc}")
+            continue
+        yield reader.line_num, row
 
 
 def _records(
@@ -150,6 +186,8 @@ def _records(
 ) -> Iterator[dict[str, Any]]:
     for line_no, raw in rows:
         try:
+            if isinstance(raw, InputError):  # a row the csv module could not parse
+                raise raw
             if fmt == "jsonl":
                 yield record_from_json_line(raw, line_no, text_field=text_field, id_field=id_field,
                                             text_pair_field=text_pair_field)
@@ -180,7 +218,14 @@ def _json_line(raw: str | bytes, line_no: int) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise InputError(line_no, f"not valid JSON: {exc.msg}") from None
+        # json's message names the position ("... at line 1 column 12 (char 11)"); exc.msg alone
+        # stopped mid-sentence ("Invalid control character at"). The column is the one to show:
+        # the line number is the file's, which the InputError gives.
+        if exc.lineno > 1:  # past the line's own end (its line end), e.g. a line cut short
+            where = "the end of the line" if exc.msg.endswith(" at") else "at the end of the line"
+        else:
+            where = f"column {exc.colno}" if exc.msg.endswith(" at") else f"at column {exc.colno}"
+        raise InputError(line_no, f"not valid JSON: {exc.msg} {where}") from None
     except UnicodeDecodeError:  # bytes (the gateway's lines) that are not UTF-8
         raise InputError(line_no, "not valid JSON: not UTF-8") from None
     except RecursionError:  # json's C scanner recurses once per nesting level

@@ -54,9 +54,12 @@ def _stop_with_parent(parent: int) -> Callable[[], None]:
     """For ``preexec_fn``: the child gets SIGTERM (a graceful stop) when the thread that started it
     dies, however it dies (Linux's PR_SET_PDEATHSIG), so a SIGKILLed parent leaves no orphans that
     keep running without anyone to stop them."""
+    # libc is looked up here, in the parent: a dlopen between fork and exec could wait for ever on a
+    # loader lock that another thread of the parent (a model build's, say) held at the fork.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
     def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before the signal was armed
             os.kill(os.getpid(), signal.SIGTERM)
     return arm

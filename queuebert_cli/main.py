@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import structlog
 
-from producer.outputs import open_output, safe_point
+from producer.outputs import open_output
 from producer.readers import DEFAULT_ID_FIELD, FORMATS
 from queuebert import logs
 from queuebert.connection import RedisUnavailable
 from queuebert.schema import DEFAULT_HYPOTHESIS_TEMPLATE
-from queuebert.settings import ClientSettings, ExporterSettings, GatewaySettings, WorkerSettings, env_name
+from queuebert.settings import ClientSettings, ExporterSettings, GatewaySettings, SettingError, WorkerSettings, env_name
 
 from .job_flags import add_option_flags, check_option_flags, job_options
 
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fast GPU fed where one process's CPU cannot (default: 1)")
     _redis_flag(p)
     _log_flags(p)
+    for command_parser in sub.choices.values():  # so main reports a flag's error with its command's usage
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -315,37 +318,41 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     client = Client.from_url(args.redis_url)
     progress = client.run_progress(args.run_id)
+    if progress["consumed"]:  # its results are gone: printing nothing with exit 0 looked like success
+        from producer.protocol import consumed_message
+
+        log.error(consumed_message(args.run_id), run=args.run_id)
+        return 2
     if not progress["jobs"] and not progress["sealed"]:
         log.error("no such run", run=args.run_id)
         return 2
-    out = open_output(args.output)
     # Results written out of the run's items; the total grows until the run is sealed.
     bar = Progress("classified", "texts", progress["total"], enabled=_progress_enabled(args))
     sealed = bool(progress["sealed"])
     checked = time.monotonic()
     try:
-        if args.follow or args.unordered:
-            # Consuming deletes results from Redis: only once their lines are on disk (or passed on).
-            source = (client.subscribe(args.run_id, timeout=args.timeout) if args.unordered
-                      else client.ordered_results(args.run_id, timeout=args.timeout, consume=args.consume,
-                                                  before_delete=safe_point(out)))
-        else:
-            source = _done_in_order(client, args.run_id)
-        for result in source:
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")
-            bar.update()
-            if not sealed and time.monotonic() - checked > PROGRESS_TOTAL_EVERY:
-                checked = time.monotonic()
-                progress = client.run_progress(args.run_id)
-                sealed = bool(progress["sealed"])
-                bar.set_total(progress["total"])
+        # An existing file is emptied only at the first result, never before (producer.outputs).
+        with open_output(args.output) as out:
+            if args.follow or args.unordered:
+                # Consuming deletes results from Redis: only once their lines are on disk (or passed on).
+                source = (client.subscribe(args.run_id, timeout=args.timeout) if args.unordered
+                          else client.ordered_results(args.run_id, timeout=args.timeout, consume=args.consume,
+                                                      before_delete=out.safe_point()))
+            else:
+                source = _done_in_order(client, args.run_id)
+            for result in source:
+                out.write(json.dumps(result, ensure_ascii=False) + "\n")
+                bar.update()
+                if not sealed and time.monotonic() - checked > PROGRESS_TOTAL_EVERY:
+                    checked = time.monotonic()
+                    progress = client.run_progress(args.run_id)
+                    sealed = bool(progress["sealed"])
+                    bar.set_total(progress["total"])
     except TimeoutError as exc:
         log.error("timed out", error=str(exc))
         return 3
     finally:
         bar.close()
-        if out is not sys.stdout:
-            out.close()
     progress = client.run_progress(args.run_id)
     if progress["done"] < progress["total"] or not progress["sealed"]:
         log.info("run not finished", done=progress["done"], total=progress["total"])
@@ -406,9 +413,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from producer.client import RedisFull, ResumeError
     from producer.embedded_redis import NoRedisBinary
+    from producer.pairs import RerankError
     from producer.readers import InputError
 
-    from .run_command import RunFailed, run
+    from .run_command import RunFailed, Terminated, run
 
     try:
         return run(args)
@@ -418,6 +426,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (NoRedisBinary, RunFailed, InputError, ResumeError) as exc:
         log.error(str(exc))
         return 2
+    except RerankError as exc:  # the model is no single-score reranker: the fix is a flag
+        # The library's hint names its keyword (label=...); here the way to name the label is the flag.
+        message = str(exc).replace("(label=...)", "with --relevance-label LABEL")
+        if "--relevance-label" not in message:
+            message += " (--relevance-label)"
+        log.error(message)
+        return 2
+    except Terminated:  # the workers and Redis were stopped on the way out
+        log.warning("stopped by SIGTERM")
+        return Terminated.EXIT_CODE
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -461,11 +479,47 @@ COMMANDS = {"enqueue": cmd_enqueue, "results": cmd_results, "worker": cmd_worker
             "exporter": cmd_exporter}
 
 
+#: The settings each command builds from its flags and ``QUEUEBERT_*`` variables, checked before it starts.
+COMMAND_SETTINGS: dict[str, tuple[type[Any], ...]] = {
+    "enqueue": (ClientSettings,), "results": (ClientSettings,), "run": (ClientSettings, WorkerSettings),
+    "rerank": (ClientSettings, WorkerSettings), "zero-shot": (ClientSettings, WorkerSettings),
+    "worker": (WorkerSettings,), "serve": (GatewaySettings, ClientSettings), "exporter": (ExporterSettings,),
+}
+
+
+def check_settings(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command's settings (its flags, else the environment), as one line
+    naming the flag or variable; None when nothing is. The ranges are the settings' own
+    (:func:`queuebert.settings.at_least`): a flag, its variable and a Python client refuse alike."""
+    try:
+        for cls in COMMAND_SETTINGS.get(args.command, ()):
+            names = set(cls.__dataclass_fields__)
+            cls.from_env(**{k: v for k, v in vars(args).items() if k in names and not isinstance(v, list)})
+    except SettingError as exc:
+        return str(exc) if exc.from_env else f"--{exc.setting.replace('_', '-')} {exc.problem}"
+    if args.command in ("run", "rerank", "zero-shot"):
+        if args.workers < 0:
+            return f"--workers must be at least 0 (got {args.workers})"
+        if args.workers == 0 and not (args.redis_url or os.environ.get(env_name("redis_url"))):
+            # Its private Redis is on a port no worker knows: the run would wait for ever.
+            return ("--workers 0 uses workers already attached to a Redis: give its --redis-url (or "
+                    f"{env_name('redis_url')}), or start workers with --workers N")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_option_flags(parser, args)
-    defaults = WorkerSettings.from_env()
+    # The subcommand's own parser: its usage, not the top-level one's, goes with a flag's error.
+    command_parser = getattr(args, "command_parser", parser)
+    check_option_flags(command_parser, args)
+    try:
+        problem = check_settings(args)
+        defaults = WorkerSettings.from_env()  # the log format and level of every command
+    except SettingError as exc:
+        problem = str(exc)
+    if problem is not None:
+        command_parser.exit(2, f"{command_parser.prog}: error: {problem}\n")
     logs.configure(getattr(args, "log_format", None) or defaults.log_format,
                    getattr(args, "log_level", None) or defaults.log_level)
     try:

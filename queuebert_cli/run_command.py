@@ -3,8 +3,10 @@
 Starts a private Redis when no URL is given, starts N worker processes, enqueues INPUT as a run,
 streams answers in input order to OUT or stdout (answers received, out of a total, on a
 terminal's stderr), and ends with a summary. Every process it started is stopped on every exit
-path (normal end, Ctrl-C, an exception). The three commands differ only in what a line of input
-becomes (:func:`source`) and what comes back for it (:func:`answers`).
+path (normal end, Ctrl-C, SIGTERM, an exception), and its workers die with it even when it is
+SIGKILLed (they get SIGTERM from the kernel: Linux's parent-death signal). The three commands
+differ only in what a line of input becomes (:func:`source`) and what comes back for it
+(:func:`answers`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,8 @@ import structlog
 
 from producer import pairs
 from producer.client import Client
-from producer.outputs import safe_point
+from producer.outputs import Output
+from producer.protocol import consumed_message
 from producer.readers import InputError, guess_format, open_input, read_objects, read_records
 from queuebert.connection import connect
 from queuebert.procs import LoggedProcess, start_process, stop_processes
@@ -39,6 +44,37 @@ log = structlog.get_logger(__name__)
 
 class RunFailed(RuntimeError):
     pass
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds ``run`` like Ctrl-C's KeyboardInterrupt (so its ExitStack stops the
+    workers, then Redis), and ends the command with 143 (128 + SIGTERM), as a shell reports it. A
+    BaseException, so no ``except Exception`` on the way swallows it."""
+
+    EXIT_CODE = 128 + signal.SIGTERM
+
+
+@contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """While ``run`` runs, SIGTERM (``kill``, a container stop, systemd) raises :class:`Terminated`
+    in the main thread; before this, it killed the command at once and its ExitStack never ran.
+    Once only: a second SIGTERM during the stop is ignored (the stop is already under way and
+    bounded by the workers' grace; SIGKILL still works, and takes the workers with it)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # No logging here: a handler that wrote to stderr while the interrupted code was writing
+        # there would fail (a reentrant call on one buffered stream). The command logs on its way out.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _worker_command(args: argparse.Namespace, url: str, index: int) -> list[str]:
@@ -67,8 +103,12 @@ def _start_workers(args: argparse.Namespace, url: str, stack: ExitStack) -> list
     # one still running after its grace is killed, and recovery hands its jobs on like any dead worker's.
     stack.callback(stop_processes, procs, WorkerSettings.from_env().stop_grace)  # also those started before a failure
     for i in range(args.workers):
-        # Their own session: a Ctrl-C reaches this process, which stops them in order.
-        procs.append(start_process(_worker_command(args, url, i), env=env, new_session=True,
+        # Their own session: a Ctrl-C reaches this process, which stops them in order. And they
+        # die with it (SIGTERM from the kernel, a graceful stop) however it dies: SIGKILLed, it
+        # left them running for ever, re-parented to PID 1, retrying a Redis that died with it.
+        # Between fork and exec the child only calls prctl, looked up beforehand (queuebert.procs):
+        # the least a preexec_fn can do, where a default-model build may have left threads here.
+        procs.append(start_process(_worker_command(args, url, i), env=env, new_session=True, stop_with_parent=True,
                                    log_path=log_dir / f"worker-{i}.log" if log_dir else None))
     return procs
 
@@ -139,13 +179,31 @@ def _label(answer: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse an output that is the input: the results would replace the input they come from."""
+    if args.input == "-" or args.output in (None, "-"):
+        return
+    try:
+        same = os.path.samefile(args.input, args.output)
+    except OSError:  # one of them does not exist (yet): they cannot be one file
+        return
+    if same:
+        raise RunFailed(f"the output {args.output} is the input {args.input}: writing the results there would "
+                        "replace the input; give -o another file")
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     url = args.redis_url or os.environ.get(env_name("redis_url"))
+    _check_paths(args)
     with ExitStack() as stack:
+        stack.enter_context(_terminate_on_sigterm())  # first in, so last out: it covers every stop
         stream = stack.enter_context(open_input(args.input))  # a missing file fails before anything starts
         input_errors: list[InputError] = []
         inputs = source(args, stream, input_errors)
+        # Opened before Redis, workers or a model build start, so an output that cannot be written
+        # fails at once; an existing file is emptied only at the first result (producer.outputs).
+        out = stack.enter_context(Output(args.output or "-"))
         if url is None:
             from producer.embedded_redis import RedisServer
 
@@ -157,6 +215,10 @@ def run(args: argparse.Namespace) -> int:
             client.settings.queue = args.queue
         if args.redis_full_timeout is not None:
             client.settings.redis_full_timeout = args.redis_full_timeout
+        run_id = args.run_id or f"run-{int(time.time())}-{os.getpid()}"
+        if args.run_id and client.run_progress(run_id)["consumed"]:
+            # Enqueueing it again finds it complete and reads nothing back: an empty output.
+            raise RunFailed(consumed_message(run_id))
         if args.workers:
             _ensure_model(args)
         procs = _start_workers(args, url, stack) if args.workers else []
@@ -166,9 +228,6 @@ def run(args: argparse.Namespace) -> int:
                                            estimate_records(args.input, _format(args)),
                                            enabled=False if args.no_progress else None))
         enqueue_started = time.perf_counter()  # texts/s excludes a first-use model build
-        run_id = args.run_id or f"run-{int(time.time())}-{os.getpid()}"
-        out = (sys.stdout if args.output in (None, "-")
-               else stack.enter_context(open(args.output, "w", encoding="utf-8")))
         enqueued = 0  # model inputs (texts, pairs), whatever the command
 
         def on_enqueued(n: int) -> None:
@@ -179,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         # flushed (and a file fsynced) before each deletion so none exists only in a buffer.
         lines = answers(args, client, inputs, run_id, chunk_size=args.chunk_size, max_pending=args.max_pending,
                         on_enqueued=on_enqueued, on_sealed=bar.set_total, on_idle=lambda: _check_workers(procs),
-                        consume=not args.keep_results, before_delete=safe_point(out))
+                        consume=not args.keep_results, before_delete=out.safe_point())
         labels: Counter[str] = Counter()
         items = errors = 0
         last_check = time.monotonic()
@@ -203,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "rerank":
             summary["pairs"] = enqueued
             del summary["labels"]
-        out.flush()
+        out.stream.flush()
         bar.close()  # its last line before the summary, not over it
         print(json.dumps(summary), file=sys.stderr)
     return 0

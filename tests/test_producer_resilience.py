@@ -136,7 +136,7 @@ def test_sigkilled_cli_enqueue_resumes_every_line_once_in_order(conn, redis_serv
     assert [it["id"] for it in items] == [str(i) for i in range(n)]
     assert [it["text"] for it in items] == texts
     assert Client.from_url(redis_server.url).run_progress(run_id) | {"done": 0} == {
-        "enqueued": n, "total": n, "done": 0, "errors": 0, "sealed": 1, "jobs": (n + 63) // 64}
+        "enqueued": n, "total": n, "done": 0, "errors": 0, "sealed": 1, "jobs": (n + 63) // 64, "consumed": 0}
 
     run_burst(conn, engines["bert"])
     results = list(Client.from_url(redis_server.url).ordered_results(run_id, timeout=30))

@@ -141,3 +141,42 @@ def test_enqueue_missing_column_is_one_line(redis_server, tmp_path):
     assert [e["event"] for e in errors] == [
         "CSV has no column 'text' (columns: id, body); choose one with --text-field"]
     assert "Traceback" not in enq.stderr
+
+
+def test_csv_field_over_the_csv_modules_default_limit(tmp_path):
+    """A text longer than csv's default field limit (131,072 characters) but within the worker's
+    max_text_chars was ``_csv.Error: field larger than field limit`` and the end of the whole read."""
+    long_text = "word " * 40_000  # 200,000 characters
+    data = f"id,text\na,short\nb,{long_text}\nc,last\n".encode()
+    for fmt, sep in (("csv", ","), ("tsv", "\t")):
+        rows = _read(data.replace(b",", sep.encode()), fmt, tmp_path / f"long.{fmt}")
+        assert [(r["id"], len(r["text"])) for r in rows] == [("a", 5), ("b", len(long_text)), ("c", 4)]
+
+
+def test_csv_error_is_the_lines_input_error(tmp_path, monkeypatch):
+    """A row the csv module cannot parse is an InputError with its line number, so --on-error
+    applies (skip: reported and the next lines read; fail: the read stops there), not a crash."""
+    import csv
+
+    import producer.readers as readers
+
+    monkeypatch.setattr(readers, "MAX_FIELD_CHARS", 100, raising=False)  # absent before the fix
+    saved = csv.field_size_limit(100)
+    try:
+        data = "id,text\na,ok\nb," + "x" * 500 + "\nc,after\n"
+        errors: list[InputError] = []
+        rows = list(read_records(io.StringIO(data), "csv", errors=errors))
+        assert [r["id"] for r in rows] == ["a", "c"]
+        assert [e.line for e in errors] == [3] and "field larger than field limit" in str(errors[0])
+        with pytest.raises(InputError, match="line 3"):
+            list(read_records(io.StringIO(data), "csv", on_error="fail"))
+    finally:
+        csv.field_size_limit(saved)
+
+
+def test_json_error_names_the_column():
+    """json's message alone stopped mid-sentence: "not valid JSON: Invalid control character at"."""
+    errors: list[InputError] = []
+    assert list(read_records(io.StringIO('{"text": "a\tb"}\n{"text": "x"} y\n'), "jsonl", errors=errors)) == []
+    assert [str(e) for e in errors] == ["line 1: not valid JSON: Invalid control character at column 12",
+                                        "line 2: not valid JSON: Extra data at column 15"]
