@@ -82,7 +82,8 @@ def run_one(code: Path, model: Path, texts: list[str], speed: float, logdir: Pat
             procs.append(start_process(
                 [sys.executable, str(harness.BENCH_DIR / "sim_worker.py"), "--redis-url", server.url,
                  "--model", str(model), "--tokens-per-s", str(speed), "--burst", "--name", name,
-                 "--report", str(reports[-1]), "--device-lock", str(lock), *(extra_args or [])],
+                 "--report", str(reports[-1]), *(["--device-lock", str(lock)] if processes > 1 else []),
+                 *(extra_args or [])],
                 env=env, cwd=code, log_path=logdir / f"{name}.log", stdout="log", new_session=True))
         try:
             for proc in procs:
