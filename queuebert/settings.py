@@ -270,6 +270,9 @@ class WorkerSettings(_FromEnv):
     max_batch_tokens: int | None = at_least(1, None)
     #: After the first job arrives, wait at most this long for more to pool.
     max_wait_ms: float = at_least(0, 5.0)
+    #: On CUDA, launch the next batch before waiting for the current one's logits (worker.compute).
+    #: Off: one batch at a time, as on a CPU (to compare the two on one device, or to rule it out).
+    overlap: bool = True
     #: Items waiting in the worker's length-sorted pool, which each batch is cut from: seconds of
     #: work, so sorting has plenty to sort (padding ~1.04x on mixed texts), yet a worker never holds
     #: so much of a short burst that other workers idle (at 4,096, one worker took a whole

@@ -110,6 +110,8 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on CUDA that supports it (else fp16), bf16 on CPUs with native bf16, else fp32")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="texts per forward (default: 64 on CPU, 512 on CUDA)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                   help="on CUDA, wait for each batch before launching the next (default: overlap two batches)")
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="padded tokens per forward (default: 4096 on CPU, 16384 on CUDA)")
     p.add_argument("--max-wait-ms", type=float, default=None,

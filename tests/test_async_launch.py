@@ -104,3 +104,32 @@ def test_the_in_process_engine_overlaps_its_batches_too(engines) -> None:
     assert most == 2 and in_flight == 0
     assert [(r["id"], r["label"]) for r in got] == [(r["id"], r["label"]) for r in want]
     assert all(a["scores"] == pytest.approx(b["scores"], abs=1e-6) for a, b in zip(got, want))
+
+
+def test_the_overlap_can_be_turned_off(monkeypatch, tiny_models) -> None:
+    """``--no-overlap`` / ``QUEUEBERT_OVERLAP=0``: one batch at a time on a CUDA device too (an
+    engine that would overlap, standing in for a CUDA one, loaded as the worker loads it)."""
+    import dataclasses
+
+    from queuebert.settings import WorkerSettings
+    from queuebert_cli.main import _worker_settings, build_parser
+    from worker import engine as engine_module
+    from worker import tasks
+
+    class WouldOverlap(engine_module.Engine):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.asynchronous = True
+
+    monkeypatch.setattr(engine_module, "Engine", WouldOverlap)
+    monkeypatch.setenv("QUEUEBERT_OVERLAP", "0")
+    assert WorkerSettings.from_env().overlap is False
+    monkeypatch.delenv("QUEUEBERT_OVERLAP")
+    model = str(tiny_models["bert"])
+    for flags, overlap in (([], True), (["--no-overlap"], False)):
+        settings = _worker_settings(build_parser().parse_args(["worker", "--model", model, *flags]))
+        assert settings.overlap is overlap
+        monkeypatch.setattr(tasks, "_engine", None)  # the process's engine, loaded afresh
+        loaded = tasks.get_engine(dataclasses.replace(settings, device="cpu", dtype="float32"))
+        assert loaded.asynchronous is overlap
+    monkeypatch.setattr(tasks, "_engine", None)

@@ -37,6 +37,7 @@ def get_engine(settings: WorkerSettings | None = None) -> Any:
             loaded = load_model(s.model, revision=s.revision, device=s.device, dtype=s.dtype,
                                 trust_remote_code=s.trust_remote_code)
             _engine = Engine(loaded, s.max_batch_size, s.max_batch_tokens)
+            _engine.asynchronous = _engine.asynchronous and s.overlap
         return _engine
 
 
