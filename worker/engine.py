@@ -311,13 +311,9 @@ class Engine:
         return batch
 
     def forward(self, rows: list[list[int]]) -> np.ndarray:
-        """Logits as float32, one synchronisation (the copy back) per batch."""
-        if self.fault is not None:
-            self.fault(len(rows), len(rows) * max(len(r) for r in rows))
-        self.forward_calls += 1
-        with torch.inference_mode():
-            logits = self.m.model(**self._collate(rows)).logits
-            return logits.float().cpu().numpy()
+        """Logits as float32, one synchronisation (the copy back) per batch: a launch waited for
+        at once (the synchronous path: OOM splits, row isolation, CPUs)."""
+        return self._wait_forward(self._start_forward(rows))
 
     def _start_forward(self, rows: list[list[int]]) -> Any:
         """Queue a forward and the copy of its logits to the host; :meth:`_wait_forward` waits.
